@@ -1,0 +1,77 @@
+"""What every hybridvit classifier shares: the timm-style interface of the design's contract."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class HybridModel(nn.Module):
+    """Base class of the family models.
+
+    A family implements `forward_features(x) -> (B, C, H, W)`, `forward_intermediates(x) -> list of
+    four NCHW maps at strides 4, 8, 16, 32`, `forward_head(x, pre_logits)`, `reset_classifier(n)` and
+    `convert_official(state_dict)`, and fills `self.stage_info` (channels and stride per stage).
+    """
+
+    in_chans: int = 3
+    num_classes: int = 1000
+    features_only: bool = False
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+    classifier_prefixes: tuple[str, ...] = ("head.",)
+    stage_info: list[dict[str, Any]]
+    pretrained_cfg: dict[str, Any]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"{self._name()} expects a batch of images (B, C, H, W), got shape {tuple(x.shape)}; "
+                             "add a batch dimension with x.unsqueeze(0)")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"{self._name()} was built for {self.in_chans}-channel input but got {x.shape[1]} channels "
+                f"(shape {tuple(x.shape)}). Convert the images (e.g. grayscale -> RGB with "
+                f"x.expand(-1, 3, -1, -1)) or create the model with in_chans={x.shape[1]}.")
+
+    def _name(self) -> str:
+        return getattr(self, "model_name", type(self).__name__)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        return [dict(self.stage_info[i], index=i) for i in self.out_indices]
+
+    def set_features_only(self, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+        """Turns the classifier into a backbone returning the maps of `out_indices` (strides 4..32)."""
+        n = len(self.stage_info)
+        bad = [i for i in out_indices if not -n <= i < n]
+        if bad:
+            raise ValueError(f"out_indices {out_indices} out of range for {n} stages")
+        self.out_indices = tuple(i % n for i in out_indices)
+        self.features_only = True
+        self.reset_classifier(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            feats = self.forward_intermediates(x)
+            return [feats[i] for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))
+
+    # interface implemented by the families
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def reset_classifier(self, num_classes: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        """Name fragments of parameters trained without weight decay (position-bias tables etc.)."""
+        return set()
