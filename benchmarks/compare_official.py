@@ -1,0 +1,89 @@
+"""Side-by-side throughput of hybridvit and the official implementations, same weights, one process.
+
+Procedure (not run by CI: it needs the official code, which the project never ships):
+    fetch NVlabs/FasterViT, cheerss/CrossFormer, hkzhang91/CabViT; `git archive HEAD | tar -x` each into
+    $REFS/<owner>+<name>/; then
+    HV_OFFICIAL_REFS=$REFS PYTHONPATH=../shared/tools/official \
+        python benchmarks/compare_official.py --device cpu --threads 2 --batch-size 16 --out benchmarks/cpu_official.json
+
+For each model the official network is built with random weights, its state dict is converted by
+hybridvit's own converter, outputs are compared (fp32 max abs difference), then both are timed in
+interleaved rounds (fp32 and bf16 autocast; eval; optionally a training step and torch.compile) and the
+ratios written with the measured matmul peak of the device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import hybridvit
+from hybridvit.bench import bench_models, environment, matmul_peak_gflops, prepare
+
+MODELS = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--amp", nargs="*", default=["none", "bf16"])
+    ap.add_argument("--train", action="store_true", help="also time a training step")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--timm", nargs="*", default=[], help="timm models to add (e.g. convnext_tiny swin_tiny_patch4_window7_224)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from official import OFFICIAL  # the official code, from HV_OFFICIAL_REFS (see module docstring)
+
+    dev = torch.device(args.device)
+    out = {"environment": environment(args.device), "command": " ".join(["python"] + sys.argv),
+           "matmul_peak_gflops": {}, "results": []}
+    for amp in args.amp:
+        dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        out["matmul_peak_gflops"][amp] = matmul_peak_gflops(dev, dtype, n=2048 if dev.type == "cpu" else 8192)
+    for name in args.models:
+        torch.manual_seed(0)
+        official = OFFICIAL[name]().eval()
+        ours = hybridvit.create_model(name).eval()
+        hybridvit.load_checkpoint(ours, {"state_dict": official.state_dict()})
+        x = torch.randn(2, 3, 224, 224)
+        with torch.no_grad():
+            diff = (official(x) - ours(x)).abs().max().item()
+        print(f"{name}: max abs diff official vs hybridvit (fp32) = {diff:.2e}", flush=True)
+        modes = [False, True] if args.train else [False]
+        for train in modes:
+            for compiled in ([False, True] if args.compile else [False]):
+                pairs = []
+                for label, m in (("official", official), ("hybridvit", ours)):
+                    import copy
+                    mm, _ = prepare(copy.deepcopy(m), dev, channels_last=(label == "hybridvit"),
+                                    compile=compiled, train=train)
+                    pairs.append((f"{name}/{label}", mm))
+                for t in args.timm:
+                    mm, _ = prepare(f"timm:{t}", dev, compile=compiled, train=train)
+                    pairs.append((f"timm/{t}", mm))
+                for amp in args.amp:
+                    res = bench_models(pairs, batch_size=args.batch_size, device=args.device,
+                                       amp=None if amp == "none" else amp, train=train, repeats=args.repeats)
+                    ref = res[0]["img_per_s"]
+                    peak = out["matmul_peak_gflops"][amp]
+                    for r in res:
+                        r.update(name=name, compiled=compiled, fp32_max_abs_diff=diff, ratio_vs_official=r["img_per_s"] / ref,
+                                 pct_of_matmul_peak=100 * r["achieved_gflops"] / peak)
+                        print(f"  {r['model']:<28} {amp:<5} train={train} compile={compiled} {r['img_per_s']:8.1f} img/s "
+                              f"x{r['ratio_vs_official']:.2f}  {r['pct_of_matmul_peak']:.0f}% of peak  "
+                              f"b1 {r['latency_b1_ms']:.1f} ms  {r['peak_mem_per_img_mb']:.1f} MB/img", flush=True)
+                    out["results"] += res
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

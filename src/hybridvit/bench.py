@@ -1,0 +1,258 @@
+"""`hybridvit bench`: throughput, batch-1 latency, peak memory, GMACs and achieved FLOP/s.
+
+Timing: warm-up iterations, then `repeats` timed runs (device synchronised), median reported.
+Throughput and latency of several models are measured in one process, in interleaved rounds, so
+that their ratios are comparable even on a noisy machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast_ctx(device: torch.device, amp: str | None):
+    if not amp or amp == "none":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def count_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Multiply-accumulates of one forward of `x` (torch.utils.flop_counter; FLOPs / 2)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of live tensor storages created inside the mode (CPU has no allocator statistics)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.refs: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st.data_ptr()
+        if key == 0:
+            return
+        if key not in self.live:
+            self.live[key] = st.nbytes()
+            self.current += st.nbytes()
+            self.peak = max(self.peak, self.current)
+        self.refs[key] = self.refs.get(key, 0) + 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.current -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory in bytes allocated while running `fn` (beyond what was allocated before)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    mode = _LiveTensorBytes()
+    with mode:
+        fn()
+    return mode.peak
+
+
+def time_runs(fn: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matrix-multiply rate, the reference for achieved FLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    t = min(time_runs(lambda: a @ b, device, repeats))
+    return 2 * n ** 3 / t / 1e9
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: str | None,
+              train: bool) -> Callable[[], Any]:
+    if not train:
+        def step():
+            with torch.inference_mode(), autocast_ctx(device, amp):
+                return model(x)
+        return step
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+
+    def step():
+        with autocast_ctx(device, amp):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels_last: bool = True,
+            compile: bool = False, train: bool = False, fuse: bool = False) -> tuple[torch.nn.Module, str]:
+    if isinstance(name_or_model, str):
+        label = name_or_model
+        if name_or_model.startswith("timm:"):
+            import timm
+            model = timm.create_model(name_or_model[5:])
+        else:
+            from .registry import create_model
+            model = create_model(name_or_model)
+    else:
+        model, label = name_or_model, type(name_or_model).__name__
+    model = model.to(device).train(train)
+    if fuse and not train and hasattr(model, "fuse"):
+        model.fuse()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    return model, label
+
+
+def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int = 16, img_size: int = 224,
+                 device: str = "cpu", amp: str | None = None, train: bool = False, warmup: int = 3,
+                 repeats: int = 5, latency: bool = True, memory: bool = True) -> list[dict[str, Any]]:
+    """Benchmarks already-built models side by side (interleaved repeats)."""
+    dev = torch.device(device)
+    # plain NCHW input, as users pass it: a model that prefers channels_last converts internally
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+    x1 = x[:1].clone()
+    steps = [make_step(m, x, dev, amp, train) for _, m in models]
+    steps1 = [make_step(m, x1, dev, amp, train) for _, m in models] if latency else []
+    for s in steps + steps1:
+        for _ in range(warmup):
+            s()
+    times: list[list[float]] = [[] for _ in models]
+    times1: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):  # interleaved: drifts of a noisy machine hit every model alike
+        for i, s in enumerate(steps):
+            times[i] += time_runs(s, dev, 1)
+        for i, s in enumerate(steps1):
+            times1[i] += time_runs(s, dev, 3)
+    results = []
+    for i, (label, model) in enumerate(models):
+        base = getattr(model, "_orig_mod", model)
+        macs = count_macs(base.eval(), torch.empty(1, 3, img_size, img_size, device="meta")) \
+            if _meta_ok(base) else count_macs(base.eval(), x1)
+        base.train(train)
+        t = statistics.median(times[i])
+        r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device, "amp": amp or "fp32",
+             "train": train, "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
+             "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
+             "times_ms": [round(v * 1e3, 2) for v in times[i]]}
+        if latency:
+            r["latency_b1_ms"] = statistics.median(times1[i]) * 1e3
+        if memory:
+            r["peak_mem_per_img_mb"] = peak_memory(steps[i], dev) / batch_size / 2 ** 20
+        results.append(r)
+    return results
+
+
+def _meta_ok(model: torch.nn.Module) -> bool:
+    try:
+        return next(model.parameters()).device.type == "meta"
+    except StopIteration:
+        return False
+
+
+def environment(device: str) -> dict[str, Any]:
+    env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+           "processor": platform.processor(), "threads": torch.get_num_threads(), "argv": sys.argv}
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True, help="registered model name")
+    p.add_argument("--compare", nargs="*", default=[], metavar="M",
+                   help="other models measured in the same run (hybridvit names, or timm:<name> if timm is installed)")
+    p.add_argument("--batch-size", "-b", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg size")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype (default: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--fuse", action="store_true", help="fold conv+BN pairs for inference (model.fuse())")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--peak", action="store_true", help="also measure the dense matmul peak (GFLOP/s) for reference")
+    p.add_argument("--json", metavar="OUT", help="write results, environment and command to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
+    from .registry import get_entry
+    img_size = args.img_size or get_entry(args.model).pretrained_cfg["input_size"][-1]
+    models = [prepare(n, dev, not args.no_channels_last, args.compile, args.train, args.fuse)[::-1]
+              for n in [args.model, *args.compare]]
+    models = [(label, m) for label, m in models]
+    res = bench_models(models, batch_size=args.batch_size, img_size=img_size, device=args.device,
+                       amp=args.amp, train=args.train, warmup=args.warmup, repeats=args.repeats)
+    out: dict[str, Any] = {"results": res, "environment": environment(args.device),
+                           "command": "hybridvit " + " ".join(sys.argv[1:])}
+    if args.peak:
+        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16 if args.amp == "fp16" else torch.float32
+        out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
+    ref = res[0]["img_per_s"]
+    print(f"{'model':<24}{'img/s':>9}{'ratio':>7}{'b1 ms':>8}{'MB/img':>8}{'GMACs':>7}{'GFLOP/s':>9}")
+    for r in res:
+        print(f"{r['model']:<24}{r['img_per_s']:>9.1f}{r['img_per_s'] / ref:>7.2f}{r.get('latency_b1_ms', 0):>8.1f}"
+              f"{r.get('peak_mem_per_img_mb', 0):>8.1f}{r['gmacs_per_img']:>7.2f}{r['achieved_gflops']:>9.1f}")
+    if args.peak:
+        pk = out["matmul_peak_gflops"]
+        print(f"matmul peak: {pk:.0f} GFLOP/s; {res[0]['model']} reaches {100 * res[0]['achieved_gflops'] / pk:.0f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
