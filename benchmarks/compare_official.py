@@ -4,7 +4,8 @@ Procedure (not run by CI: it needs the official code, which the project never sh
     fetch NVlabs/FasterViT, cheerss/CrossFormer, hkzhang91/CabViT; `git archive HEAD | tar -x` each into
     $REFS/<owner>+<name>/; then
     HV_OFFICIAL_REFS=$REFS PYTHONPATH=../shared/tools/official \
-        python benchmarks/compare_official.py --device cpu --threads 2 --batch-size 16 --out benchmarks/cpu_official.json
+        python benchmarks/compare_official.py --device cpu --threads 2 --batch-size 16 \
+        --out benchmarks/cpu_official.json
 
 For each model the official network is built with random weights, its state dict is converted by
 hybridvit's own converter, outputs are compared (fp32 max abs difference), then both are timed in
@@ -36,7 +37,8 @@ def main() -> int:
     ap.add_argument("--train", action="store_true", help="also time a training step")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--timm", nargs="*", default=[], help="timm models to add (e.g. convnext_tiny swin_tiny_patch4_window7_224)")
+    ap.add_argument("--timm", nargs="*", default=[], 
+                    help="timm models to add (e.g. convnext_tiny swin_tiny_patch4_window7_224)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,9 +77,10 @@ def main() -> int:
                     ref = res[0]["img_per_s"]
                     peak = out["matmul_peak_gflops"][amp]
                     for r in res:
-                        r.update(name=name, compiled=compiled, fp32_max_abs_diff=diff, ratio_vs_official=r["img_per_s"] / ref,
-                                 pct_of_matmul_peak=100 * r["achieved_gflops"] / peak)
-                        print(f"  {r['model']:<28} {amp:<5} train={train} compile={compiled} {r['img_per_s']:8.1f} img/s "
+                        r.update(name=name, compiled=compiled, fp32_max_abs_diff=diff,
+                                 ratio_vs_official=r["img_per_s"] / ref, pct_of_matmul_peak=100 * r["achieved_gflops"] / peak)
+                        print(f"  {r['model']:<28} {amp:<5} train={train} compile={compiled} "
+                              f"{r['img_per_s']:8.1f} img/s "
                               f"x{r['ratio_vs_official']:.2f}  {r['pct_of_matmul_peak']:.0f}% of peak  "
                               f"b1 {r['latency_b1_ms']:.1f} ms  {r['peak_mem_per_img_mb']:.1f} MB/img", flush=True)
                     out["results"] += res
