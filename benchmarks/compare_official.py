@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--train", action="store_true", help="also time a training step")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--timm", nargs="*", default=[], 
+    ap.add_argument("--timm", nargs="*", default=[],
                     help="timm models to add (e.g. convnext_tiny swin_tiny_patch4_window7_224)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -78,7 +78,8 @@ def main() -> int:
                     peak = out["matmul_peak_gflops"][amp]
                     for r in res:
                         r.update(name=name, compiled=compiled, fp32_max_abs_diff=diff,
-                                 ratio_vs_official=r["img_per_s"] / ref, pct_of_matmul_peak=100 * r["achieved_gflops"] / peak)
+                                 ratio_vs_official=r["img_per_s"] / ref,
+                                 pct_of_matmul_peak=100 * r["achieved_gflops"] / peak)
                         print(f"  {r['model']:<28} {amp:<5} train={train} compile={compiled} "
                               f"{r['img_per_s']:8.1f} img/s "
                               f"x{r['ratio_vs_official']:.2f}  {r['pct_of_matmul_peak']:.0f}% of peak  "
