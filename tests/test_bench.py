@@ -1,0 +1,43 @@
+"""`hybridvit bench` machinery: interleaved timing, memory, MACs (no speed claims here)."""
+import torch
+from torch import nn
+
+from hybridvit.bench import bench_models, count_macs, peak_memory
+
+
+def _convnet(width: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(width, 10)).eval()
+
+
+def test_macs_count_a_known_network():
+    m = _convnet(8)
+    # conv: 32*32 positions * 8 out * 27 in-taps; linear: 8*10
+    assert count_macs(m, torch.randn(1, 3, 32, 32)) == 32 * 32 * 8 * 27 + 80
+
+
+def test_peak_memory_sees_the_largest_activation():
+    m = _convnet(64)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        peak = peak_memory(lambda: m(x), torch.device("cpu"))
+    act = 4 * 64 * 32 * 32 * 4  # the conv output in bytes
+    assert act <= peak <= 4 * act
+
+
+def test_bench_models_reports_every_field_for_each_model():
+    res = bench_models([("narrow", _convnet(4)), ("wide", _convnet(32))], batch_size=2, img_size=32,
+                       warmup=1, repeats=2)
+    assert [r["model"] for r in res] == ["narrow", "wide"]
+    for r in res:
+        assert r["img_per_s"] > 0 and r["latency_b1_ms"] > 0 and len(r["times_ms"]) == 2
+        assert r["achieved_gflops"] > 0 and r["peak_mem_per_img_mb"] > 0
+    assert res[1]["gmacs_per_img"] > res[0]["gmacs_per_img"]
+
+
+def test_bench_training_step_updates_weights():
+    m = _convnet(4).train()
+    before = m[0].weight.detach().clone()
+    bench_models([("m", m)], batch_size=2, img_size=16, warmup=1, repeats=1, train=True, memory=False,
+                 latency=False)
+    assert not torch.equal(before, m[0].weight)
