@@ -1,0 +1,436 @@
+"""CrossFormer (ICLR 2022) and CrossFormer++ (TPAMI 2023): one model, variants differ by configuration.
+
+Paper concepts (Wang et al., "CrossFormer: A Versatile Vision Transformer Hinging on Cross-scale
+Attention"; "CrossFormer++: ..."):
+
+- `CrossScaleEmbedding` (CEL, Sec. 3.1): convolutions of several kernel sizes with one stride, outputs
+  concatenated along channels (larger kernels get fewer channels); the stem (kernels 4/8/16/32, norm
+  after) and the downsampler between stages (kernels 2/4, norm before).
+- `LongShortDistanceAttention` (LSDA, Sec. 3.2): blocks alternate short-distance attention (SDA: adjacent
+  GxG groups) and long-distance attention (LDA: tokens sampled every I positions form a group).
+  Maps that do not divide are zero-padded at the bottom/right and the padding is masked out as keys.
+- `DynamicPositionBias` (DPB, Sec. 3.3): an MLP mapping relative coordinates to per-head biases, so
+  any group size works.
+- CrossFormer++: a group size per stage (and the official per-block schedules `group_type`), and
+  `AmplitudeCooling` (ACL: depthwise 3x3 conv + LayerNorm, no residual) after every third block except
+  a stage's last.
+
+Departures from the official code, exact at the official resolution: SDA/LDA and the group size are
+decided from the feature size at run time (official: from the construction-time resolution), with the
+official rule: when the map's shorter side is <= G, the group is the shorter side and no LDA is used.
+Any input size works (the official model asserts the training size).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.attention import attend
+from ..layers.drop import DropPath
+from ..layers.mlp import Mlp
+from ..registry import default_pretrained_cfg, register_model
+from ._base import HybridModel
+
+# Additive bias for padded keys: exp() of it is exactly 0 in fp32, and it stays finite in fp16/bf16 so
+# that groups made only of padding (possible in LDA) give no NaN, not even in the backward pass.
+MASK_VALUE = -1e4
+GROUP_TYPES = ("constant", "linear", "linear_div", "alter", "7_14")
+
+
+def cel_channels(out_chans: int, num_kernels: int) -> list[int]:
+    """Channel split of a cross-scale embedding (official): halves for the smaller kernels, the largest
+    kernel gets what the second largest gets. E.g. 64 over 4 kernels -> [32, 16, 8, 8]."""
+    return [out_chans // 2 ** (i + 1) if i < num_kernels - 1 else out_chans // 2 ** i for i in range(num_kernels)]
+
+
+class CrossScaleEmbedding(nn.Module):
+    """CEL: convs with `kernel_sizes` and one `stride`, padding (k - stride) / 2, concatenated.
+
+    Stem (`norm_first=False`): image (B, C, H, W) -> (B, H/s, W/s, D), LayerNorm after the convs.
+    Downsampler (`norm_first=True`): (B, H, W, C) -> (B, H/s, W/s, D), LayerNorm before the convs.
+    Odd sizes are floored, as every kernel/padding pair here gives floor(H / stride).
+    """
+
+    def __init__(self, in_chans: int, out_chans: int, kernel_sizes: Sequence[int], stride: int, norm_first: bool):
+        super().__init__()
+        self.norm_first = norm_first
+        self.norm = nn.LayerNorm(in_chans if norm_first else out_chans)
+        self.projs = nn.ModuleList(
+            nn.Conv2d(in_chans, d, kernel_size=k, stride=stride, padding=(k - stride) // 2)
+            for k, d in zip(kernel_sizes, cel_channels(out_chans, len(kernel_sizes))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_first:
+            x = self.norm(x).permute(0, 3, 1, 2)
+        x = torch.cat([proj(x) for proj in self.projs], dim=1).permute(0, 2, 3, 1)
+        return x if self.norm_first else self.norm(x)
+
+
+class DynamicPositionBias(nn.Module):
+    """DPB: MLP over relative coordinates (dh, dw) -> per-head bias, for any group size G.
+
+    forward(G) -> (num_heads, G*G, G*G), the bias of token pairs of one GxG group (row-major).
+    """
+
+    def __init__(self, pos_dim: int, num_heads: int):
+        super().__init__()
+        self.proj = nn.Linear(2, pos_dim)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
+            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
+            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, num_heads))
+
+    def forward(self, group_size: int) -> torch.Tensor:
+        G = group_size
+        device, dtype = self.proj.weight.device, self.proj.weight.dtype
+        rel = torch.arange(1 - G, G, device=device, dtype=dtype)
+        table = torch.stack(torch.meshgrid(rel, rel, indexing="ij"), dim=-1).reshape(-1, 2)
+        table = self.mlp(self.proj(table))  # ((2G-1)^2, heads)
+        pos = torch.arange(G, device=device)
+        ch, cw = (t.reshape(-1) for t in torch.meshgrid(pos, pos, indexing="ij"))
+        index = (ch[:, None] - ch[None, :] + G - 1) * (2 * G - 1) + (cw[:, None] - cw[None, :] + G - 1)
+        return table[index.reshape(-1)].reshape(G * G, G * G, -1).permute(2, 0, 1)
+
+
+def group_tokens(x: torch.Tensor, group_size: int, interval: int) -> torch.Tensor:
+    """(B, Hp, Wp, C), Hp and Wp multiples of G*I -> (B * nG, G*G, C).
+
+    Tokens I apart form a group (LDA); I = 1 gives adjacent GxG groups (SDA). Group order: batch, then
+    region row, region column, offset row, offset column (official order).
+    """
+    B, Hp, Wp, C = x.shape
+    G, S = group_size, interval
+    x = x.reshape(B, Hp // (G * S), G, S, Wp // (G * S), G, S, C).permute(0, 1, 4, 3, 6, 2, 5, 7)
+    return x.reshape(-1, G * G, C)
+
+
+def ungroup_tokens(x: torch.Tensor, group_size: int, interval: int, Hp: int, Wp: int) -> torch.Tensor:
+    """(B * nG, G*G, C) -> (B, Hp, Wp, C); inverse of `group_tokens`."""
+    G, S = group_size, interval
+    C = x.shape[-1]
+    x = x.reshape(-1, Hp // (G * S), Wp // (G * S), S, S, G, G, C).permute(0, 1, 5, 3, 2, 6, 4, 7)
+    return x.reshape(-1, Hp, Wp, C)
+
+
+def padding_bias(H: int, W: int, Hp: int, Wp: int, group_size: int, interval: int,
+                 device: torch.device) -> torch.Tensor:
+    """Additive key mask of padded tokens, (nG, 1, 1, G*G): 0 for real tokens, MASK_VALUE for padding."""
+    rows = torch.arange(Hp, device=device) < H
+    cols = torch.arange(Wp, device=device) < W
+    real = (rows[:, None] & cols[None, :]).reshape(1, Hp, Wp, 1)
+    mask = torch.zeros(real.shape, device=device).masked_fill(~real, MASK_VALUE)
+    return group_tokens(mask, group_size, interval).reshape(-1, 1, 1, group_size * group_size)
+
+
+class LongShortDistanceAttention(nn.Module):
+    """LSDA: multi-head self-attention within SDA or LDA groups, with the DPB as additive bias.
+
+    (B, H, W, C) -> (B, H, W, C). The map is zero-padded at the bottom/right to a multiple of G*I and the
+    padded tokens are masked out as keys, so they never change the real tokens.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.dpb = DynamicPositionBias(dim // 16, num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, group_size: int, interval: int) -> torch.Tensor:
+        B, H, W, C = x.shape
+        div = group_size * interval
+        Hp, Wp = H + (-H) % div, W + (-W) % div
+        if Hp != H or Wp != W:
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        x = self.attend_groups(x, H, W, group_size, interval)
+        return x[:, :H, :W] if Hp != H or Wp != W else x
+
+    def attend_groups(self, x: torch.Tensor, H: int, W: int, group_size: int, interval: int) -> torch.Tensor:
+        """Attention on an already padded map (B, Hp, Wp, C) whose real tokens are the top-left H x W."""
+        B, Hp, Wp, C = x.shape
+        G, h = group_size, self.num_heads
+        groups = group_tokens(x, G, interval)  # (B*nG, N, C)
+        Bg, N, _ = groups.shape
+        q, k, v = self.qkv(groups).reshape(Bg, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.dpb(G).unsqueeze(0)  # (1, h, N, N)
+        if Hp != H or Wp != W:
+            bias = (bias + padding_bias(H, W, Hp, Wp, G, interval, x.device)).repeat(B, 1, 1, 1)
+        out = attend(q, k, v, bias, dropout_p=self.attn_drop if self.training else 0.0)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bg, N, C)))
+        return ungroup_tokens(out, G, interval, Hp, Wp)
+
+
+class AmplitudeCooling(nn.Module):
+    """ACL (CrossFormer++): depthwise 3x3 conv then LayerNorm, no residual; (B, H, W, C) -> same."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class CrossFormerBlock(nn.Module):
+    """Pre-norm LSDA + MLP block, optionally followed by amplitude cooling; (B, H, W, C) -> same.
+
+    `long_distance` blocks use LDA with `interval`, the others SDA. At run time, a map whose shorter side
+    is <= `group_size` forms one group of that side and uses SDA (the official rule).
+    """
+
+    def __init__(self, dim: int, num_heads: int, group_size: int, interval: int, long_distance: bool,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, cooling: bool = False):
+        super().__init__()
+        self.group_size = group_size
+        self.interval = interval
+        self.long_distance = long_distance
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = LongShortDistanceAttention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.cooling = AmplitudeCooling(dim) if cooling else nn.Identity()
+
+    def grouping(self, H: int, W: int) -> tuple[int, int]:
+        """(group size, interval) used on an H x W map; interval 1 means SDA."""
+        if min(H, W) <= self.group_size:
+            return min(H, W), 1
+        return self.group_size, self.interval if self.long_distance else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        G, interval = self.grouping(x.shape[1], x.shape[2])
+        x = x + self.drop_path(self.attn(self.norm1(x), G, interval))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return self.cooling(x)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}, interval={self.interval}, long_distance={self.long_distance}"
+
+
+class CrossFormerStage(nn.Module):
+    """Optional CEL downsampler (stride 2), then blocks alternating SDA / LDA; (B, H, W, C) maps."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, group_sizes: Sequence[int],
+                 interval: int, merge_kernels: Sequence[int] | None, mlp_ratio: float, qkv_bias: bool,
+                 drop: float, attn_drop: float, drop_path: Sequence[float], amplitude_cooling: bool):
+        super().__init__()
+        self.downsample = (CrossScaleEmbedding(in_dim, dim, merge_kernels, stride=2, norm_first=True)
+                           if merge_kernels else nn.Identity())
+        self.blocks = nn.ModuleList(
+            CrossFormerBlock(dim, num_heads, group_sizes[i], interval, long_distance=i % 2 == 1,
+                             mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop, attn_drop=attn_drop,
+                             drop_path=drop_path[i],
+                             cooling=amplitude_cooling and (i + 1) % 3 == 0 and i < depth - 1)
+            for i in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _numpy_arange(start: float, stop: float, step: float) -> list[float]:
+    """np.arange for floats, value for value (numpy fills start + i * (first step actually taken))."""
+    n = max(0, math.ceil((stop - start) / step))
+    delta = (start + step) - start
+    return [start + i * delta for i in range(n)]
+
+
+def block_group_sizes(group_size: Sequence[int], depths: Sequence[int], resolution: int,
+                      group_type: str = "constant") -> list[list[int]]:
+    """Group size of every block (CrossFormer++'s progressive group size), as the official schedules.
+
+    resolution: the stage-1 map side at the training size (img_size // 4). `constant` uses
+    `group_size[stage]` everywhere; `linear`, `linear_div`, `alter` grow the group with depth as a
+    fraction of the map; `7_14` halves the group of the first four blocks of stage 3.
+    """
+    if group_type not in GROUP_TYPES:
+        raise ValueError(f"unknown group_type {group_type!r}; choose one of {', '.join(GROUP_TYPES)}")
+    min_size = 4
+    fraction = _numpy_arange(min_size / resolution, 1.0, (1 - min_size / resolution) / sum(depths))
+    sizes, cnt = [], 0
+    for stage, depth in enumerate(depths):
+        res = resolution // 2 ** stage
+        sizes.append([])
+        for block in range(depth):
+            if group_type == "constant":
+                g = group_size[stage]
+            elif group_type == "7_14":
+                g = group_size[stage] if stage != 2 or block >= 4 else group_size[stage] // 2
+            else:
+                gz = res * fraction[cnt]
+                if group_type == "linear_div" and gz > res // 2:
+                    gz = res if gz > res * 3 / 4 or stage != 2 else res // 2
+                elif group_type == "alter" and gz > res // 2:
+                    gz = res if cnt % 2 != 0 or stage != 2 else res // 2
+                g = max(min_size, math.ceil(gz))
+            sizes[stage].append(g)
+            cnt += 1
+    return sizes
+
+
+class CrossFormer(HybridModel):
+    """CrossFormer / CrossFormer++ classifier.
+
+    image (B, in_chans, H, W) -> CEL stem (stride 4) -> 4 stages (stride 4, 8, 16, 32; stages 2-4 start
+    with a CEL downsampler) -> LayerNorm -> global average pool -> linear head.
+    """
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
+                 group_size: Sequence[int] = (7, 7, 7, 7), interval: Sequence[int] = (8, 4, 2, 1),
+                 group_type: str = "constant", amplitude_cooling: bool = False,
+                 stem_kernels: Sequence[int] = (4, 8, 16, 32), merge_kernels: Sequence[int] = (2, 4),
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, img_size: int | Sequence[int] = 224):
+        super().__init__()
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        n = len(depths)
+        dims = [embed_dim * 2 ** i for i in range(n)]
+        self.num_features = dims[-1]
+        stride = stem_kernels[0]
+        side = img_size if isinstance(img_size, int) else img_size[0]
+        groups = block_group_sizes(group_size, depths, side // stride, group_type)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+
+        self.stem = CrossScaleEmbedding(in_chans, embed_dim, stem_kernels, stride=stride, norm_first=False)
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.stages = nn.ModuleList(
+            CrossFormerStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], groups[i], interval[i],
+                             merge_kernels if i > 0 else None, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                             dpr[sum(depths[:i]):sum(depths[:i + 1])], amplitude_cooling)
+            for i in range(n))
+        self.stage_info = [dict(num_chs=dims[i], reduction=stride * 2 ** i, module=f"stages.{i}") for i in range(n)]
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.check_input(x)
+        x = self.pos_drop(self.stem(x))
+        outs = []
+        for stage in self.stages:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """NCHW maps at strides 4, 8, 16, 32 (stage outputs, before the final norm)."""
+        return [o.permute(0, 3, 1, 2) for o in self._stages(x)]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) image -> normalised last map (B, num_features, H/32, W/32)."""
+        return self.norm(self._stages(x)[-1]).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_official(state_dict)
+
+
+_DERIVED_BUFFERS = ("relative_position_index", "attn_mask", "biases")
+
+
+def _convert_key(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] == "patch_embed":
+        return ".".join(["stem"] + parts[1:])
+    if parts[0] != "layers":
+        return key
+    stage, rest = int(parts[1]), parts[2:]
+    if rest[0] == "downsample":  # official: at the end of stage i; here: at the start of stage i + 1
+        sub = ["projs"] + rest[2:] if rest[1] == "reductions" else rest[1:]
+        return ".".join(["stages", str(stage + 1), "downsample"] + sub)
+    # rest = blocks.j.<module>...
+    head, tail = rest[:2], rest[2:]
+    if tail[:2] == ["attn", "pos"]:
+        name = tail[2]
+        if name == "pos_proj":
+            tail = ["attn", "dpb", "proj"] + tail[3:]
+        else:  # posK.{0: LayerNorm, 2: Linear} -> mlp.{3(K-1) + index}
+            idx = 3 * (int(name[3:]) - 1) + int(tail[3])
+            tail = ["attn", "dpb", "mlp", str(idx)] + tail[4:]
+    elif tail[0] in ("ex_conv", "ex_ln"):
+        tail = ["cooling", "conv" if tail[0] == "ex_conv" else "norm"] + tail[1:]
+    return ".".join(["stages", str(stage)] + head + tail)
+
+
+def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official CrossFormer / CrossFormer++ state dict (as published) -> this implementation's keys.
+
+    Buffers the official code derives from the configuration (relative_position_index, attention masks,
+    DPB coordinate tables) are dropped: they are recomputed from the feature size at run time.
+    """
+    return {_convert_key(k): v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in _DERIVED_BUFFERS}
+
+
+def _build(num_classes: int = 1000, in_chans: int = 3, **cfg: Any) -> CrossFormer:
+    return CrossFormer(num_classes=num_classes, in_chans=in_chans, **cfg)
+
+
+_REPO = "https://github.com/cheerss/CrossFormer"
+_V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1))
+_PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), amplitude_cooling=True)
+# name: (config, top-1, where the official README publishes the checkpoint)
+_VARIANTS: dict[str, tuple[dict[str, Any], float, str]] = {
+    "crossformer_t": (dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_V1),
+                      81.5, "Google Drive https://drive.google.com/file/d/1YSkU9enn-ITyrbxLH13zNcBYvWSEidfq/view "
+                            "or BaiduCloud https://pan.baidu.com/s/1M45YXZgVvp6Ew9DO8UhdlA (key nkju)"),
+    "crossformer_s": (dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_V1),
+                      82.5, "Google Drive https://drive.google.com/file/d/1RAkigsgr33va0RZ85S2Shs2BhXYcS6U8/view "
+                            "or BaiduCloud https://pan.baidu.com/s/1Xf4MXfb_soCnJFBeNDmoQQ (key fgqj)"),
+    "crossformer_b": (dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_V1),
+                      83.4, "Google Drive https://drive.google.com/file/d/1bK8biVCi17nz_nkt7rBfio_kywUpllSU/view "
+                            "or BaiduCloud https://pan.baidu.com/s/1f5dH__UGDXb-HoOPHT5p0A (key 7md9)"),
+    "crossformer_l": (dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5,
+                           **_V1),
+                      84.0, "Google Drive https://drive.google.com/file/d/1zRWByVW_KIZ87NgaBkDIm60DAsGJErdG/view "
+                            "or BaiduCloud https://pan.baidu.com/s/1YJLeHy_cxLBrZLklQBCA_A (key cc89)"),
+    "crossformerpp_s": (dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2,
+                             **_PP),
+                        83.2, "BaiduCloud https://pan.baidu.com/s/1smc_kRoogd0Ig5vfqwuGTA?pwd=crsf (key crsf)"),
+    "crossformerpp_b": (dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3,
+                             **_PP),
+                        84.2, "BaiduCloud https://pan.baidu.com/s/13XVP0ebtNcyRMmkl11ALYg?pwd=crsf (key crsf)"),
+    "crossformerpp_l": (dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5,
+                             **_PP),
+                        84.7, "BaiduCloud https://pan.baidu.com/s/1xtPh-ndcOxRM7fPYYxIIRg?pwd=crsf (key crsf)"),
+    "crossformerpp_h": (dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5,
+                             **_PP),
+                        84.9, "BaiduCloud https://pan.baidu.com/s/1xtPh-ndcOxRM7fPYYxIIRg?pwd=crsf (key crsf)"),
+}
+
+for _name, (_cfg, _top1, _where) in _VARIANTS.items():
+    register_model(
+        _name, "crossformer", _build, _cfg, top1=_top1,
+        weights_hint=(f"the official checkpoint is published only on the links of the official repository "
+                      f"({_REPO}): {_where}; there is no direct download URL"),
+        pretrained_cfg=default_pretrained_cfg(crop_pct=0.875, interpolation="bicubic"))
