@@ -1,0 +1,536 @@
+"""CabViT: Cross Attention among Blocks for Vision Transformer (Zhang et al., 2022).
+
+Each CaB block attends to its own tokens and, as extra keys/values, to the *digest tokens* made by
+all earlier blocks of the same stage. A block's *token merge and enhancement* (TME) part merges its
+tokens spatially with a long-stride large-kernel depthwise convolution (7x7, stride 4: the digest
+tokens) and enhances them with a small depthwise convolution (3x3 + BN) before the FFN. Later blocks
+normalise the digest tokens and calibrate them with learned per-token scale factors; the attention
+logits of digest tokens get a learned per-token bias, those of the block's own tokens a per-offset
+relative bias (CabViT-H).
+
+Models:
+
+- `CabViTH` (hybrid, the official `CaBViT_H`): conv stem (two stride-2 3x3 conv+BN), ConvNeXt blocks
+  in stages 1-2, CaB blocks in stages 3-4, inverted-bottleneck patch merging, global average pooling.
+  Loads the official state-dict layout (`convert_official`).
+- `CabViTP` (plain, DeiT-like with a class token): the official repository only holds a DeiT
+  placeholder for it, so it is built from the paper's description; see its docstring.
+
+Any input size: the official code ties the per-offset bias table and the per-token digest parameters
+to the training resolution (`img_size`). Here the offset table is indexed with offsets clamped to the
+table, and the per-digest-token scale factors and biases are resized bilinearly over the digest grid
+when it differs; both are exactly the official values at the training size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import CheckpointError
+from ..layers import DropPath, Mlp, attend
+from ..registry import default_pretrained_cfg, register_model
+from ._base import HybridModel
+
+DIGEST_KERNEL, DIGEST_STRIDE = 7, 4
+
+
+def digest_grid(hw: tuple[int, int]) -> tuple[int, int]:
+    """Grid of the digest tokens a (H, W) token map merges into (7x7 conv, stride 4, padding 3)."""
+    return (hw[0] + DIGEST_STRIDE - 1) // DIGEST_STRIDE, (hw[1] + DIGEST_STRIDE - 1) // DIGEST_STRIDE
+
+
+def resize_digest_param(p: torch.Tensor, num_blocks: int, grid0: tuple[int, int],
+                        grid: tuple[int, int]) -> torch.Tensor:
+    """(L, num_blocks * h0 * w0) per-digest-token values -> (L, num_blocks * h * w), bilinear over the
+    digest grid of each earlier block; unchanged (exact) at the training grid."""
+    if tuple(grid) == tuple(grid0):
+        return p
+    L = p.shape[0]
+    p = p.reshape(L * num_blocks, 1, grid0[0], grid0[1])
+    p = F.interpolate(p, size=grid, mode="bilinear", align_corners=False)
+    return p.reshape(L, num_blocks * grid[0] * grid[1])
+
+
+# ----------------------------------------------------------------------------------------- conv parts
+class ConvBN(nn.Sequential):
+    """Conv2d without bias followed by BatchNorm2d, (B, C, H, W) -> (B, C', H', W')."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+
+
+class Stem(nn.Module):
+    """Two stride-2 3x3 conv+BN with GELU between: (B, 3, H, W) -> (B, C, H/4, W/4)."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = ConvBN(in_chans, dim // 2, 3, 2)
+        self.act = nn.GELU()
+        self.conv2 = ConvBN(dim // 2, dim, 3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act(self.conv1(x)))
+
+
+class PatchMerging(nn.Module):
+    """Inverted bottleneck 1x1 -> depthwise 3x3 stride 2 -> 1x1 (conv+BN, GELU between):
+    (B, C, H, W) -> (B, C', ceil(H/2), ceil(W/2))."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.conv1 = ConvBN(dim, out_dim, 1)
+        self.conv2 = ConvBN(out_dim, out_dim, 3, 2, groups=out_dim)
+        self.conv3 = ConvBN(out_dim, out_dim, 1)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt block (stages 1-2 of CabViT-H): dw 7x7 -> LN -> MLP -> layer scale, residual. (B, C, H, W)."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))) * self.gamma
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+# ------------------------------------------------------------------------------------------ CaB parts
+class TokenMergeEnhance(nn.Module):
+    """Token merge and enhancement (TME).
+
+    On the (H, W) map of the block's tokens (prefix tokens such as a class token pass unchanged):
+    *merge*: 7x7 depthwise conv, stride 4 -> digest tokens (B, ceil(H/4) * ceil(W/4), C) for the later
+    blocks of the stage (absent in a stage's last block, which has no later block);
+    *enhance*: 3x3 depthwise conv + BN, replacing the tokens before the FFN.
+    (B, P + H*W, C) -> ((B, P + H*W, C), digest tokens or None).
+    """
+
+    def __init__(self, dim: int, merge: bool, num_prefix_tokens: int = 0):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.merge = nn.Conv2d(dim, dim, DIGEST_KERNEL, DIGEST_STRIDE, DIGEST_KERNEL // 2, groups=dim,
+                               bias=False) if merge else None
+        self.enhance = ConvBN(dim, dim, 3, groups=dim)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        P = self.num_prefix_tokens
+        prefix, t = x[:, :P], x[:, P:]
+        B, N, C = t.shape
+        m = t.transpose(1, 2).reshape(B, C, hw[0], hw[1])
+        digest = self.merge(m).flatten(2).transpose(1, 2) if self.merge is not None else None
+        t = self.enhance(m).flatten(2).transpose(1, 2)
+        return (torch.cat([prefix, t], 1) if P else t), digest
+
+
+class DigestTokens(nn.Module):
+    """Calibrates the digest tokens of the `num_blocks` earlier blocks of the stage before attention:
+    LayerNorm and a learned scale factor per digest token. (B, num_blocks * h * w, C) -> same.
+
+    The official CabViT-H multiplies by the scale factors *before* the LayerNorm (`scale_first`), which
+    the normalisation largely cancels; CabViT-P follows the paper (normalise, then calibrate).
+    """
+
+    def __init__(self, dim: int, num_blocks: int, grid: tuple[int, int], scale_first: bool):
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.grid = tuple(grid)
+        self.scale_first = scale_first
+        self.scale = nn.Parameter(torch.ones(1, num_blocks * grid[0] * grid[1], 1))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, s: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        scale = resize_digest_param(self.scale.view(1, -1), self.num_blocks, self.grid, grid).view(1, -1, 1)
+        if self.scale_first:
+            return self.norm(s * scale)
+        return self.norm(s) * scale
+
+
+class CaBAttention(nn.Module):
+    """Cross attention among blocks: queries from the block's N tokens, keys/values from those tokens
+    plus M calibrated digest tokens of earlier blocks (projected with the same qkv weights).
+
+    Logits get a per-offset relative bias among the block's own tokens (`rel_grid`, the training token
+    grid; offsets beyond it are clamped) and a learned per-head bias per digest token.
+    (B, N, C), digest (B, M, C) -> (B, N, C).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_digest_blocks: int, digest_grid0: tuple[int, int],
+                 rel_grid: tuple[int, int] | None = None, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.num_digest_blocks = num_digest_blocks
+        self.digest_grid0 = tuple(digest_grid0)
+        self.rel_grid = tuple(rel_grid) if rel_grid is not None else None
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if rel_grid is not None:  # one bias per |dy|, |dx| offset, flat index |dy| * W0 + |dx|
+            self.attention_biases = nn.Parameter(torch.zeros(num_heads, rel_grid[0] * rel_grid[1]))
+        if num_digest_blocks:
+            n = num_digest_blocks * digest_grid0[0] * digest_grid0[1]
+            self.digest_bias = nn.Parameter(torch.zeros(1, num_heads, 1, n))
+
+    def relative_bias(self, hw: tuple[int, int]) -> torch.Tensor:
+        """(heads, H*W, H*W) bias for a (H, W) token grid; offsets clamped to the training table."""
+        H0, W0 = self.rel_grid
+        dev = self.attention_biases.device
+        ys = torch.arange(hw[0], device=dev).repeat_interleave(hw[1])
+        xs = torch.arange(hw[1], device=dev).repeat(hw[0])
+        dy = (ys[:, None] - ys[None, :]).abs().clamp_(max=H0 - 1)
+        dx = (xs[:, None] - xs[None, :]).abs().clamp_(max=W0 - 1)
+        return self.attention_biases[:, dy * W0 + dx]
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int], digest: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_bias(hw).unsqueeze(0) if self.rel_grid is not None else None
+        if digest is not None:
+            M = digest.shape[1]
+            # digest tokens only serve as keys and values: project them with the k/v rows of qkv
+            b = self.qkv.bias[C:] if self.qkv.bias is not None else None
+            ks, vs = F.linear(digest, self.qkv.weight[C:], b).view(B, M, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            k, v = torch.cat([k, ks], 2), torch.cat([v, vs], 2)
+            g = digest_grid(hw)
+            dbias = resize_digest_param(self.digest_bias.view(h, -1), self.num_digest_blocks,
+                                        self.digest_grid0, g).view(1, h, 1, M)
+            if bias is None:
+                bias = torch.cat([dbias.new_zeros(1, h, 1, N), dbias], -1)
+            else:
+                bias = torch.cat([bias, dbias.expand(1, h, N, M)], -1)
+        x = attend(q, k, v, bias, scale=self.scale)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class CaBBlock(nn.Module):
+    """CabViT block: x + ls1 * CaBAttention(LN(x), digest) -> TME (enhance; merge digest tokens for the
+    later blocks) -> x + ls2 * FFN(LN(x)). (B, P + N, C), list of earlier digests -> (B, P + N, C), digest.
+
+    `ffn_double_norm`: the official CabViT-H FFN carries its own LayerNorm after `norm2`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, index: int, merge: bool, grid0: tuple[int, int],
+                 mlp_ratio: float = 4.0, layer_scale_init_value: float = 1e-6, drop_path: float = 0.0,
+                 rel_pos: bool = True, num_prefix_tokens: int = 0, digest_scale_first: bool = True,
+                 ffn_double_norm: bool = True):
+        super().__init__()
+        dgrid = digest_grid(grid0)
+        self.norm1 = nn.LayerNorm(dim)
+        self.digest = DigestTokens(dim, index, dgrid, digest_scale_first) if index > 0 else None
+        self.attn = CaBAttention(dim, num_heads, index, dgrid, grid0 if rel_pos else None)
+        self.gamma_1 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.tme = TokenMergeEnhance(dim, merge, num_prefix_tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp_norm = nn.LayerNorm(dim) if ffn_double_norm else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma_2 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int],
+                digests: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        s = self.digest(torch.cat(digests, 1), digest_grid(hw)) if self.digest is not None else None
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), hw, s))
+        x, digest = self.tme(x, hw)
+        x = x + self.drop_path(self.gamma_2 * self.mlp(self.mlp_norm(self.norm2(x))))
+        return x, digest
+
+
+class CaBStage(nn.Module):
+    """A stage of CaB blocks sharing digest tokens: block i attends to the digest tokens of blocks 0..i-1.
+    Tokens (B, P + H*W, C) -> (B, P + H*W, C)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, grid0: tuple[int, int], drop_path: list[float],
+                 **block_kwargs: Any):
+        super().__init__()
+        self.blocks = nn.ModuleList([
+            CaBBlock(dim, num_heads, i, i < depth - 1, grid0, drop_path=drop_path[i], **block_kwargs)
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        digests: list[torch.Tensor] = []
+        for blk in self.blocks:
+            x, d = blk(x, hw, digests)
+            if d is not None:
+                digests.append(d)
+        return x
+
+
+# ------------------------------------------------------------------------------------------ CabViT-H
+class HybridStage(nn.Module):
+    """Patch merging (stages 2-4) then ConvNeXt blocks (stages 1-2) or a CaB stage (3-4).
+    (B, C_in, H, W) -> (B, C, H', W')."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid0: tuple[int, int],
+                 drop_path: list[float], layer_scale_init_value: float, mlp_ratio: float, downsample: bool):
+        super().__init__()
+        self.downsample = PatchMerging(in_dim, dim) if downsample else nn.Identity()
+        self.cab = num_heads > 0
+        if self.cab:
+            self.blocks = CaBStage(dim, depth, num_heads, grid0, drop_path, mlp_ratio=mlp_ratio,
+                                   layer_scale_init_value=layer_scale_init_value)
+        else:
+            self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, drop_path[i], layer_scale_init_value)
+                                          for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if not self.cab:
+            return self.blocks(x)
+        B, C, H, W = x.shape
+        x = self.blocks(x.flatten(2).transpose(1, 2), (H, W))
+        return x.transpose(1, 2).reshape(B, C, H, W)
+
+
+class CabViTH(HybridModel):
+    """CabViT-H: stem -> ConvNeXt stages 1-2 -> CaB stages 3-4 -> mean pool -> LN -> linear.
+
+    Feature maps at strides 4, 8, 16, 32 with `embed_dims` channels. `img_size` is the training
+    resolution that sizes the bias tables and digest parameters (other input sizes work too).
+    (B, in_chans, H, W) -> (B, num_classes).
+    """
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
+                 embed_dims: tuple[int, ...] = (64, 128, 192, 320), depths: tuple[int, ...] = (2, 2, 6, 2),
+                 num_heads: tuple[int, ...] = (0, 0, 6, 10), mlp_ratio: float = 4.0,
+                 layer_scale_init_value: float = 1e-6, drop_path_rate: float = 0.0):
+        super().__init__()
+        if len(embed_dims) != 4 or len(depths) != 4 or len(num_heads) != 4:
+            raise ValueError("CabViT-H takes 4 embed_dims, depths and num_heads")
+        if num_heads[0] or num_heads[1] or not (num_heads[2] and num_heads[3]):
+            raise ValueError(f"CabViT-H has ConvNeXt stages 1-2 (num_heads 0) and CaB stages 3-4, got {num_heads}")
+        self.in_chans, self.num_classes = in_chans, num_classes
+        self.num_features = embed_dims[-1]
+        self.stem = Stem(in_chans, embed_dims[0])
+        dpr = _drop_path_rates(drop_path_rate, sum(depths))
+        stages, cur = [], 0
+        for i in range(4):
+            grid0 = (math.ceil(img_size / 2 ** (i + 2)),) * 2
+            stages.append(HybridStage(embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], num_heads[i], grid0,
+                                      dpr[cur:cur + depths[i]], layer_scale_init_value, mlp_ratio, i > 0))
+            cur += depths[i]
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(embed_dims[-1])
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.stage_info = [dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f"stages.{i}")
+                           for i in range(4)]
+        self.apply(_init_weights)
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.check_input(x)
+        x = self.stem(x)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return feats
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.norm(x.mean((2, 3)))
+        return x if pre_logits else self.head(x)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_official_cabvit_h(state_dict)
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"attention_biases", "digest_bias"}
+
+
+def _drop_path_rates(rate: float, n: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 to `rate` over n blocks (no tensors: works on `meta`)."""
+    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+_H_BLOCK_RENAMES = (  # official CaBBlock / CxBlock / Conv2d_BN names -> ours
+    ("s_token_bias", "attn.digest_bias"), ("s_scale_factors", "digest.scale"), ("s_norm.", "digest.norm."),
+    ("attention_biases", "attn.attention_biases"), ("qkv.", "attn.qkv."), ("proj.", "attn.proj."),
+    ("dw_conv.", "tme.merge."), ("local_conv.c.", "tme.enhance.conv."), ("local_conv.bn.", "tme.enhance.bn."),
+    ("mlp.norm.", "mlp_norm."), ("dwconv.", "conv_dw."), ("pwconv1.", "mlp.fc1."), ("pwconv2.", "mlp.fc2."),
+)
+
+
+def convert_official_cabvit_h(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official `CaBViT_H` state dict -> `CabViTH` keys (same tensors and shapes)."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith("attention_bias_idxs"):
+            continue  # derived from the configuration
+        n = k
+        if n.startswith("patch_embed.seq."):
+            n = n.replace("patch_embed.seq.0.", "stem.conv1.").replace("patch_embed.seq.2.", "stem.conv2.")
+            n = n.replace(".c.", ".conv.")
+        elif n.startswith("layer_"):
+            i, rest = int(n[6]), n[8:]
+            if rest.startswith("downsample."):
+                n = f"stages.{i + 1}.downsample." + rest[len("downsample."):].replace(".c.", ".conv.")
+            elif rest.startswith("blocks."):
+                j, name = rest[len("blocks."):].split(".", 1)
+                for old, new in _H_BLOCK_RENAMES:
+                    if name.startswith(old):
+                        name = new + name[len(old):]
+                        break
+                n = f"stages.{i}.blocks.{'blocks.' if i >= 2 else ''}{j}.{name}"
+        elif n.startswith("norm_head."):
+            n = "norm." + n[len("norm_head."):]
+        out[n] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------ CabViT-P
+class CabViTP(HybridModel):
+    """CabViT-P: the plain (DeiT-like) CabViT, designed from the paper's description.
+
+    Patch embedding (16x16 conv, stride 16) -> class token + learned absolute position embedding ->
+    `sum(depths)` CaB blocks grouped into `len(depths)` stages (default 3 x 4 of DeiT's 12 blocks): block
+    i of a stage attends to the digest tokens of blocks 0..i-1 of the same stage (4x4 digest tokens per
+    block at 224, so at most 48 extra keys next to 197 tokens) -> LN -> class token -> linear.
+
+    Choices where the paper leaves details open: the class token takes part in attention but not in the
+    TME convolutions (it passes through unchanged); digest tokens are normalised and then scaled by their
+    calibration factors; no relative bias among the block's own tokens (DeiT's absolute position
+    embedding, resized bicubically for other input sizes); a learned per-head bias for digest-token
+    logits; layer scale (init 1e-6) on both branches and one LayerNorm before the FFN.
+
+    `forward_features` gives the (B, C, H/16, W/16) map of the patch tokens; the classifier reads the
+    class token from `forward_tokens` (B, 1 + H*W/256, C), which `forward_head` takes.
+    """
+
+    num_prefix_tokens = 1
+
+    def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, patch_size: int = 16,
+                 embed_dim: int = 192, depths: tuple[int, ...] = (4, 4, 4), num_heads: int = 3,
+                 mlp_ratio: float = 4.0, layer_scale_init_value: float = 1e-6, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.in_chans, self.num_classes = in_chans, num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.patch_size = patch_size
+        self.grid0 = (img_size // patch_size,) * 2
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid0[0] * self.grid0[1], embed_dim))
+        dpr = _drop_path_rates(drop_path_rate, sum(depths))
+        stages, cur = [], 0
+        for d in depths:
+            stages.append(CaBStage(embed_dim, d, num_heads, self.grid0, dpr[cur:cur + d], mlp_ratio=mlp_ratio,
+                                   layer_scale_init_value=layer_scale_init_value, rel_pos=False,
+                                   num_prefix_tokens=1, digest_scale_first=False, ffn_double_norm=False))
+            cur += d
+        self.stages = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.stage_info = [dict(num_chs=embed_dim, reduction=patch_size, module="norm")]
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        if tuple(hw) == self.grid0:
+            return self.pos_embed
+        cls, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        pos = pos.reshape(1, self.grid0[0], self.grid0[1], -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False)
+        return torch.cat([cls, pos.flatten(2).transpose(1, 2)], 1)
+
+    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C_in, H, W) -> normalised tokens (B, 1 + h*w, C) (class token first) and the grid (h, w)."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        B, C, h, w = x.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)
+        x = x + self._pos_embed((h, w))
+        for stage in self.stages:
+            x = stage(x, (h, w))
+        return self.norm(x), (h, w)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        t, (h, w) = self.forward_tokens(x)
+        return t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, h, w)
+
+    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.forward_features(x)]
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if x.ndim != 3:
+            raise ValueError("CabViT-P classifies its class token: pass the tokens of forward_tokens(x)[0] "
+                             f"(B, 1 + N, C) to forward_head, got shape {tuple(x.shape)}")
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            return [self.forward_features(x)]
+        return self.forward_head(self.forward_tokens(x)[0])
+
+    def set_features_only(self, out_indices: tuple[int, ...] = (0,)) -> None:
+        if any(i not in (0, -1) for i in out_indices):
+            raise ValueError(f"CabViT-P has a single feature map (stride {self.patch_size}, index 0): "
+                             f"pass out_indices=(0,), got {tuple(out_indices)}")
+        super().set_features_only((0,))
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise CheckpointError("there is no official CabViT-P (the official repository only has a DeiT "
+                              "placeholder): load a checkpoint saved from hybridvit's CabViT-P")
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"pos_embed", "cls_token", "digest_bias"}
+
+
+# ------------------------------------------------------------------------------------------ variants
+_HINT = "no CabViT checkpoints are published (train one with `hybridvit train`)"
+
+_H_VARIANTS = {  # official cabvit_h_l1..l3 (reference README); params from the official code
+    "cabvit_h_l1": dict(embed_dims=(64, 128, 192, 320), depths=(2, 2, 6, 2), num_heads=(0, 0, 6, 10)),
+    "cabvit_h_l2": dict(embed_dims=(96, 192, 320, 480), depths=(2, 2, 7, 2), num_heads=(0, 0, 10, 15)),
+    "cabvit_h_l3": dict(embed_dims=(96, 192, 320, 512), depths=(3, 6, 12, 3), num_heads=(0, 0, 10, 16)),
+}
+_P_VARIANTS = {  # DeiT-Ti/S/B widths, 12 blocks in 3 CaB stages of 4
+    "cabvit_p_tiny": dict(embed_dim=192, depths=(4, 4, 4), num_heads=3),
+    "cabvit_p_small": dict(embed_dim=384, depths=(4, 4, 4), num_heads=6),
+    "cabvit_p_base": dict(embed_dim=768, depths=(4, 4, 4), num_heads=12),
+}
+
+for _name, _cfg in _H_VARIANTS.items():
+    register_model(_name, "cabvit", CabViTH, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT,
+                   top1=83.0 if _name == "cabvit_h_l2" else None, pretrained_cfg=default_pretrained_cfg())
+for _name, _cfg in _P_VARIANTS.items():
+    register_model(_name, "cabvit", CabViTP, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT,
+                   pretrained_cfg=default_pretrained_cfg())
