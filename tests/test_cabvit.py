@@ -1,0 +1,203 @@
+"""CabViT-H (official equivalence, parameter counts, official layout) and CabViT-P (design, gradients)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import load_fixture, official_state_dicts
+
+import hybridvit
+from hybridvit.checkpoint import CheckpointError
+from hybridvit.models.cabvit import CaBAttention, CabViTH
+from hybridvit.registry import count_params, get_entry, meta_model
+
+H_VARIANTS = ("cabvit_h_l1", "cabvit_h_l2", "cabvit_h_l3")
+P_VARIANTS = ("cabvit_p_tiny", "cabvit_p_small", "cabvit_p_base")
+TINY_H = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 3, 2), num_heads=(0, 0, 2, 2))
+TINY_P = dict(embed_dim=32, depths=(3, 2), num_heads=2)
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return load_fixture("cabvit_h_tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_h(fixture) -> CabViTH:
+    c = fixture["official_config"]
+    m = hybridvit.create_model("cabvit_h_l1", num_classes=c["num_classes"], embed_dims=c["embed_dims"],
+                               depths=c["depths"], num_heads=c["num_heads"])
+    hybridvit.load_checkpoint(m, {"state_dict": fixture["state_dict"]})
+    return m.eval()
+
+
+def test_fixture_reproduces_official_logits(fixture, tiny_h):
+    with torch.no_grad():
+        out = tiny_h(fixture["input"])
+    assert (out - fixture["logits"]).abs().max().item() <= 1e-4
+
+
+def test_fixture_loads_with_other_num_classes(fixture):
+    c = fixture["official_config"]
+    m = hybridvit.create_model("cabvit_h_l1", num_classes=3, embed_dims=c["embed_dims"], depths=c["depths"],
+                               num_heads=c["num_heads"])
+    hybridvit.load_checkpoint(m, fixture["state_dict"])
+    assert torch.equal(m.stages[2].blocks.blocks[1].digest.scale,
+                       fixture["state_dict"]["layer_2.blocks.1.s_scale_factors"])
+    assert m.head.out_features == 3
+
+
+@pytest.mark.parametrize("name", H_VARIANTS)
+def test_h_params_and_official_layout(name):
+    ref = official_state_dicts()[name]
+    model = meta_model(name)
+    assert count_params(model) == ref["params"]
+    official = {k: torch.empty(shape, device="meta") for k, shape in ref["state_dict"]}
+    converted = model.convert_official(official)
+    own = model.state_dict()
+    assert sorted(converted) == sorted(own)
+    assert [k for k in own if tuple(own[k].shape) != tuple(converted[k].shape)] == []
+
+
+def test_registry_entries():
+    assert hybridvit.list_models("cabvit_*") == sorted(H_VARIANTS + P_VARIANTS)
+    entry = get_entry("cabvit_h_l2")
+    assert entry.family == "cabvit" and entry.top1 == 83.0 and entry.url is None
+    assert "no CabViT checkpoints are published" in entry.weights_hint
+    with pytest.raises(CheckpointError, match="no CabViT checkpoints"):
+        hybridvit.create_model("cabvit_p_tiny", pretrained=True)
+
+
+def test_p_param_counts():
+    # DeiT-Ti/S/B (5.72M/22.05M/86.57M) plus the CaB parts: TME convs, digest calibration, layer scales
+    counts = {n: count_params(meta_model(n)) for n in P_VARIANTS}
+    assert counts == {"cabvit_p_tiny": 5_836_648, "cabvit_p_small": 22_288_840, "cabvit_p_base": 87_043_720}
+
+
+def _official_offset_index(h: int, w: int) -> torch.Tensor:
+    """The official per-offset index: offsets numbered in order of first appearance."""
+    points = list(itertools.product(range(h), range(w)))
+    seen: dict[tuple[int, int], int] = {}
+    idx = []
+    for p1 in points:
+        for p2 in points:
+            off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
+            idx.append(seen.setdefault(off, len(seen)))
+    return torch.tensor(idx).view(h * w, h * w)
+
+
+def test_relative_bias_exact_at_training_size_and_clamped_beyond():
+    attn = CaBAttention(16, 2, 0, (2, 2), rel_grid=(7, 7))
+    torch.nn.init.normal_(attn.attention_biases)
+    table = attn.attention_biases
+    assert torch.equal(attn.relative_bias((7, 7)), table[:, _official_offset_index(7, 7)])
+    small = attn.relative_bias((3, 5))  # smaller grids only use offsets inside the table
+    assert torch.equal(small, table[:, _official_offset_index(7, 7)].view(2, 7, 7, 7, 7)[:, :3, :5, :3, :5]
+                       .reshape(2, 15, 15))
+    big = attn.relative_bias((8, 10))  # offsets beyond the table reuse its last row/column
+    assert big.shape == (2, 80, 80)
+    assert torch.equal(big[:, 0, 9], table[:, 6])          # offset (0, 9) -> (0, 6)
+    assert torch.equal(big[:, 0, 7 * 10 + 8], table[:, 6 * 7 + 6])  # offset (7, 8) -> (6, 6)
+
+
+def test_digest_parameters_resized_only_off_the_training_grid(tiny_h):
+    blk = tiny_h.stages[2].blocks.blocks[2]  # third CaB block of stage 3: digests of 2 earlier blocks
+    s = torch.randn(1, 2 * 16, 48)
+    assert torch.equal(blk.digest(s, (4, 4)), blk.digest.norm(s * blk.digest.scale))
+    assert blk.digest(torch.randn(1, 2 * 20, 48), (4, 5)).shape == (1, 40, 48)
+
+
+def test_h_any_input_size_and_features(tiny_h, fixture):
+    with torch.no_grad():
+        out = tiny_h(torch.randn(1, 3, 256, 320))
+        odd = tiny_h(torch.randn(1, 3, 72, 40))
+    assert out.shape == (1, 10) and odd.shape == (1, 10) and out.isfinite().all() and odd.isfinite().all()
+    feat = hybridvit.create_model("cabvit_h_l1", features_only=True, **TINY_H).eval()
+    feat.load_state_dict({k: v for k, v in tiny_h.state_dict().items() if not k.startswith("head.")},
+                         strict=False)
+    assert [f["reduction"] for f in feat.feature_info] == [4, 8, 16, 32]
+    assert [f["num_chs"] for f in feat.feature_info] == [16, 32, 48, 64]
+    with torch.no_grad():
+        maps = feat(torch.randn(1, 3, 256, 320))
+        last = tiny_h.forward_features(fixture["input"])
+        pooled = tiny_h.forward_head(last, pre_logits=True)
+        logits = tiny_h.forward_head(last)
+    assert [tuple(m.shape) for m in maps] == [(1, 16, 64, 80), (1, 32, 32, 40), (1, 48, 16, 20), (1, 64, 8, 10)]
+    assert pooled.shape == (2, 64)
+    assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
+
+
+def test_p_shapes_features_and_errors():
+    m = hybridvit.create_model("cabvit_p_tiny", num_classes=7, **TINY_P).eval()
+    with torch.no_grad():
+        assert m(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+        assert m(torch.randn(1, 3, 256, 320)).shape == (1, 7)
+        tokens, hw = m.forward_tokens(torch.randn(1, 3, 224, 224))
+        assert tokens.shape == (1, 1 + 196, 32) and hw == (14, 14)
+        assert m.forward_features(torch.randn(1, 3, 256, 320)).shape == (1, 32, 16, 20)
+    with pytest.raises(ValueError, match="class token"):
+        m.forward_head(torch.randn(1, 32, 14, 14))
+    feat = hybridvit.create_model("cabvit_p_tiny", features_only=True, out_indices=(0,), **TINY_P).eval()
+    assert feat.feature_info == [dict(num_chs=32, reduction=16, module="norm", index=0)]
+    with torch.no_grad():
+        maps = feat(torch.randn(1, 3, 256, 320))
+    assert len(maps) == 1 and maps[0].shape == (1, 32, 16, 20)
+    with pytest.raises(ValueError, match="single feature map"):
+        hybridvit.create_model("cabvit_p_tiny", features_only=True, **TINY_P)
+    with pytest.raises(CheckpointError, match="no official CabViT-P"):
+        hybridvit.load_checkpoint(m, {"blocks.0.attn.qkv.weight": torch.zeros(96, 32)})
+
+
+def test_p_checkpoint_round_trip(tmp_path):
+    a = hybridvit.create_model("cabvit_p_tiny", num_classes=4, **TINY_P).eval()
+    path = tmp_path / "p.pt"
+    torch.save({"state_dict": a.state_dict()}, path)
+    b = hybridvit.create_model("cabvit_p_tiny", num_classes=4, pretrained=str(path), **TINY_P).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+
+def test_p_gradients_reach_digest_path():
+    torch.manual_seed(0)
+    m = hybridvit.create_model("cabvit_p_tiny", num_classes=5, layer_scale_init_value=0.1, drop_path_rate=0.0,
+                               **TINY_P).train()
+    m(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    for s, stage in enumerate(m.stages):
+        blocks = stage.blocks
+        for i, blk in enumerate(blocks):
+            if i > 0:  # calibration of the earlier blocks' digest tokens
+                assert blk.digest.scale.grad.abs().sum() > 0, (s, i)
+                assert blk.attn.digest_bias.grad.abs().sum() > 0, (s, i)
+            if i < len(blocks) - 1:  # token merge conv making the digest tokens
+                assert blk.tme.merge.weight.grad.abs().sum() > 0, (s, i)
+            else:
+                assert blk.tme.merge is None
+            if (s, i) != (len(m.stages) - 1, len(blocks) - 1):  # the head reads only the class token
+                assert blk.tme.enhance.conv.weight.grad.abs().sum() > 0, (s, i)
+
+
+def test_batch_one_channels_and_autocast(tiny_h):
+    x = torch.randn(1, 3, 64, 96)
+    with pytest.raises(ValueError, match="3-channel input but got 1"):
+        tiny_h(x[:, :1])
+    p = hybridvit.create_model("cabvit_p_tiny", **TINY_P).eval()
+    with torch.no_grad():
+        ref = tiny_h(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h16, p16 = tiny_h(x), p(x)
+    assert h16.dtype == torch.bfloat16 and p16.dtype == torch.bfloat16
+    assert h16.isfinite().all() and p16.isfinite().all()
+    assert (h16.float() - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+
+
+def test_compile_fullgraph(tiny_h):
+    # The eager backend still traces the whole model with dynamo: any graph break raises.
+    x = torch.randn(1, 3, 64, 96)
+    p = hybridvit.create_model("cabvit_p_tiny", **TINY_P).eval()
+    with torch.no_grad():
+        for m in (tiny_h, p):
+            torch._dynamo.reset()
+            out = torch.compile(m, fullgraph=True, backend="eager")(x)
+            assert torch.allclose(out, m(x), atol=1e-6)
