@@ -1,0 +1,81 @@
+"""`hybridvit export`: ONNX (checked with onnxruntime) or a `torch.export` program for deployment."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], dynamic_batch: bool = True,
+                opset: int = 18) -> Path:
+    """Writes `model` (eval) as ONNX with input `images` (B, 3, H, W) and output `logits`."""
+    try:
+        import onnxscript  # noqa: F401  (the torch.export-based ONNX exporter needs it)
+    except ImportError as e:
+        raise SystemExit("ONNX export needs the onnx extra: pip install 'hybridvit[onnx]'") from e
+    model = model.eval()
+    x = torch.randn(2 if dynamic_batch else 1, model.in_chans, *img_size)
+    dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    path = Path(path)
+    prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
+                             dynamic_shapes=dyn, opset_version=opset, external_data=False)
+    prog.save(str(path))
+    return path
+
+
+def check_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], batch: int = 2) -> float:
+    """Max abs difference between onnxruntime and PyTorch outputs for a random batch."""
+    import onnxruntime as ort
+
+    x = torch.randn(batch, model.in_chans, *img_size)
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(["logits"], {"images": x.numpy()})
+    return float(abs(out - ref).max())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--pretrained", default=None, help="checkpoint path, or 'true' for the published weights")
+    p.add_argument("--num-classes", type=int, default=None, help="default: 1000, or the checkpoint's classes")
+    p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W]; default: the model's size")
+    p.add_argument("--format", choices=["onnx", "pt2"], default="onnx",
+                   help="onnx (checked with onnxruntime when installed) or pt2 (torch.export program)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
+    p.add_argument("--output", "-o", required=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .registry import create_model
+
+    pretrained = True if str(args.pretrained).lower() == "true" else (args.pretrained or False)
+    num_classes = args.num_classes
+    if num_classes is None and pretrained and pretrained is not True:
+        from .checkpoint import read_checkpoint_file
+        meta = read_checkpoint_file(pretrained).get("hybridvit", {})
+        num_classes = len(meta["classes"]) if isinstance(meta, dict) and meta.get("classes") else None
+    model = create_model(args.model, pretrained=pretrained, num_classes=num_classes or 1000).eval()
+    size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
+    size = (size[0], size[-1])
+    if args.format == "pt2":
+        x = torch.randn(2, model.in_chans, *size)
+        dyn = None if args.static_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dyn), args.output)
+        print(f"wrote {args.output} (torch.export program; load with torch.export.load)")
+        return 0
+    path = export_onnx(model, args.output, size, dynamic_batch=not args.static_batch)
+    try:
+        diff = check_onnx(model, path, size, batch=1 if args.static_batch else 2)
+        print(f"wrote {path}; onnxruntime vs PyTorch max abs difference {diff:.2e}")
+    except ImportError:
+        print(f"wrote {path} (install onnxruntime to check it)")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))
