@@ -70,12 +70,14 @@ def get_entry(name: str) -> ModelEntry:
 
 
 def create_model(name: str, *, pretrained: bool | str = False, num_classes: int = 1000, in_chans: int = 3,
-                 features_only: bool = False, out_indices: tuple[int, ...] = (0, 1, 2, 3),
+                 features_only: bool = False, out_indices: tuple[int, ...] | None = None,
                  **overrides: Any) -> nn.Module:
     """Builds a registered model.
 
     pretrained: False, True (the variant's published weights, downloaded once into the torch hub
-    cache), or a path to an official or hybridvit checkpoint. Overrides replace any configuration
+    cache), or a path to an official or hybridvit checkpoint. With `features_only=True` the model
+    returns the NCHW maps of `out_indices` (default: every stage, (0, 1, 2, 3) for the hierarchical
+    models at strides 4/8/16/32; CabViT-P has one stride-16 map). Overrides replace any configuration
     field of the variant (`drop_path_rate`, `img_size`, `depths`, ...).
     """
     entry = get_entry(name)
@@ -92,6 +94,8 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
         path = resolve_pretrained(entry, pretrained)
         load_checkpoint(model, path)
     if features_only:
+        if out_indices is None:
+            out_indices = tuple(range(len(model.stage_info)))
         model.set_features_only(tuple(out_indices))
     return model
 
