@@ -14,7 +14,6 @@ use. At the configured resolution all of this reduces exactly to the official co
 """
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -331,7 +330,7 @@ class HATStage(nn.Module):
             x = self.downsample(x)
         B, C, H, W = x.shape
         ws = min(self.window_size, max(H, W))
-        n_wh, n_ww = math.ceil(H / ws), math.ceil(W / ws)
+        n_wh, n_ww = -(-H // ws), -(-W // ws)  # ceil, integer-only (traces cleanly)
         Hp, Wp = n_wh * ws, n_ww * ws
         ct = None
         if self.token_init is not None:
@@ -381,7 +380,8 @@ class FasterViT(HybridModel):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.stem = Stem(in_chans, in_dim, dim)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n_blocks = sum(depths)
+        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
         dims = [dim * 2 ** i for i in range(4)]
         self.stages = nn.ModuleList()
         for i in range(4):

@@ -1,0 +1,238 @@
+"""FasterViT: official equivalence, every variant's conversion and size, any resolution, dtypes, compile."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import load_fixture, official_state_dicts
+
+import hybridvit
+from hybridvit.layers import attend
+from hybridvit.models.fastervit import FasterViT, HierarchicalAttention
+from hybridvit.registry import count_params, meta_model
+
+FIXTURES = ("fastervit_tiny", "fastervit_tiny_ls_prop")
+VARIANTS = ["fastervit_0", "fastervit_1", "fastervit_2", "fastervit_3", "fastervit_4", "fastervit_5",
+            "fastervit_6", "fastervit_4_21k_224", "fastervit_4_21k_384", "fastervit_4_21k_512",
+            "fastervit_4_21k_768"]
+
+
+def fixture_overrides(official_config: dict) -> dict:
+    """The official constructor arguments as create_model overrides (`resolution` is our `img_size`)."""
+    cfg = dict(official_config)
+    cfg["img_size"] = cfg.pop("resolution")
+    return cfg
+
+
+@pytest.fixture(scope="module", params=FIXTURES)
+def fixture(request):
+    return load_fixture(request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Model with the fastervit_tiny_ls_prop fixture's weights (carrier tokens, layer scale, propagation)."""
+    fx = load_fixture("fastervit_tiny_ls_prop")
+    model = hybridvit.create_model("fastervit_0", **fixture_overrides(fx["official_config"]))
+    hybridvit.load_checkpoint(model, {"state_dict": fx["state_dict"]})
+    return model.eval()
+
+
+def test_fixture_logits(fixture, tmp_path):
+    path = tmp_path / "official.pth.tar"
+    torch.save({"state_dict": fixture["state_dict"], "epoch": 7}, path)
+    model = hybridvit.create_model("fastervit_0", **fixture_overrides(fixture["official_config"]))
+    hybridvit.load_checkpoint(model, path)
+    with torch.no_grad():
+        logits = model.eval()(fixture["input"])
+    assert (logits - fixture["logits"]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_conversion_and_params(name):
+    official = official_state_dicts()[name]
+    model = meta_model(name)
+    assert count_params(model) == official["params"]
+    converted = model.convert_official({k: torch.empty(s, device="meta") for k, s in official["state_dict"]})
+    own = model.state_dict()
+    assert sorted(converted) == sorted(own)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in own.items()}
+
+
+def test_variants_registered():
+    entries = {n: hybridvit.registry.get_entry(n) for n in hybridvit.list_models("fastervit_*")}
+    assert set(VARIANTS) | {"fastervit_nano"} == set(entries)
+    for name in VARIANTS:
+        e = entries[name]
+        assert e.family == "fastervit" and e.top1 is not None
+        assert e.url.startswith("https://huggingface.co/ahatamiz/FasterViT/resolve/main/fastervit_")
+    assert entries["fastervit_0"].pretrained_cfg["crop_pct"] == 0.875
+    assert entries["fastervit_3"].pretrained_cfg["crop_pct"] == 1.0
+    assert entries["fastervit_4_21k_512"].pretrained_cfg["input_size"] == (3, 512, 512)
+    assert entries["fastervit_4_21k_384"].url.endswith("fastervit_4_21k_384_w24.pth.tar")
+    assert entries["fastervit_nano"].url is None
+
+
+def test_official_duplicate_conv_kept_once(tiny):
+    fx = load_fixture("fastervit_tiny_ls_prop")
+    sd = fx["state_dict"]
+    dup = [k for k in sd if "to_global_feature.pos" in k]
+    assert dup, "fixture holds the official duplicate name"
+    converted = tiny.convert_official(sd)
+    assert not any("relative_" in k or "to_global_feature" in k for k in converted)
+    # the alias alone (the other name stripped) still loads
+    only_alias = {k: v for k, v in sd.items() if "global_tokenizer.pos_embed" not in k}
+    assert sorted(tiny.convert_official(only_alias)) == sorted(converted)
+
+
+@pytest.mark.parametrize("size", [(256, 320), (160, 160), (96, 200), (33, 47)])
+def test_any_resolution(tiny, size):
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        out = tiny(x)
+        feats = tiny.forward_features(x)
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+    assert feats.shape[-2:] == (math.ceil(size[0] / 32), math.ceil(size[1] / 32))
+
+
+def test_other_configured_resolution_and_window_load(tmp_path):
+    fx = load_fixture("fastervit_tiny")
+    cfg = fixture_overrides(fx["official_config"])
+    cfg.update(img_size=320, window_size=[7, 7, 10, 5])
+    model = hybridvit.create_model("fastervit_0", **cfg)
+    hybridvit.load_checkpoint(model, {"model": fx["state_dict"]})
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, 320, 320))
+    assert torch.isfinite(out).all()
+
+
+def test_features_only_strides():
+    fx = load_fixture("fastervit_tiny")
+    model = hybridvit.create_model("fastervit_0", features_only=True, **fixture_overrides(fx["official_config"]))
+    hybridvit.load_checkpoint(model, fx["state_dict"])
+    model.eval()
+    H, W = 250, 330
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, H, W))
+    assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 32]
+    assert [f.shape[1] for f in feats] == [f["num_chs"] for f in model.feature_info] == [32, 64, 128, 256]
+    assert [tuple(f.shape[-2:]) for f in feats] == [(math.ceil(H / s), math.ceil(W / s)) for s in (4, 8, 16, 32)]
+    partial = hybridvit.create_model("fastervit_nano", features_only=True, out_indices=(1, 2))
+    with torch.no_grad():
+        outs = partial.eval()(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [64, 128]
+
+
+def test_forward_features_is_last_intermediate(tiny):
+    x = torch.randn(1, 3, 100, 140)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.forward_intermediates(x)[-1], tiny.forward_features(x))
+
+
+def test_padding_is_masked():
+    """Window attention with a key mask equals attention over the unpadded keys only."""
+    torch.manual_seed(0)
+    attn = HierarchicalAttention(16, 2, (3, 3)).eval()
+    nw, B, N = 2, 3, 4 + 9
+    x = torch.randn(B * nw, N, 16)
+    valid = torch.ones(nw, N, dtype=torch.bool)
+    valid[1, -3:] = False  # last column of window 1 is padding
+    mask = torch.zeros(nw, N).masked_fill(~valid, float("-inf"))[:, None, None, :]
+    with torch.no_grad():
+        out = attn(x, 3, 3, 4, mask)
+        q, k, v = attn.qkv(x).view(B * nw, N, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        bias = attn.pos_bias(3, 3, 4)
+        for i in range(B * nw):
+            keep = valid[i % nw]
+            ref = attend(q[i:i + 1], k[i:i + 1, :, keep], v[i:i + 1, :, keep], bias[None][..., keep])
+            ref = attn.proj(ref.transpose(1, 2).reshape(1, N, 16))
+            torch.testing.assert_close(out[i:i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_nano_small_images_fast():
+    model = hybridvit.create_model("fastervit_nano", num_classes=10)
+    assert model.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert count_params(model) < 5_000_000
+    x = torch.randn(4, 3, 64, 64)
+    loss = model.train()(x).logsumexp(-1).mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_multiscale_training_then_eval():
+    torch.manual_seed(0)
+    model = hybridvit.create_model("fastervit_nano", num_classes=5, drop_path_rate=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for size in [(64, 64), (96, 80), (48, 112), (1, 1)]:
+        out = model.train()(torch.randn(2, 3, *size))
+        assert out.shape == (2, 5) and torch.isfinite(out).all()
+        out.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = model(x), model(torch.cat([x, torch.randn(1, 3, 64, 64)]))[:1]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # eval: batch-independent (BN stats)
+
+
+def test_batch1_train_and_eval(tiny):
+    model = hybridvit.create_model("fastervit_0", num_classes=3, dim=16, in_dim=8, depths=[1, 1, 2, 1],
+                                   num_heads=[1, 1, 2, 2], layer_scale=1e-5, do_propagation=True)
+    x = torch.randn(1, 3, 112, 112)
+    model.train()(x).sum().backward()
+    with torch.no_grad():
+        assert model.eval()(x).shape == (1, 3)
+
+
+def test_bf16_autocast(tiny):
+    x = torch.randn(1, 3, 120, 136)  # padded windows: mask + bias paths
+    with torch.no_grad():
+        ref = tiny(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tiny(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item() + 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_dtypes(dtype):
+    fx = load_fixture("fastervit_tiny_ls_prop")
+    model = hybridvit.create_model("fastervit_0", **fixture_overrides(fx["official_config"]))
+    hybridvit.load_checkpoint(model, fx["state_dict"])
+    model = model.eval().to(dtype)
+    with torch.no_grad():
+        out = model(fx["input"].to(dtype))
+        odd = model(torch.randn(1, 3, 100, 90, dtype=dtype))
+    assert out.dtype == odd.dtype == dtype
+    tol = 1e-6 if dtype == torch.float64 else 0.1 * fx["logits"].abs().max().item()
+    assert (out.double() - fx["logits"].double()).abs().max().item() <= tol + 1e-5
+
+
+def test_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    model = hybridvit.create_model("fastervit_nano", num_classes=4, depths=[1, 1, 1, 1]).eval()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    for size in [(64, 64), (72, 88)]:  # 72x88: padded windows and masks
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_wrong_channels_error():
+    model = hybridvit.create_model("fastervit_nano")
+    with pytest.raises(ValueError, match="3-channel input but got 1 channels"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="3-channel"):
+        model.forward_intermediates(torch.randn(1, 4, 64, 64))
+    gray = hybridvit.create_model("fastervit_nano", in_chans=1)
+    assert gray(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
+
+
+def test_reset_classifier_and_pre_logits(tiny):
+    model = FasterViT(dim=16, in_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2])
+    model.reset_classifier(7)
+    x = torch.randn(1, 3, 64, 64)
+    assert model(x).shape == (1, 7)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, 128)
