@@ -1,0 +1,93 @@
+"""`hybridvit train`: train or fine-tune a model; no arguments trains on the embedded digits dataset."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+
+from .config import FIELDS, TrainConfig
+
+_SKIP = {"recipe", "source", "notes"}
+_HELP = {
+    "data": "ImageNet-layout folder ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*) or 'digits' (default)",
+    "pretrained": "'true' for the published weights, or a checkpoint path (then the head is reset "
+                  "to --num-classes)",
+    "resume": "run folder (or its last.pt) of an interrupted run: continues exactly where it stopped",
+    "output": "output folder (default runs/<model>-<timestamp>)",
+    "lr": "peak learning rate (at global batch --lr-base-size when given)",
+    "checkpoint_every": "also write last.pt every N optimizer steps (0: at the end of each epoch)",
+    "amp": "auto | bf16 | fp16 | none",
+    "opt": "adamw | lamb | sgd",
+    "randaugment": "timm-style spec, e.g. rand-m9-mstd0.5-inc1; 'none' to switch off",
+    "strict_data": "fail on a corrupt image instead of skipping it",
+}
+
+
+def _base_type(tp):
+    """int for `int | None`, bool for `bool | None`..."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0]
+    return tp
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="published recipe name (see --list-recipes) or a .toml file; "
+                   "command-line options override its values")
+    p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
+    hints = typing.get_type_hints(TrainConfig)
+    for name, f in FIELDS.items():
+        if name in _SKIP:
+            continue
+        flag = "--" + name.replace("_", "-")
+        tp = _base_type(hints[name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_text = _HELP.get(name, "") + (f" (default {default})" if default is not None else "")
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) is tuple:
+            p.add_argument(flag, type=float, nargs=2, default=None, metavar=("A", "B"), help=help_text)
+        else:
+            p.add_argument(flag, type=tp if tp in (int, float) else str, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from ..data.loader import is_digits
+    from .config import make_config
+
+    values = {name: getattr(args, name) for name in FIELDS if name not in _SKIP and hasattr(args, name)}
+    if values.get("randaugment") in ("none", "None", ""):
+        values["randaugment"] = ""
+    recipe = args.recipe
+    if recipe is None and is_digits(values.get("data")) and not args.resume:
+        recipe = "digits"  # the embedded default run: small-data settings
+    cfg = make_config(recipe, **values)
+    if cfg.randaugment == "":
+        cfg.randaugment = None
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.folder import DataError
+    from .config import list_recipes, load_recipe
+
+    if args.list_recipes:
+        for name in list_recipes():
+            r = load_recipe(name)
+            print(f"{name:<24} model {r.get('model', '-'):<22} {r.get('source', '')}")
+        return 0
+    try:
+        cfg = config_from_args(args)
+        from .engine import train
+        summary = train(cfg)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if summary.get("world_size", 1) == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"best val top-1 {summary['val_top1']:.2f}% after {summary['epochs']} epochs "
+              f"({summary['wall_time_s']:.0f} s)")
+        print(f"checkpoint: {summary['checkpoint']}")
+        print(f"summary:    {summary['output']}/summary.json")
+    return 0
