@@ -22,6 +22,8 @@ _HELP = {
     "opt": "adamw | lamb | sgd",
     "randaugment": "timm-style spec, e.g. rand-m9-mstd0.5-inc1; 'none' to switch off",
     "strict_data": "fail on a corrupt image instead of skipping it",
+    "threads": "torch CPU threads per process (the embedded run uses 1: its small operations gain nothing "
+               "from more, and lose much when the cores are shared)",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, help="default: the checkpoint's, else the number of classes")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's or the model's)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 0 for digits, else 4)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default 0 for digits, else min(4, CPUs))")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", help="none | bf16 | fp16")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a hybridvit checkpoint")
@@ -81,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = pick_device(args.device)
     model.to(device)
-    workers = args.workers if args.workers is not None else (0 if is_digits(args.data) else 4)
+    workers = args.workers
+    if workers is None:
+        workers = 0 if is_digits(args.data) else min(4, os.cpu_count() or 1)
     loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, workers, drop_last=False)
     dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     res = evaluate(model, loader, device, dtype=dtype, progress=not args.no_progress)

@@ -64,6 +64,7 @@ class TrainConfig:
     amp: str = "auto"                    # auto (bf16 on GPUs that have it, else off) | bf16 | fp16 | none
     channels_last: bool | None = None    # default: on for CUDA
     compile: bool = False
+    threads: int | None = None           # torch CPU threads per process (default: torch's choice)
     workers: int | None = None           # DataLoader workers per process (default: 0 for digits, else 4)
     # bookkeeping
     checkpoint_every: int = 0            # also write last.pt every N optimizer steps (0: once per epoch)

@@ -209,6 +209,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         stored.update(keep, resume=str(path), output=str(path.parent))
         cfg = make_config(**stored)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
     device = info.device
     out = Path(cfg.output) if cfg.output else Path("runs") / f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -231,7 +233,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     train_ds = build_dataset(cfg.data, cfg.train_split, train_tf, classes=classes, strict=cfg.strict_data)
     val_ds = build_dataset(cfg.data, cfg.val_split, EvalTransform.from_cfg(pcfg), classes=classes,
                            strict=cfg.strict_data)
-    workers = cfg.workers if cfg.workers is not None else (0 if is_digits(cfg.data) else 4)
+    workers = cfg.workers
+    if workers is None:
+        workers = 0 if is_digits(cfg.data) else min(4, os.cpu_count() or 1)
 
     dtype = amp_dtype(cfg, device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"

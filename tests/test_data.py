@@ -1,0 +1,117 @@
+"""Datasets and transforms: folders, bad data, the embedded digits, samplers, device augmentation."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("PIL", reason="needs the train extra (pillow)")
+pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+
+from _imagedata import corrupt_jpeg, make_folder  # noqa: E402
+
+from hybridvit.data.digits import DigitsDataset  # noqa: E402
+from hybridvit.data.folder import DataError, ImageFolder, collate_skip  # noqa: E402
+from hybridvit.data.loader import EpochSampler, build_dataset  # noqa: E402
+from hybridvit.data.mixup import MixupCutmix  # noqa: E402
+from hybridvit.data.transforms import (  # noqa: E402
+    DeviceAugment,
+    EvalTransform,
+    TrainTransform,
+    parse_randaugment,
+)
+
+
+def test_image_folder_classes_and_labels(tmp_path):
+    root = make_folder(tmp_path, n_train=3, n_val=2)
+    ds = build_dataset(str(root), "train", EvalTransform(16, 0.875, "bicubic"))
+    assert ds.classes == ["blue", "red"]
+    assert len(ds) == 6 and sorted(set(ds.targets)) == [0, 1]
+    img, label = ds[0]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 0
+    assert img[2].float().mean() > img[0].float().mean()  # blue image: blue channel dominates
+
+
+def test_missing_and_empty_folders_name_the_folder(tmp_path):
+    with pytest.raises(DataError, match="nowhere"):
+        build_dataset(str(tmp_path / "nowhere"), "train", None)
+    root = make_folder(tmp_path / "d", n_train=2, n_val=1)
+    (root / "train" / "green").mkdir()
+    with pytest.raises(DataError, match="green"):
+        build_dataset(str(root), "train", None)
+    (root / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="no class sub-folders"):
+        build_dataset(str(root / "empty"), "train", None)
+
+
+def test_corrupt_image_is_skipped_or_strict_error(tmp_path):
+    root = make_folder(tmp_path, n_train=2, n_val=1, ext="jpg")
+    bad = corrupt_jpeg(root / "train" / "red" / "zzz_broken.jpg")
+    ds = ImageFolder(root / "train", EvalTransform(16))
+    items = [ds[i] for i in range(len(ds))]
+    batch = collate_skip(items)
+    assert batch["images"].shape[0] == len(ds) - 1 and batch["bad"] == [str(bad)]
+    strict = ImageFolder(root / "train", EvalTransform(16), strict=True)
+    with pytest.raises(DataError, match="zzz_broken"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_digits_split_is_fixed():
+    tr, va = DigitsDataset("train"), DigitsDataset("val")
+    assert (len(tr), len(va)) == (1437, 360) and tr.classes == [str(i) for i in range(10)]
+    assert sorted(set(va.targets)) == list(range(10))
+    img, _ = DigitsDataset("val", EvalTransform(32, 1.0))[0]
+    assert img.shape == (3, 32, 32) and img.max() > 200  # real strokes, scaled to 0..255
+
+
+def test_eval_transform_follows_crop_pct():
+    from PIL import Image
+
+    img = Image.new("RGB", (40, 20))
+    img.paste((255, 255, 255), (0, 0, 40, 2))  # a white band on top: cropped away at crop_pct 0.5
+    out = EvalTransform(10, crop_pct=0.5, interpolation="nearest")(img)
+    assert out.shape == (3, 10, 10) and out.max() == 0
+    out = EvalTransform(10, crop_pct=1.0, interpolation="nearest")(img)
+    assert out.max() == 255
+
+
+def test_train_transform_is_seeded_per_epoch_and_index():
+    from PIL import Image
+
+    img = Image.effect_noise((48, 40), 60).convert("RGB")
+    tf = TrainTransform(16, scale=(0.1, 0.5), seed=3)
+    a, b = tf(img, index=5, epoch=1), tf(img, index=5, epoch=1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, tf(img, index=5, epoch=2))
+    assert not torch.equal(a, tf(img, index=6, epoch=1))
+
+
+def test_epoch_sampler_partitions_and_skips():
+    s = [EpochSampler(10, True, seed=1, rank=r, world_size=3) for r in range(3)]
+    for x in s:
+        x.set_epoch(4)
+    parts = [x.indices() for x in s]
+    assert all(len(p) == 4 for p in parts) and set(sum(parts, [])) == set(range(10))
+    full = parts[0]
+    s[0].set_epoch(4, start=2)
+    assert s[0].indices() == full[2:]
+    s[0].set_epoch(5)
+    assert s[0].indices() != full
+    ev = [EpochSampler(10, False, rank=r, world_size=3, pad=False).indices() for r in range(3)]
+    assert sorted(sum(ev, [])) == list(range(10))  # evaluation counts every image once
+
+
+def test_device_augment_and_mixup():
+    assert parse_randaugment("rand-m9-mstd0.5-inc1") == (2, 9)
+    assert parse_randaugment("rand-m7-n3") == (3, 7)
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
+    aug = DeviceAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "rand-m9-mstd0.5-inc1", hflip=0.5, reprob=1.0)
+    y = aug(x)
+    assert y.shape == (8, 3, 24, 24) and y.dtype == torch.float32 and torch.isfinite(y).all()
+    plain = DeviceAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), None, hflip=0.0)(x)
+    assert torch.allclose(plain, (x.float() / 255 - 0.5) / 0.25, atol=1e-5)
+    mix = MixupCutmix(5, mixup=0.8, cutmix=1.0, smoothing=0.1)
+    for _ in range(4):
+        xm, t = mix(plain, torch.arange(8) % 5)
+        assert xm.shape == plain.shape and torch.allclose(t.sum(1), torch.ones(8))
+        assert (t.max(1).values < 1).all()

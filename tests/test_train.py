@@ -1,0 +1,140 @@
+"""Training loop, recipes, checkpoints, eval and predict on tiny runs (fastervit_nano at 32x32)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+pytest.importorskip("tqdm", reason="needs the train extra (tqdm)")
+
+from _imagedata import corrupt_jpeg, make_folder  # noqa: E402
+
+import hybridvit  # noqa: E402
+from hybridvit.cli import main as cli_main  # noqa: E402
+from hybridvit.train.config import list_recipes, load_recipe, make_config  # noqa: E402
+from hybridvit.train.engine import build_model, train  # noqa: E402
+from hybridvit.train.optim import lr_at, param_groups  # noqa: E402
+
+TINY = dict(model="fastervit_nano", img_size=32, batch_size=8, threads=1, progress=False, plot=False,
+            randaugment="", reprob=0.0, mixup=0.0, cutmix=0.0, hflip=0.5, scale=(0.5, 1.0), warmup_epochs=0.5,
+            lr=2e-3, drop_path_rate=0.0, workers=0)
+
+
+def test_recipes_hold_the_official_values():
+    names = list_recipes()
+    expected = {f"fastervit_{i}" for i in range(7)} | {f"fastervit_4_21k_{r}" for r in (224, 384, 512, 768)} \
+        | {f"crossformer_{s}" for s in "tsbl"} | {f"crossformerpp_{s}" for s in "sblh"} \
+        | {f"cabvit_h_l{i}" for i in (1, 2, 3)} | {"digits"}
+    assert expected <= set(names)
+    for n in names:
+        cfg = make_config(n)
+        assert cfg.model and cfg.epochs > 0
+    f0 = load_recipe("fastervit_0")
+    assert (f0["lr"], f0["lr_base_size"], f0["weight_decay"], f0["drop_path_rate"]) == (0.005, 4096, 0.005, 0.2)
+    assert f0["model_ema"] and f0["model_ema_decay"] == 0.9998 and f0["mixup"] == 0.8 and f0["reprob"] == 0.25
+    assert load_recipe("fastervit_3")["warmup_epochs"] == 35
+    assert load_recipe("fastervit_6")["opt"] == "lamb" and load_recipe("fastervit_6")["drop_path_rate"] == 0.5
+    cf = load_recipe("crossformer_t")
+    assert (cf["lr"], cf["lr_base_size"], cf["drop_path_rate"], cf["weight_decay"]) == (5e-4, 512, 0.1, 0.05)
+    assert load_recipe("crossformerpp_h")["drop_path_rate"] == 0.5
+
+
+def test_command_line_overrides_recipe():
+    from hybridvit.cli import build_parser
+    from hybridvit.train.cli import config_from_args
+
+    args = build_parser().parse_args(["train", "--recipe", "fastervit_0", "--lr", "0.01", "--no-model-ema",
+                                      "--scale", "0.3", "1.0", "--data", "/x"])
+    cfg = config_from_args(args)
+    assert cfg.lr == 0.01 and cfg.model_ema is False and cfg.scale == (0.3, 1.0)
+    assert cfg.weight_decay == 0.005 and cfg.model == "fastervit_0"
+    cfg = config_from_args(build_parser().parse_args(["train"]))
+    assert cfg.recipe == "digits" and cfg.model == "fastervit_nano" and cfg.data == "digits"
+    with pytest.raises(ValueError, match="fastervit_0"):
+        load_recipe("fastervit_O")
+
+
+def test_no_weight_decay_groups_and_schedule():
+    model = hybridvit.create_model("fastervit_nano", num_classes=4, img_size=32)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"])
+    kws = model.no_weight_decay_keywords()
+    assert not any(any(k in names[id(p)] for k in kws) for p in decay["params"])
+    assert any(p.ndim == 1 for p in no_decay["params"])
+    assert lr_at(0, 100, 10, 0, 1.0, 0.0, 0.0) == 0.0
+    assert lr_at(10, 100, 10, 0, 1.0, 0.1, 0.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 0, 1.0, 0.0, 0.0) == pytest.approx(0.5)
+    assert lr_at(95, 100, 10, 10, 1.0, 0.1, 0.0) == pytest.approx(0.1)
+
+
+def test_train_eval_predict_on_folder_with_corrupt_image(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", n_train=16, n_val=8, ext="jpg")
+    bad = corrupt_jpeg(root / "train" / "blue" / "broken.jpg")
+    out = tmp_path / "run"
+    summary = train(make_config(None, data=str(root), output=str(out), epochs=3, **TINY))
+    on_disk = json.loads((out / "summary.json").read_text())
+    for k in ("model", "epochs", "val_top1", "checkpoint"):
+        assert on_disk[k] == summary[k]
+    assert on_disk["skipped_images"] == [str(bad)]
+    assert str(bad) in (out / "train.log").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert summary["val_top1"] == max(r["val_top1"] for r in rows) and summary["val_top1"] >= 90
+
+    # the best checkpoint loads with the public API, and eval reproduces the recorded accuracy
+    ck = torch.load(summary["checkpoint"], weights_only=True)
+    assert ck["class_names"] == ["blue", "red"] and ck["model_name"] == "fastervit_nano"
+    assert {"optimizer", "scheduler", "scaler", "rng", "config", "epoch"} <= set(ck)
+    model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
+    hybridvit.load_checkpoint(model, summary["checkpoint"])
+    assert torch.equal(model.state_dict()["head.weight"], ck["state_dict"]["head.weight"])
+    res = tmp_path / "eval.json"
+    assert cli_main(["eval", "--pretrained", summary["checkpoint"], "--data", str(root), "--json", str(res),
+                     "--no-progress"]) == 0
+    ev = json.loads(res.read_text())
+    assert ev["images"] == 16 and ev["top1"] == pytest.approx(summary["val_top1"])
+
+    capsys.readouterr()
+    imgs = [str(root / "val" / c / "000.jpg") for c in ("blue", "red")]
+    assert cli_main(["predict", "--pretrained", summary["checkpoint"], "--topk", "2", *imgs]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split(": ")[1].startswith("blue") and lines[1].split(": ")[1].startswith("red")
+
+    # fine-tuning: weights from the checkpoint, a fresh head for another number of classes
+    ft = build_model(make_config(None, model="fastervit_nano", img_size=32, pretrained=summary["checkpoint"]), 3)
+    sd = ft.state_dict()
+    assert sd["head.weight"].shape[0] == 3
+    body = [k for k in sd if not k.startswith("head.")]
+    assert all(torch.equal(sd[k], ck["state_dict"][k]) for k in body)
+
+
+def test_empty_folder_fails_before_training(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", n_train=2, n_val=1)
+    for f in (root / "val" / "red").iterdir():
+        f.unlink()
+    out = tmp_path / "run"
+    assert cli_main(["train", "--data", str(root), "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(root / "val" / "red") in err
+    assert not (out / "last.pt").exists()
+
+
+def test_full_recipe_path_ema_accumulation_mixup(tmp_path):
+    """RandAugment, erasing, mixup/cutmix, EMA, LAMB, gradient accumulation and the plot, for a few steps."""
+    pytest.importorskip("matplotlib", reason="needs the train extra (matplotlib)")
+    root = make_folder(tmp_path / "data", n_train=16, n_val=4)
+    cfg = make_config(None, data=str(root), output=str(tmp_path / "run"), epochs=1,
+                      **dict(TINY, randaugment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0,
+                             plot=True, drop_path_rate=0.1),
+                      model_ema=True, model_ema_decay=0.99, accum_steps=2, opt="lamb", max_steps_per_epoch=2)
+    s = train(cfg)
+    ck = torch.load(s["checkpoint"], weights_only=True)
+    assert ck["ema_updates"] == 2 and ck["scheduler"]["step"] == 2
+    assert not torch.equal(ck["state_dict_ema"]["head.weight"], ck["state_dict"]["head.weight"])
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert "val_top1_ema" in row and row["train_top1"] is None
+    assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
