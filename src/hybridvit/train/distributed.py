@@ -72,3 +72,15 @@ def all_gather(obj: Any, info: DistInfo) -> list[Any]:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+@torch.no_grad()
+def reduce_bn_stats(model: torch.nn.Module, info: DistInfo) -> None:
+    """Averages BatchNorm running statistics over ranks (timm's dist_bn='reduce'): each rank updated
+    them on its own batches; afterwards every rank holds the same model."""
+    if not info.enabled:
+        return
+    for name, buf in model.named_buffers():
+        if ("running_mean" in name or "running_var" in name) and buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= info.world_size

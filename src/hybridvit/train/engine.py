@@ -38,24 +38,25 @@ def write_json_atomic(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """The random states of torch, Python and numpy as plain lists (they travel through all_gather_object)."""
     import numpy as np
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def seed_all(seed: int) -> None:
@@ -401,6 +402,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         # end of epoch: reduce the training metrics, validate, write checkpoints and metrics
         loss_sum, hits, seen = D.all_sum(running, info)
+        D.reduce_bn_stats(model, info)
         val = evaluate(model, val_loader, device, info, dtype, channels_last, cfg.progress, "validate")
         row: dict[str, Any] = {"epoch": epoch, "step": global_step, "lr": cur_lr,
                                "train_loss": loss_sum / max(seen, 1),
