@@ -138,3 +138,21 @@ def test_full_recipe_path_ema_accumulation_mixup(tmp_path):
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert "val_top1_ema" in row and row["train_top1"] is None
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
+
+
+def test_default_embedded_run_and_eval_agree(tmp_path, capsys):
+    """`hybridvit train` on the embedded digits (cut to 3 steps), then `hybridvit eval` on its checkpoint."""
+    pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--epochs", "1", "--max-steps-per-epoch", "3", "--output", str(out),
+                     "--no-progress", "--no-plot"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "summary.json") in printed and "best.pt" in printed
+    s = json.loads((out / "summary.json").read_text())
+    assert s["model"] == "fastervit_nano" and s["recipe"] == "digits" and s["val_images"] == 360
+    assert s["train_images"] == 1437 and 0 <= s["val_top1"] <= 100
+    res = tmp_path / "eval.json"
+    assert cli_main(["eval", "--pretrained", s["checkpoint"], "--json", str(res), "--no-progress"]) == 0
+    ev = json.loads(res.read_text())
+    assert ev["images"] == 360 and ev["top1"] == pytest.approx(s["val_top1"])
+    assert ev["input_size"] == [3, 32, 32]

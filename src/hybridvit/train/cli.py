@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import os
 import sys
 import types
 import typing
@@ -80,6 +82,11 @@ def run(args: argparse.Namespace) -> int:
             r = load_recipe(name)
             print(f"{name:<24} model {r.get('model', '-'):<22} {r.get('source', '')}")
         return 0
+    missing = [m for m in ("kornia", "tqdm", "PIL", "sklearn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"error: `hybridvit train` needs the train extra ({', '.join(missing)} missing): "
+              "pip install 'hybridvit[train]'", file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(args)
         from .engine import train
@@ -87,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if summary.get("world_size", 1) == 1 or int(__import__("os").environ.get("RANK", "0")) == 0:
+    if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"best val top-1 {summary['val_top1']:.2f}% after {summary['epochs']} epochs "
               f"({summary['wall_time_s']:.0f} s)")
         print(f"checkpoint: {summary['checkpoint']}")

@@ -8,6 +8,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.compile:
         train_model = torch.compile(train_model)
     if info.enabled:
+        # depthwise kernels (C, 1, k, k) get gradients whose stride on the size-1 dim differs from
+        # DDP's bucket view: harmless (a size-1 dim has no layout), but warned about at every step
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
