@@ -11,7 +11,7 @@ import typing
 
 from .config import FIELDS, TrainConfig
 
-_SKIP = {"recipe", "source", "notes"}
+_SKIP = {"recipe", "source"}
 _HELP = {
     "data": "ImageNet-layout folder ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*) or 'digits' (default)",
     "pretrained": "'true' for the published weights, or a checkpoint path (then the head is reset "

@@ -104,6 +104,13 @@ def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision in `dtype` (bf16/fp16), or nothing for fp32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
@@ -129,7 +136,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, info: D.DistInfo | 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["targets"].to(device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, dtype):
             logits = model(x)
         logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
@@ -371,7 +378,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 sync = micro == cfg.accum_steps - 1 or not info.enabled
                 ctx = contextlib.nullcontext() if sync else train_model.no_sync()
                 with ctx:
-                    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    with autocast(device, dtype):
                         logits = train_model(x)
                     if mixup.active:
                         loss = soft_cross_entropy(logits, y_soft)
