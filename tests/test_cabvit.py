@@ -143,8 +143,9 @@ def test_p_shapes_features_and_errors():
     with torch.no_grad():
         maps = feat(torch.randn(1, 3, 256, 320))
     assert len(maps) == 1 and maps[0].shape == (1, 32, 16, 20)
+    assert len(hybridvit.create_model("cabvit_p_tiny", features_only=True, **TINY_P).feature_info) == 1
     with pytest.raises(ValueError, match="single feature map"):
-        hybridvit.create_model("cabvit_p_tiny", features_only=True, **TINY_P)
+        hybridvit.create_model("cabvit_p_tiny", features_only=True, out_indices=(0, 1, 2, 3), **TINY_P)
     with pytest.raises(CheckpointError, match="no official CabViT-P"):
         hybridvit.load_checkpoint(m, {"blocks.0.attn.qkv.weight": torch.zeros(96, 32)})
 

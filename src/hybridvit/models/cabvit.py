@@ -32,6 +32,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError
 from ..layers import DropPath, Mlp, attend
+from ..layers.fuse import fuse_sequential_conv_bn
 from ..registry import default_pretrained_cfg, register_model
 from ._base import HybridModel
 
@@ -53,6 +54,32 @@ def resize_digest_param(p: torch.Tensor, num_blocks: int, grid0: tuple[int, int]
     p = p.reshape(L * num_blocks, 1, grid0[0], grid0[1])
     p = F.interpolate(p, size=grid, mode="bilinear", align_corners=False)
     return p.reshape(L, num_blocks * grid[0] * grid[1])
+
+
+def _layer_scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """Layer scale, absent once `fuse()` folded it into the preceding linear layer."""
+    return x if gamma is None else x * gamma
+
+
+def _fold_layer_scale(linear: nn.Linear, gamma: torch.Tensor | None) -> None:
+    """Folds gamma * linear(x) into the linear layer's weight and bias (inference); returns None."""
+    if gamma is not None:
+        linear.weight.mul_(gamma[:, None])
+        if linear.bias is not None:
+            linear.bias.mul_(gamma)
+    return None
+
+
+def fuse_cabvit(model: nn.Module) -> nn.Module:
+    """Inference fusion, outputs unchanged up to rounding: conv+BN pairs folded (BN becomes Identity),
+    layer scales folded into the linear layer before them. Returns the model."""
+    if model.training:
+        raise RuntimeError("fuse() is for inference: call model.eval() first")
+    fuse_sequential_conv_bn(model)
+    for m in model.modules():
+        if isinstance(m, (ConvNeXtBlock, CaBBlock)):
+            m.fuse()
+    return model
 
 
 # ----------------------------------------------------------------------------------------- conv parts
@@ -101,12 +128,17 @@ class ConvNeXtBlock(nn.Module):
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, 4 * dim)
-        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.gamma: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1))) * self.gamma
-        return x + self.drop_path(y.permute(0, 3, 1, 2))
+        # channels_last input: the permutes are views, LN and the MLP read contiguous (B, H, W, C) rows
+        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
+        return x + self.drop_path(_layer_scale(y, self.gamma).permute(0, 3, 1, 2))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        self.gamma = _fold_layer_scale(self.mlp.fc2, self.gamma)
 
 
 # ------------------------------------------------------------------------------------------ CaB parts
@@ -167,6 +199,11 @@ class CaBAttention(nn.Module):
     Logits get a per-offset relative bias among the block's own tokens (`rel_grid`, the training token
     grid; offsets beyond it are clamped) and a learned per-head bias per digest token.
     (B, N, C), digest (B, M, C) -> (B, N, C).
+
+    Speed: both biases are gathered in one indexing op from the concatenated (tiny) tables, with an index
+    kept for the training grid (a non-persistent buffer derived from the configuration only, so it can
+    never go stale when weights change); keys/values of the block's tokens and of the digest tokens
+    are laid out once as a (B, N + M, 2C) tensor that SDPA reads through strided head views.
     """
 
     def __init__(self, dim: int, num_heads: int, num_digest_blocks: int, digest_grid0: tuple[int, int],
@@ -184,39 +221,67 @@ class CaBAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         if rel_grid is not None:  # one bias per |dy|, |dx| offset, flat index |dy| * W0 + |dx|
             self.attention_biases = nn.Parameter(torch.zeros(num_heads, rel_grid[0] * rel_grid[1]))
+            self.register_buffer("bias_index", self._bias_index(self.rel_grid, digest_grid0), persistent=False)
         if num_digest_blocks:
             n = num_digest_blocks * digest_grid0[0] * digest_grid0[1]
             self.digest_bias = nn.Parameter(torch.zeros(1, num_heads, 1, n))
 
-    def relative_bias(self, hw: tuple[int, int]) -> torch.Tensor:
-        """(heads, H*W, H*W) bias for a (H, W) token grid; offsets clamped to the training table."""
+    def _offset_index(self, hw: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+        """(H*W, H*W) flat |dy| * W0 + |dx| index into `attention_biases`, offsets clamped to the table."""
         H0, W0 = self.rel_grid
-        dev = self.attention_biases.device
-        ys = torch.arange(hw[0], device=dev).repeat_interleave(hw[1])
-        xs = torch.arange(hw[1], device=dev).repeat(hw[0])
+        ys = torch.arange(hw[0], device=device).repeat_interleave(hw[1])
+        xs = torch.arange(hw[1], device=device).repeat(hw[0])
         dy = (ys[:, None] - ys[None, :]).abs().clamp_(max=H0 - 1)
         dx = (xs[:, None] - xs[None, :]).abs().clamp_(max=W0 - 1)
-        return self.attention_biases[:, dy * W0 + dx]
+        return dy * W0 + dx
+
+    def _bias_index(self, hw: tuple[int, int], dgrid: tuple[int, int],
+                    device: torch.device | None = None) -> torch.Tensor:
+        """(N, N + M) index into cat([attention_biases, digest biases], 1): N = H*W tokens, M digest tokens."""
+        idx = self._offset_index(hw, device)
+        if self.num_digest_blocks:
+            M = self.num_digest_blocks * dgrid[0] * dgrid[1]
+            K = self.rel_grid[0] * self.rel_grid[1]
+            didx = torch.arange(K, K + M, device=device).expand(idx.shape[0], M)
+            idx = torch.cat([idx, didx], 1)
+        return idx
+
+    def relative_bias(self, hw: tuple[int, int]) -> torch.Tensor:
+        """(heads, H*W, H*W) bias among a (H, W) token grid; offsets clamped to the training table."""
+        return self.attention_biases[:, self._offset_index(hw, self.attention_biases.device)]
+
+    def attn_bias(self, hw: tuple[int, int], num_tokens: int) -> torch.Tensor | None:
+        """Additive logit bias (1, heads, N or 1, N + M) for `num_tokens` queries on a (H, W) grid."""
+        h = self.num_heads
+        dgrid = digest_grid(hw)
+        dbias = None
+        if self.num_digest_blocks:
+            dbias = resize_digest_param(self.digest_bias.view(h, -1), self.num_digest_blocks, self.digest_grid0,
+                                        dgrid)
+        if self.rel_grid is None:  # no bias among own tokens: one row broadcast over the queries
+            if dbias is None:
+                return None
+            return torch.cat([dbias.new_zeros(h, num_tokens), dbias], 1).view(1, h, 1, -1)
+        if tuple(hw) == self.rel_grid:
+            idx = self.bias_index
+        else:
+            idx = self._bias_index(hw, dgrid, self.attention_biases.device)
+        table = self.attention_biases if dbias is None else torch.cat([self.attention_biases, dbias], 1)
+        return table.index_select(1, idx.flatten()).view(1, h, idx.shape[0], idx.shape[1])
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int], digest: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q, k, v = self.qkv(x).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_bias(hw).unsqueeze(0) if self.rel_grid is not None else None
+        qkv = self.qkv(x)
+        kv = qkv[..., C:]
         if digest is not None:
-            M = digest.shape[1]
             # digest tokens only serve as keys and values: project them with the k/v rows of qkv
             b = self.qkv.bias[C:] if self.qkv.bias is not None else None
-            ks, vs = F.linear(digest, self.qkv.weight[C:], b).view(B, M, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-            k, v = torch.cat([k, ks], 2), torch.cat([v, vs], 2)
-            g = digest_grid(hw)
-            dbias = resize_digest_param(self.digest_bias.view(h, -1), self.num_digest_blocks,
-                                        self.digest_grid0, g).view(1, h, 1, M)
-            if bias is None:
-                bias = torch.cat([dbias.new_zeros(1, h, 1, N), dbias], -1)
-            else:
-                bias = torch.cat([bias, dbias.expand(1, h, N, M)], -1)
-        x = attend(q, k, v, bias, scale=self.scale)
+            kv = torch.cat([kv, F.linear(digest, self.qkv.weight[C:], b)], 1)
+        q = qkv[..., :C].unflatten(-1, (h, d)).transpose(1, 2)
+        k = kv[..., :C].unflatten(-1, (h, d)).transpose(1, 2)
+        v = kv[..., C:].unflatten(-1, (h, d)).transpose(1, 2)
+        x = attend(q, k, v, self.attn_bias(hw, N), scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -236,20 +301,25 @@ class CaBBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.digest = DigestTokens(dim, index, dgrid, digest_scale_first) if index > 0 else None
         self.attn = CaBAttention(dim, num_heads, index, dgrid, grid0 if rel_pos else None)
-        self.gamma_1 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.gamma_1: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.tme = TokenMergeEnhance(dim, merge, num_prefix_tokens)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp_norm = nn.LayerNorm(dim) if ffn_double_norm else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.gamma_2 = nn.Parameter(torch.full((dim,), layer_scale_init_value))
+        self.gamma_2: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        self.gamma_1 = _fold_layer_scale(self.attn.proj, self.gamma_1)
+        self.gamma_2 = _fold_layer_scale(self.mlp.fc2, self.gamma_2)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int],
                 digests: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.digest(torch.cat(digests, 1), digest_grid(hw)) if self.digest is not None else None
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), hw, s))
+        x = x + self.drop_path(_layer_scale(self.attn(self.norm1(x), hw, s), self.gamma_1))
         x, digest = self.tme(x, hw)
-        x = x + self.drop_path(self.gamma_2 * self.mlp(self.mlp_norm(self.norm2(x))))
+        x = x + self.drop_path(_layer_scale(self.mlp(self.mlp_norm(self.norm2(x))), self.gamma_2))
         return x, digest
 
 
@@ -335,7 +405,7 @@ class CabViTH(HybridModel):
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         self.check_input(x)
-        x = self.stem(x)
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
         feats = []
         for stage in self.stages:
             x = stage(x)
@@ -344,7 +414,9 @@ class CabViTH(HybridModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.stem(x)
+        # channels_last throughout: the convs run in NHWC, and the ConvNeXt permutes and the token views
+        # of the CaB stages (B, H*W, C) are free
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
         for stage in self.stages:
             x = stage(x)
         return x
@@ -359,6 +431,10 @@ class CabViTH(HybridModel):
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official_cabvit_h(state_dict)
+
+    def fuse(self) -> nn.Module:
+        """Folds conv+BN pairs and layer scales for inference (eval mode; same outputs). Returns self."""
+        return fuse_cabvit(self)
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"attention_biases", "digest_bias"}
@@ -509,6 +585,10 @@ class CabViTP(HybridModel):
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise CheckpointError("there is no official CabViT-P (the official repository only has a DeiT "
                               "placeholder): load a checkpoint saved from hybridvit's CabViT-P")
+
+    def fuse(self) -> nn.Module:
+        """Folds conv+BN pairs and layer scales for inference (eval mode; same outputs). Returns self."""
+        return fuse_cabvit(self)
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"pos_embed", "cls_token", "digest_bias"}
