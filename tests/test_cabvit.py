@@ -202,3 +202,111 @@ def test_compile_fullgraph(tiny_h):
             torch._dynamo.reset()
             out = torch.compile(m, fullgraph=True, backend="eager")(x)
             assert torch.allclose(out, m(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ fast paths == plain path
+def _plain_attention(attn: CaBAttention, x: torch.Tensor, digest: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v written out as in the official code (training-grid only)."""
+    B, N, C = x.shape
+    h, d = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).view(B, N, 3, h, d).permute(2, 0, 3, 1, 4)
+    logits = (q * attn.scale) @ k.transpose(-2, -1) + attn.attention_biases[:, _official_offset_index(*attn.rel_grid)]
+    if digest is not None:
+        _, ks, vs = attn.qkv(digest).view(B, digest.shape[1], 3, h, d).permute(2, 0, 3, 1, 4)
+        logits = torch.cat([logits, (q * attn.scale) @ ks.transpose(-2, -1) + attn.digest_bias], -1)
+        v = torch.cat([v, vs], 2)
+    return attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("num_digest_blocks", [0, 2])
+def test_attention_fast_path_equals_plain_in_train_and_eval(num_digest_blocks):
+    torch.manual_seed(0)
+    attn = CaBAttention(32, 4, num_digest_blocks, (2, 2), rel_grid=(5, 6))
+    for p in attn.parameters():
+        torch.nn.init.normal_(p)
+    x = torch.randn(2, 30, 32)
+    s = torch.randn(2, num_digest_blocks * 4, 32) if num_digest_blocks else None
+    ref = _plain_attention(attn, x, s)
+    with torch.no_grad():
+        for mode in (True, False, True):  # eval reuses nothing that training could have made stale
+            out = attn.train(mode)(x, (5, 6), s)
+            assert (out - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_attention_bias_follows_new_weights(tiny_h):
+    """No stale bias after load_state_dict, in-place edits or a dtype change, in eval mode."""
+    m = hybridvit.create_model("cabvit_h_l1", num_classes=10, **TINY_H)
+    m.load_state_dict(tiny_h.state_dict())
+    m.eval()
+    x = torch.randn(1, 3, 64, 64)
+    attn = m.stages[2].blocks.blocks[1].attn
+    hw, N = attn.rel_grid, attn.rel_grid[0] * attn.rel_grid[1]  # training grid: the index buffer path
+    key = "stages.2.blocks.blocks.1.attn."
+    with torch.no_grad():
+        before = m(x)
+        bias0 = attn.attn_bias(hw, N)
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        sd[key + "attention_biases"].add_(1.0)
+        sd[key + "digest_bias"].normal_()
+        m.load_state_dict(sd)
+        bias1 = attn.attn_bias(hw, N)
+        assert torch.equal(bias1[..., :N], bias0[..., :N] + 1.0)
+        assert torch.equal(bias1[0, :, 3, N:], sd[key + "digest_bias"][0, :, 0])
+        assert not torch.equal(m(x), before)
+        attn.attention_biases.mul_(0)  # in-place edit (as an EMA update does) is seen at once
+        assert attn.attn_bias(hw, N)[..., :N].abs().max() == 0
+        assert attn.to(torch.float64).attn_bias(hw, N).dtype == torch.float64
+
+
+def _randomise_bn_and_layer_scales(m: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5, generator=g)
+                mod.running_var.uniform_(0.5, 2.0, generator=g)
+                mod.weight.normal_(1, 0.2, generator=g)
+                mod.bias.normal_(0, 0.2, generator=g)
+        for name, p in m.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("gamma", "gamma_1", "gamma_2"):
+                p.uniform_(0.2, 1.0, generator=g)
+
+
+@pytest.mark.parametrize("family", ["h", "p"])
+def test_fuse_keeps_outputs(family, fixture, tiny_h):
+    import copy
+    if family == "h":
+        m, x = copy.deepcopy(tiny_h), fixture["input"]
+    else:
+        m, x = hybridvit.create_model("cabvit_p_tiny", num_classes=10, **TINY_P).eval(), torch.randn(2, 3, 64, 80)
+    _randomise_bn_and_layer_scales(m)
+    with torch.no_grad():
+        ref = m(x)
+        fused = copy.deepcopy(m).fuse()
+        out = fused(x)
+        cl = fused.to(memory_format=torch.channels_last)(x)
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in fused.modules())
+    assert all(getattr(mod, g, None) is None for mod in fused.modules() for g in ("gamma", "gamma_1", "gamma_2"))
+    tol = 1e-5 * ref.abs().max().item()
+    assert (out - ref).abs().max().item() <= tol and (cl - ref).abs().max().item() <= tol
+    with pytest.raises(RuntimeError, match="eval"):
+        copy.deepcopy(m).train().fuse()
+
+
+def test_fixture_channels_last_and_fused(fixture, tiny_h):
+    import copy
+    m = copy.deepcopy(tiny_h).fuse().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = m(fixture["input"])
+    assert (out - fixture["logits"]).abs().max().item() <= 1e-4
+
+
+def test_compile_fullgraph_fused_and_new_resolution(tiny_h):
+    import copy
+    m = copy.deepcopy(tiny_h).fuse()
+    torch._dynamo.reset()
+    cm = torch.compile(m, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for shape in ((2, 3, 64, 64), (1, 3, 80, 48)):  # training grid (index buffer) and another grid
+            x = torch.randn(shape)
+            assert torch.allclose(cm(x), m(x), atol=1e-6)

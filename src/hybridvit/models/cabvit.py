@@ -202,8 +202,8 @@ class CaBAttention(nn.Module):
 
     Speed: both biases are gathered in one indexing op from the concatenated (tiny) tables, with an index
     kept for the training grid (a non-persistent buffer derived from the configuration only, so it can
-    never go stale when weights change); keys/values of the block's tokens and of the digest tokens
-    are laid out once as a (B, N + M, 2C) tensor that SDPA reads through strided head views.
+    never go stale when weights change); queries, keys and values of the block's and the digest tokens
+    come out of one projection of the (B, N + M, C) tokens, read by SDPA through strided head views.
     """
 
     def __init__(self, dim: int, num_heads: int, num_digest_blocks: int, digest_grid0: tuple[int, int],
@@ -272,15 +272,12 @@ class CaBAttention(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int], digest: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        qkv = self.qkv(x)
-        kv = qkv[..., C:]
-        if digest is not None:
-            # digest tokens only serve as keys and values: project them with the k/v rows of qkv
-            b = self.qkv.bias[C:] if self.qkv.bias is not None else None
-            kv = torch.cat([kv, F.linear(digest, self.qkv.weight[C:], b)], 1)
-        q = qkv[..., :C].unflatten(-1, (h, d)).transpose(1, 2)
-        k = kv[..., :C].unflatten(-1, (h, d)).transpose(1, 2)
-        v = kv[..., C:].unflatten(-1, (h, d)).transpose(1, 2)
+        # digest tokens only serve as keys and values; projecting them together with the block's tokens
+        # (their unused query rows cost less than concatenating the 2C-wide keys/values after projection)
+        qkv = self.qkv(x if digest is None else torch.cat([x, digest], 1))
+        q = qkv[:, :N, :C].unflatten(-1, (h, d)).transpose(1, 2)
+        k = qkv[..., C:2 * C].unflatten(-1, (h, d)).transpose(1, 2)
+        v = qkv[..., 2 * C:].unflatten(-1, (h, d)).transpose(1, 2)
         x = attend(q, k, v, self.attn_bias(hw, N), scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
