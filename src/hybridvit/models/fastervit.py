@@ -328,7 +328,9 @@ class HATStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
-        B, C, H, W = x.shape
+        # window geometry (padding, window count, carrier grid) is decided per map size: plain ints,
+        # so torch.compile specialises on them instead of reasoning symbolically about min/ceil
+        H, W = int(x.shape[2]), int(x.shape[3])
         ws = min(self.window_size, max(H, W))
         n_wh, n_ww = -(-H // ws), -(-W // ws)  # ceil, integer-only (traces cleanly)
         Hp, Wp = n_wh * ws, n_ww * ws
