@@ -310,3 +310,16 @@ def test_compile_fullgraph_fused_and_new_resolution(tiny_h):
         for shape in ((2, 3, 64, 64), (1, 3, 80, 48)):  # training grid (index buffer) and another grid
             x = torch.randn(shape)
             assert torch.allclose(cm(x), m(x), atol=1e-6)
+
+
+def test_inplace_inference_ops_match_autograd_path(tiny_h):
+    """Without autograd the GELU and residual adds run in place; with it they must not (backward works)."""
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = tiny_h(x)
+    slow = tiny_h(x)  # grad enabled: out-of-place path
+    assert (fast - slow).abs().max().item() <= 1e-6 * slow.abs().max().item()
+    m = hybridvit.create_model("cabvit_h_l1", num_classes=10, drop_path_rate=0.3, layer_scale_init_value=0.5,
+                               **TINY_H).train()
+    m(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters() if p.requires_grad)

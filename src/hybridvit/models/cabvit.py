@@ -56,6 +56,27 @@ def resize_digest_param(p: torch.Tensor, num_blocks: int, grid0: tuple[int, int]
     return p.reshape(L, num_blocks * grid[0] * grid[1])
 
 
+def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y written into the branch output y (a temporary) where that gives the same result: fresh
+    large CPU allocations cost page faults comparable to the add itself."""
+    if y.dtype == x.dtype and y.shape == x.shape and not (y.requires_grad and y.is_leaf):
+        return y.add_(x)
+    return x + y
+
+
+class FeedForward(Mlp):
+    """The MLP (fc1 -> exact GELU -> fc2) on (..., C); without autograd the GELU runs in place on the
+    fc1 output, saving the largest temporary of the block (4C wide)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__(in_features, hidden_features)  # exact GELU, which the in-place path assumes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = self.act(h) if h.requires_grad else torch.ops.aten.gelu_(h)
+        return self.drop(self.fc2(self.drop(h)))
+
+
 def _layer_scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     """Layer scale, absent once `fuse()` folded it into the preceding linear layer."""
     return x if gamma is None else x * gamma
@@ -127,14 +148,14 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = FeedForward(dim, 4 * dim)
         self.gamma: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last input: the permutes are views, LN and the MLP read contiguous (B, H, W, C) rows
         y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
-        return x + self.drop_path(_layer_scale(y, self.gamma).permute(0, 3, 1, 2))
+        return _residual(x, self.drop_path(_layer_scale(y, self.gamma).permute(0, 3, 1, 2)))
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -274,7 +295,7 @@ class CaBAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         # digest tokens only serve as keys and values; projecting them together with the block's tokens
         # (their unused query rows cost less than concatenating the 2C-wide keys/values after projection)
-        qkv = self.qkv(x if digest is None else torch.cat([x, digest], 1))
+        qkv = self.qkv(x if digest is None else torch.cat([x, digest.to(x.dtype)], 1))
         q = qkv[:, :N, :C].unflatten(-1, (h, d)).transpose(1, 2)
         k = qkv[..., C:2 * C].unflatten(-1, (h, d)).transpose(1, 2)
         v = qkv[..., 2 * C:].unflatten(-1, (h, d)).transpose(1, 2)
@@ -302,7 +323,7 @@ class CaBBlock(nn.Module):
         self.tme = TokenMergeEnhance(dim, merge, num_prefix_tokens)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp_norm = nn.LayerNorm(dim) if ffn_double_norm else nn.Identity()
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
         self.gamma_2: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path)
 
@@ -314,9 +335,9 @@ class CaBBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int],
                 digests: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.digest(torch.cat(digests, 1), digest_grid(hw)) if self.digest is not None else None
-        x = x + self.drop_path(_layer_scale(self.attn(self.norm1(x), hw, s), self.gamma_1))
+        x = _residual(x, self.drop_path(_layer_scale(self.attn(self.norm1(x), hw, s), self.gamma_1)))
         x, digest = self.tme(x, hw)
-        x = x + self.drop_path(_layer_scale(self.mlp(self.mlp_norm(self.norm2(x))), self.gamma_2))
+        x = _residual(x, self.drop_path(_layer_scale(self.mlp(self.mlp_norm(self.norm2(x))), self.gamma_2)))
         return x, digest
 
 
