@@ -64,16 +64,21 @@ def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def _gelu(x: torch.Tensor) -> torch.Tensor:
+    """Exact GELU of a temporary; in place when autograd does not need the input."""
+    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
+
+
 class FeedForward(Mlp):
     """The MLP (fc1 -> exact GELU -> fc2) on (..., C); without autograd the GELU runs in place on the
-    fc1 output, saving the largest temporary of the block (4C wide)."""
+    fc1 output, saving the largest temporary of the block (4C wide). `act` stays for the module tree."""
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__(in_features, hidden_features)  # exact GELU, which the in-place path assumes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
-        h = self.act(h) if h.requires_grad else torch.ops.aten.gelu_(h)
+        h = _gelu(h)
         return self.drop(self.fc2(self.drop(h)))
 
 
@@ -119,11 +124,10 @@ class Stem(nn.Module):
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
         self.conv1 = ConvBN(in_chans, dim // 2, 3, 2)
-        self.act = nn.GELU()
         self.conv2 = ConvBN(dim // 2, dim, 3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.act(self.conv1(x)))
+        return self.conv2(_gelu(self.conv1(x)))
 
 
 class PatchMerging(nn.Module):
@@ -135,10 +139,9 @@ class PatchMerging(nn.Module):
         self.conv1 = ConvBN(dim, out_dim, 1)
         self.conv2 = ConvBN(out_dim, out_dim, 3, 2, groups=out_dim)
         self.conv3 = ConvBN(out_dim, out_dim, 1)
-        self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
+        return self.conv3(_gelu(self.conv2(_gelu(self.conv1(x)))))
 
 
 class ConvNeXtBlock(nn.Module):
