@@ -11,6 +11,21 @@ input size, decided at each forward: maps that do not divide are padded to whole
 keys are masked), the window shrinks to the map when the map is smaller, the carrier-token grid
 follows the number of windows, and the continuous position biases are evaluated for the grid in
 use. At the configured resolution all of this reduces exactly to the official computation.
+
+Speed (same outputs as the plain computation, checked by the tests):
+
+- attention through SDPA with the position bias as one additive (1, heads, N, N) mask broadcast over
+  the windows of the batch;
+- the position MLPs (absolute embeddings, continuous relative biases) are tables that depend only on
+  weights and geometry: in inference (eval() and no autograd) the tables of the configured geometry
+  are read from non-persistent buffers computed when the module switches to eval() and after
+  load_state_dict; training, autograd and other geometries evaluate the MLPs;
+- a HAT stage partitions its map into windows once, keeps [carrier tokens + window tokens] of every
+  window in one (B*nW, P + ws*ws, C) tensor through all its blocks (carriers are updated in place of
+  their rows, no per-block concatenation or split) and reverses once;
+- in eval, BatchNorm is folded into the preceding convolution on the fly (one pass over the map
+  instead of two); `fuse()` makes that permanent and folds layer scales into the linear layers;
+- maps stay channels_last between the convolutions and the window partitioning.
 """
 from __future__ import annotations
 
@@ -23,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath, LayerNorm2d, Mlp, attend, pad_hw, window_partition, window_reverse
+from ..layers.fuse import fold_bn
 from ..registry import default_pretrained_cfg, register_model
 from ._base import HybridModel
 
@@ -48,39 +64,88 @@ class CoordMLP(nn.Module):
         return self.fc2(self.act(self.fc1(coords.to(self.fc1.weight.dtype))))
 
 
-class AbsolutePositionMLP(nn.Module):
+class PositionTable(nn.Module):
+    """A position encoding that is a function of the weights and a geometry only (`compute(*geometry)`).
+
+    Inference reuse without Python-side state: `table` is a non-persistent buffer holding
+    compute(*self.geometry) (the configured geometry), recomputed whenever the module switches to
+    eval() and after load_state_dict, moved and cast with the module by .to(). It is read only in eval
+    mode with autograd off at that geometry; training, autograd (gradients must reach the MLP) and
+    other geometries compute. Weights edited in place while in eval mode: call eval() again.
+    """
+
+    def __init__(self, geometry: tuple[int, ...]):
+        super().__init__()
+        self.geometry = tuple(geometry)
+        self.register_buffer("table", torch.empty(0), persistent=False)
+        self.register_load_state_dict_post_hook(PositionTable._after_load)
+
+    def compute(self, *geometry: int) -> torch.Tensor:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
+
+    def lookup(self, *geometry: int) -> torch.Tensor:
+        if not self.training and not torch.is_grad_enabled() and geometry == self.geometry:
+            return self.table
+        return self.compute(*geometry)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self.table = self.compute(*self.geometry)
+
+    def train(self, mode: bool = True) -> PositionTable:
+        super().train(mode)
+        if not mode:
+            self.refresh()
+        return self
+
+    @staticmethod
+    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
+        if not module.training:
+            module.refresh()
+
+
+class AbsolutePositionMLP(PositionTable):
     """Absolute position embedding of a token grid from an MLP on coordinates normalised to
     about [-1, 1] (the official `PosEmbMLPSwinv1D`, rank 2), for any (h, w) grid.
 
-    (B, h*w, C) -> (B, h*w, C), tokens in raster order.
+    compute(h, w, num_prefix) -> (1, P + h*w, C): grid tokens in raster order after P zero rows for
+    prefix (carrier) tokens. `grid` is the geometry cached for inference.
     """
 
-    def __init__(self, dim: int):
-        super().__init__()
+    def __init__(self, dim: int, grid: tuple[int, int], num_prefix: int = 0):
+        self.dim = dim
+        super().__init__((*grid, num_prefix))
         self.mlp = CoordMLP(dim)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        device = self.mlp.fc1.weight.device
+
         def axis(n: int) -> torch.Tensor:
-            return (torch.arange(n, device=x.device, dtype=torch.float32) - n // 2) / max(n // 2, 1)
+            return (torch.arange(n, device=device, dtype=torch.float32) - n // 2) / max(n // 2, 1)
         coords = torch.stack(torch.meshgrid(axis(h), axis(w), indexing="ij"), dim=-1).view(1, h * w, 2)
-        return x + self.mlp(coords)
+        pos = self.mlp(coords)
+        return F.pad(pos, (0, 0, num_prefix, 0)) if num_prefix else pos
+
+    def forward(self, x: torch.Tensor, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        """x (B, P + h*w, C) -> x + embedding (prefix rows unchanged)."""
+        return x + self.lookup(h, w, num_prefix).to(x.dtype)
 
 
-class ContinuousPositionBias(nn.Module):
+class ContinuousPositionBias(PositionTable):
     """Swin-V2 style log-spaced continuous relative position bias (the official `PosEmbMLPSwinv2D`).
 
     Relative offsets are normalised by the grid size the model was configured for (`pretrained_size`),
-    so other grid sizes reuse the same offsets and extrapolate smoothly. Returns the additive bias
-    (heads, P + h*w, P + h*w) where the P prefix (carrier) tokens get zero bias.
+    so other grid sizes reuse the same offsets and extrapolate smoothly. compute(h, w, P) is the
+    additive bias (heads, P + h*w, P + h*w) where the P prefix (carrier) tokens get zero bias.
     """
 
-    def __init__(self, num_heads: int, pretrained_size: tuple[int, int]):
-        super().__init__()
+    def __init__(self, num_heads: int, pretrained_size: tuple[int, int], num_prefix: int = 0):
         self.num_heads = num_heads
         self.pretrained_size = pretrained_size
+        super().__init__((*pretrained_size, num_prefix))
         self.mlp = CoordMLP(num_heads)
 
-    def forward(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
         device = self.mlp.fc1.weight.device
         ph, pw = self.pretrained_size
         dh = torch.arange(-(h - 1), h, device=device, dtype=torch.float32) / max(ph - 1, 1)
@@ -94,7 +159,10 @@ class ContinuousPositionBias(nn.Module):
         bias = 16 * torch.sigmoid(values[index.view(-1)].view(h * w, h * w, self.num_heads).permute(2, 0, 1))
         if num_prefix:
             bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
-        return bias
+        return bias.contiguous()
+
+    def forward(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        return self.lookup(h, w, num_prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,10 +176,11 @@ class HierarchicalAttention(nn.Module):
     Used twice in a HAT block: as window attention (grid = one window, prefix = the window's carrier
     tokens) and as global carrier-token attention (grid = the carrier-token grid, no prefix).
     x (B*nW, N, C) -> (B*nW, N, C); `key_mask` (nW, 1, 1, N), 0 or -inf, hides padded window tokens.
+    `grid`/`num_prefix`: the geometry whose bias is kept for inference.
     """
 
     def __init__(self, dim: int, num_heads: int, pretrained_size: tuple[int, int], qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, num_prefix: int = 0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -119,13 +188,14 @@ class HierarchicalAttention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
-        self.pos_bias = ContinuousPositionBias(num_heads, pretrained_size)
+        self.pos_bias = ContinuousPositionBias(num_heads, pretrained_size, num_prefix)
 
     def forward(self, x: torch.Tensor, h: int, w: int, num_prefix: int = 0,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         nh, d = self.num_heads, self.head_dim
-        bias = self.pos_bias(h, w, num_prefix).unsqueeze(0)  # (1, heads, N, N)
+        bias = self.pos_bias(h, w, num_prefix).unsqueeze(0)  # (1, heads, N, N), broadcast over B*nW
+        # strided views of the projection: SDPA reads them without copies
         q, k, v = self.qkv(x).view(B, N, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
         if key_mask is None:
@@ -161,6 +231,30 @@ def _layer_scale(dim: int, init_value: float | None) -> nn.Module:
     return LayerScale(dim, init_value) if init_value is not None else nn.Identity()
 
 
+@torch.no_grad()
+def _fold_layer_scale(linear: nn.Linear, scale: nn.Module) -> nn.Module:
+    """Folds a LayerScale after `linear` into its weight and bias; returns the module replacing it."""
+    if isinstance(scale, LayerScale):
+        linear.weight.mul_(scale.gamma[:, None])
+        if linear.bias is not None:
+            linear.bias.mul_(scale.gamma)
+        return nn.Identity()
+    return scale
+
+
+def conv_bn(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor:
+    """norm(conv(x)); an eval-mode BatchNorm is folded into the conv weights on the fly (the weights are
+    tiny next to the map: one pass over the map instead of two). After `fuse()` norm is Identity."""
+    if not isinstance(norm, nn.BatchNorm2d) or norm.training or norm.running_var is None:
+        return norm(conv(x))
+    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+    shift = norm.bias - norm.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
+                    conv.groups)
+
+
 class ConvBlock(nn.Module):
     """Residual conv block: x + [gamma *] BN(conv3x3(GELU(BN(conv3x3(x))))), (B, C, H, W)."""
 
@@ -175,10 +269,19 @@ class ConvBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm2(self.conv2(self.act(self.norm1(self.conv1(x)))))
+        y = conv_bn(self.act(conv_bn(x, self.conv1, self.norm1)), self.conv2, self.norm2)
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
         return x + self.drop_path(y)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        self.conv1, self.norm1 = fold_bn(self.conv1, self.norm1), nn.Identity()
+        self.conv2, self.norm2 = fold_bn(self.conv2, self.norm2), nn.Identity()
+        if self.gamma is not None:
+            self.conv2.weight.mul_(self.gamma.view(-1, 1, 1, 1))
+            self.conv2.bias.mul_(self.gamma)
+            self.gamma = None
 
 
 class CarrierTokenInit(nn.Module):
@@ -207,10 +310,12 @@ class CarrierTokenInit(nn.Module):
 class HATBlock(nn.Module):
     """Hierarchical attention block (paper Sec. 3.2, Fig. 3).
 
-    Window tokens x (B*nW, ws*ws, C) and carrier tokens ct (B, Gh*Gw, C) or None (plain window block).
-    With carrier tokens: ct <- ct + Attn(ct) + MLP(ct) globally, then each window attends to
-    [its ct_size^2 carrier tokens + its tokens], tokens and carriers are split back, and in the last
-    block of a stage (`propagate`) the carriers are upsampled (nearest) into their window.
+    Works on the windows of a stage kept as x (B*nW, P + ws*ws, C): the first P = ct_size^2 rows of each
+    window are its carrier tokens (P = 0 in a plain window block). With carrier tokens: the carriers of
+    all windows (a Gh x Gw grid per image) get ct <- ct + Attn(ct) + MLP(ct) globally and are written
+    back into their rows; then each window attends to [its carriers + its tokens] and goes through the
+    MLP. In the last block of a stage (`propagate`), `propagate_carriers` upsamples the carriers
+    (nearest) into their window.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int, ct_grid: int | None, ct_size: int = 2,
@@ -219,18 +324,20 @@ class HATBlock(nn.Module):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.ct_size = ct_size
-        self.pos_embed = AbsolutePositionMLP(dim)
+        self.has_carriers = ct_grid is not None
+        self.propagate = propagate and self.has_carriers
+        num_ct = ct_size ** 2 if self.has_carriers else 0
+        self.pos_embed = AbsolutePositionMLP(dim, (window_size, window_size), num_ct)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = HierarchicalAttention(dim, num_heads, (window_size, window_size), qkv_bias, attn_drop, drop)
+        self.attn = HierarchicalAttention(dim, num_heads, (window_size, window_size), qkv_bias, attn_drop, drop,
+                                          num_prefix=num_ct)
         self.gamma_attn = _layer_scale(dim, layer_scale)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden, drop=drop)
         self.gamma_mlp = _layer_scale(dim, layer_scale)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.has_carriers = ct_grid is not None
-        self.propagate = propagate and self.has_carriers
         if self.has_carriers:
-            self.ct_pos_embed = AbsolutePositionMLP(dim)
+            self.ct_pos_embed = AbsolutePositionMLP(dim, (ct_grid, ct_grid))
             self.ct_norm1 = nn.LayerNorm(dim)
             self.ct_attn = HierarchicalAttention(dim, num_heads, (ct_grid, ct_grid), qkv_bias, attn_drop, drop)
             self.ct_gamma_attn = _layer_scale(dim, layer_scale)  # official gamma1, also scales propagation
@@ -238,29 +345,42 @@ class HATBlock(nn.Module):
             self.ct_mlp = Mlp(dim, hidden, drop=drop)
             self.ct_gamma_mlp = _layer_scale(dim, layer_scale)
 
-    def forward(self, x: torch.Tensor, ct: torch.Tensor | None, ws: int, n_wh: int, n_ww: int,
-                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.pos_embed(x, ws, ws)
-        num_ct = 0
-        if ct is not None:
-            B, _, C = ct.shape
+    def forward(self, x: torch.Tensor, B: int, ws: int, n_wh: int, n_ww: int,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        num_ct = self.ct_size ** 2 if self.has_carriers else 0
+        if self.has_carriers:
+            C = x.shape[-1]
             cs = self.ct_size
             gh, gw = cs * n_wh, cs * n_ww
+            ct = window_reverse(x[:, :num_ct], cs, gh, gw).reshape(B, gh * gw, C)
             ct = self.ct_pos_embed(ct, gh, gw)
             ct = ct + self.drop_path(self.ct_gamma_attn(self.ct_attn(self.ct_norm1(ct), gh, gw)))
             ct = ct + self.drop_path(self.ct_gamma_mlp(self.ct_mlp(self.ct_norm2(ct))))
-            num_ct = cs * cs
-            x = torch.cat([window_partition(ct.view(B, gh, gw, C), cs), x], dim=1)
+            x = self.pos_embed(x, ws, ws, num_ct)  # a new tensor: its carrier rows can be replaced in place
+            x[:, :num_ct] = window_partition(ct.view(B, gh, gw, C), cs).to(x.dtype)
+        else:
+            x = self.pos_embed(x, ws, ws)
         x = x + self.drop_path(self.gamma_attn(self.attn(self.norm1(x), ws, ws, num_ct, key_mask)))
-        x = x + self.drop_path(self.gamma_mlp(self.mlp(self.norm2(x))))
-        if ct is not None:
-            ct_win, x = x.split([num_ct, ws * ws], dim=1)
-            ct = window_reverse(ct_win, cs, gh, gw).reshape(B, gh * gw, C)
-            if self.propagate:
-                up = ct_win.transpose(1, 2).reshape(-1, C, cs, cs)
-                up = F.interpolate(up, size=(ws, ws), mode="nearest").flatten(2).transpose(1, 2)
-                x = x + self.ct_gamma_attn(up)
-        return x, ct
+        return x + self.drop_path(self.gamma_mlp(self.mlp(self.norm2(x))))
+
+    def propagate_carriers(self, x: torch.Tensor, ws: int) -> torch.Tensor:
+        """(B*nW, P + ws*ws, C) -> window tokens (B*nW, ws*ws, C) plus gamma * nearest-upsampled carriers."""
+        cs = self.ct_size
+        # nearest-neighbour source of every window pixel, exactly as F.interpolate picks it
+        src = torch.arange(cs * cs, device=x.device, dtype=torch.float32).view(1, 1, cs, cs)
+        src = F.interpolate(src, size=(ws, ws), mode="nearest").flatten().long()
+        up = x[:, :cs * cs].index_select(1, src)
+        return x[:, cs * cs:] + self.ct_gamma_attn(up)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Folds the layer scales into the linear layers before them (inference)."""
+        self.gamma_attn = _fold_layer_scale(self.attn.proj, self.gamma_attn)
+        self.gamma_mlp = _fold_layer_scale(self.mlp.fc2, self.gamma_mlp)
+        if self.has_carriers:
+            self.ct_gamma_mlp = _fold_layer_scale(self.ct_mlp.fc2, self.ct_gamma_mlp)
+            if not self.propagate:  # the propagating block's gamma also scales the upsampled carriers
+                self.ct_gamma_attn = _fold_layer_scale(self.ct_attn.proj, self.ct_gamma_attn)
 
 
 class Downsample(nn.Module):
@@ -287,8 +407,13 @@ class Stem(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.norm1(self.conv1(x)))
-        return self.act(self.norm2(self.conv2(x)))
+        x = self.act(conv_bn(x, self.conv1, self.norm1))
+        return self.act(conv_bn(x, self.conv2, self.norm2))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        self.conv1, self.norm1 = fold_bn(self.conv1, self.norm1), nn.Identity()
+        self.conv2, self.norm2 = fold_bn(self.conv2, self.norm2), nn.Identity()
 
 
 class ConvStage(nn.Module):
@@ -313,6 +438,8 @@ class HATStage(nn.Module):
 
     The window is min(window_size, larger map side); the map is padded to whole windows (padded keys
     masked in attention) and cropped back. The carrier-token grid is ct_size x (windows per axis).
+    The map is partitioned once into (B*nW, P + ws*ws, C) windows (carriers first), which all blocks
+    work on, and reversed once; the output is a channels_last (B, C, H, W) map.
     """
 
     def __init__(self, dim: int, depth: int, in_dim: int | None, num_heads: int, window_size: int,
@@ -335,27 +462,34 @@ class HATStage(nn.Module):
             x = self.downsample(x)
         # window geometry (padding, window count, carrier grid) is decided per map size: plain ints,
         # so torch.compile specialises on them instead of reasoning symbolically about min/ceil
-        H, W = int(x.shape[2]), int(x.shape[3])
+        B, C, H, W = (int(s) for s in x.shape)
         ws = min(self.window_size, max(H, W))
         n_wh, n_ww = -(-H // ws), -(-W // ws)  # ceil, integer-only (traces cleanly)
         Hp, Wp = n_wh * ws, n_ww * ws
-        ct = None
+        cs = self.ct_size
+        num_ct = cs * cs if self.token_init is not None else 0
+        windows = window_partition(pad_hw(x.permute(0, 2, 3, 1), ws), ws)  # (B*nW, ws*ws, C)
         if self.token_init is not None:
-            ct = self.token_init(x, self.ct_size * n_wh, self.ct_size * n_ww)
-        x = window_partition(pad_hw(x.permute(0, 2, 3, 1), ws), ws)
+            ct = self.token_init(x, cs * n_wh, cs * n_ww).view(B, cs * n_wh, cs * n_ww, C)
+            windows = torch.cat([window_partition(ct, cs).to(windows.dtype), windows], dim=1)
         key_mask = None
         if Hp != H or Wp != W:
             valid = torch.zeros(1, Hp, Wp, 1, device=x.device, dtype=torch.bool)
             valid[:, :H, :W] = True
             valid = window_partition(valid, ws).squeeze(-1)  # (nW, ws*ws)
-            if ct is not None:
-                valid = F.pad(valid, (self.ct_size ** 2, 0), value=True)
+            if num_ct:
+                valid = F.pad(valid, (num_ct, 0), value=True)
             key_mask = torch.zeros(valid.shape, device=x.device, dtype=torch.float32)
             key_mask = key_mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
         for blk in self.blocks:
-            x, ct = blk(x, ct, ws, n_wh, n_ww, key_mask)
-        x = window_reverse(x, ws, Hp, Wp)[:, :H, :W]
-        return x.permute(0, 3, 1, 2).contiguous()
+            windows = blk(windows, B, ws, n_wh, n_ww, key_mask)
+        last = self.blocks[-1] if len(self.blocks) else None
+        if last is not None and last.propagate:
+            windows = last.propagate_carriers(windows, ws)
+        else:
+            windows = windows[:, num_ct:]
+        x = window_reverse(windows, ws, Hp, Wp)[:, :H, :W]
+        return x.permute(0, 3, 1, 2)  # NCHW view of channels_last memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,6 +586,17 @@ class FasterViT(HybridModel):
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official(state_dict)
+
+    @torch.no_grad()
+    def fuse(self) -> FasterViT:
+        """Inference fusion, outputs unchanged up to rounding: conv+BN pairs folded into the convs (BN
+        becomes Identity), layer scales folded into the conv or linear layer before them. Needs eval()."""
+        if self.training:
+            raise RuntimeError("fuse() is for inference: call model.eval() first")
+        for m in self.modules():
+            if isinstance(m, (Stem, ConvBlock, HATBlock)):
+                m.fuse()
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
