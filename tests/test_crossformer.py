@@ -10,6 +10,7 @@ import hybridvit
 from hybridvit.checkpoint import CheckpointError
 from hybridvit.models.crossformer import (
     CrossFormerBlock,
+    DynamicPositionBias,
     LongShortDistanceAttention,
     block_group_sizes,
     cel_channels,
@@ -221,3 +222,90 @@ def test_registry_entries():
     assert top1 == {"crossformer_t": 81.5, "crossformer_s": 82.5, "crossformer_b": 83.4, "crossformer_l": 84.0,
                     "crossformerpp_s": 83.2, "crossformerpp_b": 84.2, "crossformerpp_l": 84.7, "crossformerpp_h": 84.9}
     assert all(get_entry(n).family == "crossformer" and get_entry(n).url is None for n in VARIANTS)
+
+
+def _dpbs(model: torch.nn.Module) -> list[DynamicPositionBias]:
+    return [m for m in model.modules() if isinstance(m, DynamicPositionBias)]
+
+
+def _small_pp(**kw) -> torch.nn.Module:
+    return hybridvit.create_model("crossformerpp_s", num_classes=4, embed_dim=16, depths=(1, 2, 3, 1),
+                                  num_heads=(1, 1, 2, 2), drop_path_rate=0.0, **kw)
+
+
+def test_dpb_eval_cache_equals_training_computation():
+    model = fixture_model("crossformerpp_tiny")
+    x = load_fixture("crossformerpp_tiny")["input"][:1]
+    with torch.no_grad():
+        cached = model(x)
+        for dpb in _dpbs(model):  # inference reads the buffer, computed exactly as the MLP would
+            assert dpb(dpb.group_size) is dpb.eval_bias
+            torch.testing.assert_close(dpb.eval_bias, dpb.compute(dpb.group_size), atol=0, rtol=0)
+            assert dpb(dpb.group_size - 1).shape[-1] == (dpb.group_size - 1) ** 2  # other sizes: MLP
+    recomputed = model(x)  # autograd on: the MLP runs (and gets gradients), even in eval mode
+    assert all(dpb(dpb.group_size) is not dpb.eval_bias for dpb in _dpbs(model))
+    torch.testing.assert_close(cached, recomputed.detach(), atol=1e-5, rtol=0)
+    recomputed.sum().backward()
+    assert all(dpb.proj.weight.grad is not None for dpb in _dpbs(model))
+
+
+def test_dpb_cache_not_stale_after_training_load_and_dtype_change():
+    torch.manual_seed(0)
+    model, other = _small_pp().eval(), _small_pp().eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def reference(m):  # the plain path: autograd-enabled forward evaluates every DPB from its weights
+        return m(x).detach()
+
+    with torch.no_grad():
+        before = model(x)
+    # a training step, then eval(): the cache follows the new weights
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, reference(model), atol=1e-5, rtol=0)
+    # load_state_dict while in eval mode
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        loaded = model(x)
+    torch.testing.assert_close(loaded, reference(other), atol=1e-5, rtol=0)
+    # dtype conversion in eval mode: the cache is recomputed in the new dtype, not rounded
+    model.double()
+    assert all(d.eval_bias.dtype == torch.float64 for d in _dpbs(model))
+    with torch.no_grad():
+        dbl = model(x.double())
+    torch.testing.assert_close(dbl, model(x.double()).detach(), atol=1e-12, rtol=0)
+
+
+def test_dpb_cache_shape_is_fixed_for_ema_buffer_copies():
+    from hybridvit.train.ema import ModelEma
+
+    model = _small_pp()  # training mode: its cache was never filled
+    ema = ModelEma(model, decay=0.5)
+    model.eval()  # fills the cache; EMA copies buffers into the twin model, shapes must agree
+    ema.update(model)
+    ema.module.eval()  # the evaluation loop calls eval() before using the EMA weights
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = ema.module(x)
+    torch.testing.assert_close(out, ema.module(x).detach(), atol=1e-5, rtol=0)
+
+
+def test_eval_cache_under_compile_fullgraph():
+    model = _small_pp().eval()
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(compiled(x), ref)
+    model.load_state_dict(_small_pp().state_dict())  # new weights: compiled model sees the new cache
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    out = compiled(x)  # grad enabled: recompiles onto the MLP path, gradients reach the DPB
+    out.sum().backward()
+    assert all(d.proj.weight.grad is not None for d in _dpbs(model))

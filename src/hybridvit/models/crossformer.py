@@ -75,17 +75,31 @@ class DynamicPositionBias(nn.Module):
     """DPB: MLP over relative coordinates (dh, dw) -> per-head bias, for any group size G.
 
     forward(G) -> (num_heads, G*G, G*G), the bias of token pairs of one GxG group (row-major).
+
+    The bias depends only on the weights and G, so in inference (eval() and no autograd) the bias of
+    the block's own `group_size` is read from the non-persistent buffer `eval_bias` instead of running
+    the MLP and the gather every call. The buffer is recomputed whenever it could go stale: on
+    `eval()` (`train(False)`), after `load_state_dict`, and after `.to()`/`.float()`/... (`_apply`) in
+    eval mode. Training, autograd-enabled calls (fine-tuning in eval mode) and other group sizes always
+    evaluate the MLP. Weights changed in place while in eval mode (e.g. an EMA copy) need `eval()` (or
+    `refresh()`) again before no-grad inference, as the training/evaluation loop does.
     """
 
-    def __init__(self, pos_dim: int, num_heads: int):
+    def __init__(self, pos_dim: int, num_heads: int, group_size: int = 7):
         super().__init__()
+        self.group_size = group_size
         self.proj = nn.Linear(2, pos_dim)
         self.mlp = nn.Sequential(
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, num_heads))
+        n = group_size * group_size
+        # fixed shape so that buffer copies between twin models (EMA) always line up
+        self.register_buffer("eval_bias", torch.zeros(num_heads, n, n), persistent=False)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
-    def forward(self, group_size: int) -> torch.Tensor:
+    def compute(self, group_size: int) -> torch.Tensor:
+        """The bias from the MLP, (num_heads, G*G, G*G); differentiable."""
         G = group_size
         device, dtype = self.proj.weight.device, self.proj.weight.dtype
         rel = torch.arange(1 - G, G, device=device, dtype=dtype)
@@ -94,7 +108,35 @@ class DynamicPositionBias(nn.Module):
         pos = torch.arange(G, device=device)
         ch, cw = (t.reshape(-1) for t in torch.meshgrid(pos, pos, indexing="ij"))
         index = (ch[:, None] - ch[None, :] + G - 1) * (2 * G - 1) + (cw[:, None] - cw[None, :] + G - 1)
-        return table[index.reshape(-1)].reshape(G * G, G * G, -1).permute(2, 0, 1)
+        return table[index.reshape(-1)].reshape(G * G, G * G, -1).permute(2, 0, 1).contiguous()
+
+    def forward(self, group_size: int) -> torch.Tensor:
+        if group_size == self.group_size and not self.training and not torch.is_grad_enabled():
+            return self.eval_bias
+        return self.compute(group_size)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute `eval_bias` from the current weights."""
+        if self.eval_bias.device.type != "meta":
+            self.eval_bias.copy_(self.compute(self.group_size))
+
+    def train(self, mode: bool = True) -> DynamicPositionBias:
+        super().train(mode)
+        if not mode:
+            self.refresh()
+        return self
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DynamicPositionBias:
+        super()._apply(fn, *args, **kwargs)
+        if not self.training:
+            self.refresh()
+        return self
+
+
+def _refresh_after_load(module: DynamicPositionBias, incompatible_keys: Any) -> None:
+    if not module.training:
+        module.refresh()
 
 
 def group_tokens(x: torch.Tensor, group_size: int, interval: int) -> torch.Tensor:
@@ -118,12 +160,12 @@ def ungroup_tokens(x: torch.Tensor, group_size: int, interval: int, Hp: int, Wp:
 
 
 def padding_bias(H: int, W: int, Hp: int, Wp: int, group_size: int, interval: int,
-                 device: torch.device) -> torch.Tensor:
+                 device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive key mask of padded tokens, (nG, 1, 1, G*G): 0 for real tokens, MASK_VALUE for padding."""
     rows = torch.arange(Hp, device=device) < H
     cols = torch.arange(Wp, device=device) < W
     real = (rows[:, None] & cols[None, :]).reshape(1, Hp, Wp, 1)
-    mask = torch.zeros(real.shape, device=device).masked_fill(~real, MASK_VALUE)
+    mask = torch.zeros(real.shape, device=device, dtype=dtype).masked_fill(~real, MASK_VALUE)
     return group_tokens(mask, group_size, interval).reshape(-1, 1, 1, group_size * group_size)
 
 
@@ -135,11 +177,11 @@ class LongShortDistanceAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, group_size: int = 7):
         super().__init__()
         self.num_heads = num_heads
         self.attn_drop = attn_drop
-        self.dpb = DynamicPositionBias(dim // 16, num_heads)
+        self.dpb = DynamicPositionBias(dim // 16, num_heads, group_size)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
@@ -160,9 +202,12 @@ class LongShortDistanceAttention(nn.Module):
         groups = group_tokens(x, G, interval)  # (B*nG, N, C)
         Bg, N, _ = groups.shape
         q, k, v = self.qkv(groups).reshape(Bg, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.dpb(G).unsqueeze(0)  # (1, h, N, N)
+        bias = self.dpb(G).unsqueeze(0)  # (1, h, N, N), shared by every group and image
         if Hp != H or Wp != W:
-            bias = (bias + padding_bias(H, W, Hp, Wp, G, interval, x.device)).repeat(B, 1, 1, 1)
+            # per-group masks: SDPA's mask broadcasts per dimension only, so the batch is repeated here
+            # (in the compute dtype, and only for the few padded blocks)
+            pad = padding_bias(H, W, Hp, Wp, G, interval, x.device, q.dtype)
+            bias = (bias.to(q.dtype) + pad).repeat(B, 1, 1, 1)
         out = attend(q, k, v, bias, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bg, N, C)))
         return ungroup_tokens(out, G, interval, Hp, Wp)
@@ -195,7 +240,7 @@ class CrossFormerBlock(nn.Module):
         self.interval = interval
         self.long_distance = long_distance
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = LongShortDistanceAttention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.attn = LongShortDistanceAttention(dim, num_heads, qkv_bias, attn_drop, drop, group_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
