@@ -10,7 +10,7 @@ from conftest import load_fixture, official_state_dicts
 
 import hybridvit
 from hybridvit.layers import attend
-from hybridvit.models.fastervit import FasterViT, HierarchicalAttention
+from hybridvit.models.fastervit import FasterViT, HierarchicalAttention, LayerScale, PositionTable
 from hybridvit.registry import count_params, meta_model
 
 FIXTURES = ("fastervit_tiny", "fastervit_tiny_ls_prop")
@@ -213,17 +213,6 @@ def test_float64_exact_and_bfloat16():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
-def test_compile_fullgraph_matches_eager():
-    """No graph breaks (fullgraph); HV_COMPILE_BACKEND=inductor also checks generated kernels (slow on CPU)."""
-    torch.manual_seed(0)
-    model = hybridvit.create_model("fastervit_nano", num_classes=4, depths=[1, 1, 1, 1]).eval()
-    backend = os.environ.get("HV_COMPILE_BACKEND", "eager")
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
-    x = torch.randn(2, 3, 72, 88)  # padded windows: masks, carrier grid from the actual size
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
-
-
 def test_wrong_channels_error():
     model = hybridvit.create_model("fastervit_nano")
     with pytest.raises(ValueError, match="3-channel input but got 1 channels"):
@@ -240,3 +229,147 @@ def test_reset_classifier_and_pre_logits(tiny):
     x = torch.randn(1, 3, 64, 64)
     assert model(x).shape == (1, 7)
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (1, 128)
+
+
+# --------------------------------------------------------------------------------- fast inference paths
+
+def _small_model(**kw):
+    """Carrier tokens, layer scale and propagation, all fast paths exercised at 64x64 (2x2 windows)."""
+    torch.manual_seed(0)
+    cfg = dict(num_classes=5, dim=16, in_dim=8, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2], window_size=2,
+               img_size=64, hat=[False, False, True, True], layer_scale=1e-1, layer_scale_conv=1e-1,
+               do_propagation=True, drop_path_rate=0.0)
+    model = hybridvit.create_model("fastervit_0", **{**cfg, **kw})
+    # non-trivial BN statistics, so that folding BN is actually tested
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    return model
+
+
+def _tables(model):
+    return [m for m in model.modules() if isinstance(m, PositionTable)]
+
+
+def test_eval_tables_are_read_and_equal_the_computation():
+    model = _small_model().eval()
+    tables = _tables(model)
+    assert len(tables) == 4 * 4  # per HAT block: window position embedding and bias, the same for carriers
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for t in tables:
+            assert t.lookup(*t.geometry) is t.table
+            torch.testing.assert_close(t.table, t.compute(*t.geometry), atol=0, rtol=0)
+        fast = model(x)
+    slow = model(x)  # autograd on: every table computed from the MLPs
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+    slow.sum().backward()
+    assert all(t.mlp.fc1.weight.grad is not None for t in tables)  # gradients reach the MLPs in eval too
+
+
+def test_fast_paths_equal_plain_computation():
+    """Eval fast paths (tables, BN folded on the fly) == the training-mode computation (BN on running
+    statistics via momentum 0, no dropout/drop path), also at a padded size."""
+    model = _small_model()
+    for size in [(64, 64), (72, 40)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            fast = model.eval()(x)
+            model.train()
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.track_running_stats, m.training = True, False  # plain BN module on running stats
+            plain = model(x)
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_no_stale_tables_after_training_loading_and_casting():
+    model = _small_model().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    # training changes the position MLPs; back in eval the tables follow
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+    torch.testing.assert_close(after, model(x).detach(), atol=1e-6, rtol=1e-6)
+    assert (after - before).abs().max() > 1e-3
+    # load_state_dict in eval mode refreshes the tables
+    other = _small_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    other.eval()
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), atol=1e-6, rtol=1e-6)
+    # in-place edits (an EMA update) in eval mode, then eval() again
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+        model.eval()
+        fast = model(x)
+    torch.testing.assert_close(fast, model(x).detach(), atol=1e-6, rtol=1e-6)
+    # .to() moves and casts the tables with the weights
+    model = model.to(torch.float64)
+    assert all(t.table.dtype == torch.float64 for t in _tables(model))
+    with torch.no_grad():
+        fast = model(x.double())
+    torch.testing.assert_close(fast, model(x.double()).detach())
+
+
+def test_fuse_keeps_outputs():
+    model = _small_model().eval()
+    x = torch.randn(2, 3, 72, 40)
+    with torch.no_grad():
+        ref = model(x)
+        fused = model.fuse()
+        out = fused(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.stages.modules())
+    # only the propagating blocks' carrier scales stay (they also scale the upsampled carriers)
+    kept = [m for m in fused.modules() if isinstance(m, LayerScale)]
+    assert kept == [s.blocks[-1].ct_gamma_attn for s in fused.stages[2:]]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="eval"):
+        _small_model().fuse()
+
+
+def test_fused_fixture_logits():
+    fx = load_fixture("fastervit_tiny_ls_prop")
+    model = hybridvit.create_model("fastervit_0", **fixture_overrides(fx["official_config"]))
+    hybridvit.load_checkpoint(model, fx["state_dict"])
+    model = model.eval().fuse().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        logits = model(fx["input"])
+    assert (logits - fx["logits"]).abs().max().item() <= 1e-4
+
+
+def test_attention_uses_fused_sdpa_kernel():
+    model = _small_model().eval()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(torch.randn(2, 3, 64, 64))
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert "aten::_scaled_dot_product_attention_math" not in names
+
+
+def test_compile_fullgraph_train_and_eval_paths():
+    """Training (tables computed) and inference (tables read) both compile without graph breaks, at a
+    padded size (masks, carrier grid from the actual size). HV_COMPILE_BACKEND=inductor also checks the
+    generated kernels (slow on CPU)."""
+    model = _small_model(num_classes=3)
+    backend = os.environ.get("HV_COMPILE_BACKEND", "eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    x = torch.randn(2, 3, 72, 40)
+    torch.manual_seed(1)
+    model.train()
+    compiled(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
