@@ -20,6 +20,12 @@ Any input size: the official code ties the per-offset bias table and the per-tok
 to the training resolution (`img_size`). Here the offset table is indexed with offsets clamped to the
 table, and the per-digest-token scale factors and biases are resized bilinearly over the digest grid
 when it differs; both are exactly the official values at the training size.
+
+Speed (same outputs as the plain computation): CabViT-H runs channels_last from the stem on, so the
+ConvNeXt permutes and the (B, H*W, C) token views of the CaB stages are free; attention goes through
+SDPA with one additive bias gathered per block from the tiny bias tables (no cached bias that could go
+stale); without autograd the GELUs and residual adds reuse their temporaries (fresh large CPU buffers
+cost page faults); `fuse()` folds conv+BN pairs and layer scales for inference.
 """
 from __future__ import annotations
 
