@@ -301,15 +301,14 @@ def test_fixture_channels_last_and_fused(fixture, tiny_h):
     assert (out - fixture["logits"]).abs().max().item() <= 1e-4
 
 
-def test_compile_fullgraph_fused_and_new_resolution(tiny_h):
+def test_compile_fullgraph_fused_at_training_size(tiny_h, fixture):
+    # the training grid takes the index-buffer path of the bias (test_compile_fullgraph covers another grid)
     import copy
     m = copy.deepcopy(tiny_h).fuse()
     torch._dynamo.reset()
-    cm = torch.compile(m, fullgraph=True, backend="eager")
     with torch.no_grad():
-        for shape in ((2, 3, 64, 64), (1, 3, 80, 48)):  # training grid (index buffer) and another grid
-            x = torch.randn(shape)
-            assert torch.allclose(cm(x), m(x), atol=1e-6)
+        out = torch.compile(m, fullgraph=True, backend="eager")(fixture["input"])
+    assert (out - fixture["logits"]).abs().max().item() <= 1e-4
 
 
 def test_inplace_inference_ops_match_autograd_path(tiny_h):
