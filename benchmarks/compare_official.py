@@ -15,6 +15,7 @@ ratios written with the measured matmul peak of the device.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -25,6 +26,23 @@ import hybridvit
 from hybridvit.bench import bench_models, environment, matmul_peak_gflops, prepare
 
 MODELS = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Moves every weight and BN statistic away from its initial value (as the fixtures do), so that
+    the output comparison is meaningful (tiny initial layer scales would hide any difference)."""
+    g = torch.Generator().manual_seed(0)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.is_floating_point():
+            continue
+        if name.endswith("running_var"):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif "gamma" in name or name.endswith("layer_scale") or t.abs().max() < 1e-3:
+            t.copy_(torch.rand(t.shape, generator=g) * 0.5 + 0.5)
+        else:
+            t.add_(torch.randn(t.shape, generator=g) * 0.02)
+    return model
 
 
 def main() -> int:
@@ -39,6 +57,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--timm", nargs="*", default=[],
                     help="timm models to add (e.g. convnext_tiny swin_tiny_patch4_window7_224)")
+    ap.add_argument("--fuse", action="store_true", help="also time hybridvit with model.fuse() (conv+BN folded)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -52,21 +71,25 @@ def main() -> int:
         out["matmul_peak_gflops"][amp] = matmul_peak_gflops(dev, dtype, n=2048 if dev.type == "cpu" else 8192)
     for name in args.models:
         torch.manual_seed(0)
-        official = OFFICIAL[name]().eval()
+        official = perturb(OFFICIAL[name]().eval())
         ours = hybridvit.create_model(name).eval()
         hybridvit.load_checkpoint(ours, {"state_dict": official.state_dict()})
         x = torch.randn(2, 3, 224, 224)
         with torch.no_grad():
-            diff = (official(x) - ours(x)).abs().max().item()
-        print(f"{name}: max abs diff official vs hybridvit (fp32) = {diff:.2e}", flush=True)
+            ref = official(x)
+            diff = (ref - ours(x)).abs().max().item()
+        print(f"{name}: max abs diff official vs hybridvit (fp32) = {diff:.2e} (max |logit| "
+              f"{ref.abs().max().item():.2f})", flush=True)
         modes = [False, True] if args.train else [False]
         for train in modes:
             for compiled in ([False, True] if args.compile else [False]):
                 pairs = []
-                for label, m in (("official", official), ("hybridvit", ours)):
-                    import copy
-                    mm, _ = prepare(copy.deepcopy(m), dev, channels_last=(label == "hybridvit"),
-                                    compile=compiled, train=train)
+                variants = [("official", official, False), ("hybridvit", ours, False)]
+                if args.fuse and not train:
+                    variants.append(("hybridvit+fuse", ours, True))
+                for label, m, fuse in variants:
+                    mm, _ = prepare(copy.deepcopy(m), dev, channels_last=(label != "official"),
+                                    compile=compiled, train=train, fuse=fuse)
                     pairs.append((f"{name}/{label}", mm))
                 for t in args.timm:
                     mm, _ = prepare(f"timm:{t}", dev, compile=compiled, train=train)
