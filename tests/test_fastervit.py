@@ -373,3 +373,20 @@ def test_compile_fullgraph_train_and_eval_paths():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_ema_buffer_copies_then_eval_use_fresh_tables():
+    from hybridvit.train.ema import ModelEma
+
+    model = _small_model()  # never switched to eval: its tables are stale, but shaped like the EMA's
+    ema = ModelEma(model, decay=0.5)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.1 * p.grad)
+    ema.update(model)  # lerps weights in place, copies every buffer (tables included)
+    ema.module.eval()  # the evaluation loop calls eval() before using the EMA weights
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = ema.module(x)
+    torch.testing.assert_close(out, ema.module(x).detach(), atol=1e-6, rtol=1e-6)

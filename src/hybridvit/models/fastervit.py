@@ -69,7 +69,8 @@ class PositionTable(nn.Module):
 
     Inference reuse without Python-side state: `table` is a non-persistent buffer holding
     compute(*self.geometry) (the configured geometry), recomputed whenever the module switches to
-    eval() and after load_state_dict, moved and cast with the module by .to(). It is read only in eval
+    eval() and after load_state_dict, moved and cast with the module by .to(); its shape never
+    changes. It is read only in eval
     mode with autograd off at that geometry; training, autograd (gradients must reach the MLP) and
     other geometries compute. Weights edited in place while in eval mode: call eval() again.
     """
@@ -116,6 +117,7 @@ class AbsolutePositionMLP(PositionTable):
         self.dim = dim
         super().__init__((*grid, num_prefix))
         self.mlp = CoordMLP(dim)
+        self.refresh()  # a table of the final shape from the start: buffer copies (EMA) always match
 
     def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
         device = self.mlp.fc1.weight.device
@@ -144,6 +146,7 @@ class ContinuousPositionBias(PositionTable):
         self.pretrained_size = pretrained_size
         super().__init__((*pretrained_size, num_prefix))
         self.mlp = CoordMLP(num_heads)
+        self.refresh()
 
     def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
         device = self.mlp.fc1.weight.device
