@@ -410,6 +410,9 @@ class Stem(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last from the first conv on (a copy of the 3-channel input only): oneDNN convolutions
+        # skip their layout reorders and the HAT stages partition NHWC memory directly
+        x = x.contiguous(memory_format=torch.channels_last)
         x = self.act(conv_bn(x, self.conv1, self.norm1))
         return self.act(conv_bn(x, self.conv2, self.norm2))
 
@@ -465,7 +468,8 @@ class HATStage(nn.Module):
             x = self.downsample(x)
         # window geometry (padding, window count, carrier grid) is decided per map size: plain ints,
         # so torch.compile specialises on them instead of reasoning symbolically about min/ceil
-        B, C, H, W = (int(s) for s in x.shape)
+        B, C = x.shape[:2]  # the batch stays symbolic (dynamic batch in torch.export / ONNX)
+        H, W = int(x.shape[2]), int(x.shape[3])
         ws = min(self.window_size, max(H, W))
         n_wh, n_ww = -(-H // ws), -(-W // ws)  # ceil, integer-only (traces cleanly)
         Hp, Wp = n_wh * ws, n_ww * ws
