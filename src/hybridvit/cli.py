@@ -34,7 +34,7 @@ def model_row(name: str, with_macs: bool = True) -> dict:
     model = meta_model(name)
     row = {"name": name, "family": entry.family, "params_m": round(count_params(model) / 1e6, 2),
            "gmacs": None, "img_size": model.pretrained_cfg["input_size"][-1], "top1": entry.top1,
-           "weights": "download" if entry.url else ("by hand" if entry.weights_hint else "-")}
+           "weights": "download" if entry.url else ("by hand" if entry.published else "-")}
     if with_macs:
         s = row["img_size"]
         with torch.device("meta"):

@@ -29,6 +29,7 @@ class ModelEntry:
     url: str | None = None            # published checkpoint (direct download)
     weights_hint: str | None = None   # where to get weights when there is no direct URL
     top1: float | None = None         # published ImageNet top-1
+    published: bool = True            # False: no weights exist anywhere (weights_hint says so)
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
 
 
@@ -43,10 +44,11 @@ def default_pretrained_cfg(img_size: int = 224, crop_pct: float = 0.875, interpo
 
 def register_model(name: str, family: str, builder: Callable[..., nn.Module], config: dict[str, Any], *,
                    url: str | None = None, weights_hint: str | None = None, top1: float | None = None,
-                   pretrained_cfg: dict[str, Any] | None = None) -> None:
+                   published: bool = True, pretrained_cfg: dict[str, Any] | None = None) -> None:
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is registered twice")
     _REGISTRY[name] = ModelEntry(name, family, builder, dict(config), url, weights_hint, top1,
+                                 published and bool(url or weights_hint),
                                  pretrained_cfg or default_pretrained_cfg())
 
 

@@ -636,8 +636,8 @@ _P_VARIANTS = {  # DeiT-Ti/S/B widths, 12 blocks in 3 CaB stages of 4
 }
 
 for _name, _cfg in _H_VARIANTS.items():
-    register_model(_name, "cabvit", CabViTH, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT,
+    register_model(_name, "cabvit", CabViTH, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT, published=False,
                    top1=83.0 if _name == "cabvit_h_l2" else None, pretrained_cfg=default_pretrained_cfg())
 for _name, _cfg in _P_VARIANTS.items():
-    register_model(_name, "cabvit", CabViTP, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT,
+    register_model(_name, "cabvit", CabViTP, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT, published=False,
                    pretrained_cfg=default_pretrained_cfg())
