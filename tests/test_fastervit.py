@@ -10,7 +10,7 @@ from conftest import load_fixture, official_state_dicts
 
 import hybridvit
 from hybridvit.layers import attend
-from hybridvit.models.fastervit import FasterViT, HierarchicalAttention, LayerScale, PositionTable
+from hybridvit.models.fastervit import FasterViT, HierarchicalAttention, LayerScale, PositionTable, conv_bn
 from hybridvit.registry import count_params, meta_model
 
 FIXTURES = ("fastervit_tiny", "fastervit_tiny_ls_prop")
@@ -270,9 +270,26 @@ def test_eval_tables_are_read_and_equal_the_computation():
     assert all(t.mlp.fc1.weight.grad is not None for t in tables)  # gradients reach the MLPs in eval too
 
 
+def test_conv_bn_folding_equals_batchnorm():
+    """The eval-mode on-the-fly folding == conv followed by the BatchNorm module, with and without conv bias."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 11)
+    for bias in (True, False):
+        conv, bn = torch.nn.Conv2d(8, 6, 3, 2, 1, bias=bias), torch.nn.BatchNorm2d(6, eps=1e-4)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+        bn.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5, rtol=1e-5)
+        bn.train()  # training: the BatchNorm module itself (batch statistics)
+        torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)))
+
+
 def test_fast_paths_equal_plain_computation():
-    """Eval fast paths (tables, BN folded on the fly) == the training-mode computation (BN on running
-    statistics via momentum 0, no dropout/drop path), also at a padded size."""
+    """Eval fast paths (position tables read from buffers) == the training-mode computation (tables from
+    the MLPs; BN kept on running statistics, no drop path), also at a padded size."""
     model = _small_model()
     for size in [(64, 64), (72, 40)]:
         x = torch.randn(2, 3, *size)

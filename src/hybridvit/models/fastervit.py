@@ -114,7 +114,6 @@ class AbsolutePositionMLP(PositionTable):
     """
 
     def __init__(self, dim: int, grid: tuple[int, int], num_prefix: int = 0):
-        self.dim = dim
         super().__init__((*grid, num_prefix))
         self.mlp = CoordMLP(dim)
         self.refresh()  # a table of the final shape from the start: buffer copies (EMA) always match
