@@ -297,6 +297,7 @@ def test_dpb_cache_shape_is_fixed_for_ema_buffer_copies():
 
 
 def test_eval_cache_under_compile_fullgraph():
+    torch._dynamo.reset()  # a fresh compile cache: the model class was compiled by another test
     model = _small_pp().eval()
     x = torch.randn(1, 3, 64, 64)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
