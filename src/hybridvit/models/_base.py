@@ -11,8 +11,9 @@ class HybridModel(nn.Module):
     """Base class of the family models.
 
     A family implements `forward_features(x) -> (B, C, H, W)`, `forward_intermediates(x) -> list of
-    four NCHW maps at strides 4, 8, 16, 32`, `forward_head(x, pre_logits)`, `reset_classifier(n)` and
-    `convert_official(state_dict)`, and fills `self.stage_info` (channels and stride per stage).
+    four NCHW maps at strides 4, 8, 16, 32`, `forward_head(x, pre_logits)` and
+    `convert_official(state_dict)`, and sets `num_features`, `head` and `stage_info` (channels and
+    stride per stage).
     """
 
     in_chans: int = 3
@@ -66,8 +67,13 @@ class HybridModel(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def reset_classifier(self, num_classes: int) -> None:  # pragma: no cover
-        raise NotImplementedError
+    def reset_classifier(self, num_classes: int) -> None:
+        """A fresh linear classifier `head` on the pooled `num_features` (none for num_classes=0), on the
+        device and in the dtype of the model."""
+        self.num_classes = num_classes
+        ref = next(self.parameters())
+        self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError

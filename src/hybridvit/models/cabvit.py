@@ -452,10 +452,6 @@ class CabViTH(HybridModel):
         x = self.norm(x.mean((2, 3)))
         return x if pre_logits else self.head(x)
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official_cabvit_h(state_dict)
 
@@ -604,10 +600,6 @@ class CabViTP(HybridModel):
             raise ValueError(f"CabViT-P has a single feature map (stride {self.patch_size}, index 0): "
                              f"pass out_indices=(0,), got {tuple(out_indices)}")
         super().set_features_only((0,))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise CheckpointError("there is no official CabViT-P (the official repository only has a DeiT "
