@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,12 @@ def load_fixture(name: str) -> dict:
 def official_state_dicts() -> dict:
     with open(REFERENCE / "official_state_dicts.json") as f:
         return json.load(f)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: shapes seen by an earlier test's compilation would otherwise mark
+    dimensions dynamic (automatic dynamic shapes), and symbolic tracing of the window geometry is very slow."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()

@@ -200,7 +200,7 @@ def test_compile_fullgraph(tiny_h):
     with torch.no_grad():
         for m in (tiny_h, p):
             torch._dynamo.reset()
-            out = torch.compile(m, fullgraph=True, backend="eager")(x)
+            out = torch.compile(m, fullgraph=True, dynamic=False, backend="eager")(x)
             assert torch.allclose(out, m(x), atol=1e-6)
 
 
@@ -307,7 +307,7 @@ def test_compile_fullgraph_fused_at_training_size(tiny_h, fixture):
     m = copy.deepcopy(tiny_h).fuse()
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(m, fullgraph=True, backend="eager")(fixture["input"])
+        out = torch.compile(m, fullgraph=True, dynamic=False, backend="eager")(fixture["input"])
     assert (out - fixture["logits"]).abs().max().item() <= 1e-4
 
 

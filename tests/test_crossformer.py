@@ -200,7 +200,7 @@ def test_bf16_autocast_and_compile_fullgraph():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x)
         # dynamo with fullgraph=True fails on any graph break; the eager backend skips codegen (slow on CPU)
-        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
         out = compiled(x)
     assert torch.isfinite(low).all() and (low.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item() + 0.05
     torch.testing.assert_close(out, ref)
@@ -300,7 +300,7 @@ def test_eval_cache_under_compile_fullgraph():
     torch._dynamo.reset()  # a fresh compile cache: the model class was compiled by another test
     model = _small_pp().eval()
     x = torch.randn(1, 3, 64, 64)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(compiled(x), ref)
