@@ -184,3 +184,31 @@ def test_pretrained_path(fx, tmp_path):
     model = hybridvit.create_model("fastervit_0", pretrained=str(path), **tiny_overrides(fx)).eval()
     with torch.no_grad():
         assert (model(fx["input"][:1]) - fx["logits"][:1]).abs().max().item() <= 1e-4
+
+
+class _TrainingConfig(dict):
+    """Like the yacs CfgNode that CrossFormer's training script saves next to the weights."""
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_published_files_with_training_objects_load_without_running_their_code(fx, tmp_path):
+    import argparse
+
+    cfg = _TrainingConfig(MODEL="fastervit_0")
+    cfg.nested = _TrainingConfig(lr=0.1)
+    marker = tmp_path / "ran"
+    path = tmp_path / "published.pth.tar"
+    torch.save({"state_dict": fx["state_dict"], "args": argparse.Namespace(lr=0.005, model="faster_vit_0"),
+                "config": cfg, "hook": _Exploit(marker), "epoch": 309}, path)
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        torch.load(path, weights_only=True)
+    out = logits_after_loading(fx, path)
+    assert (out - fx["logits"][:1]).abs().max().item() <= 1e-4
+    assert not marker.exists()

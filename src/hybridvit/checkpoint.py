@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import types
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,46 @@ _PREFIXES = ("module.", "_orig_mod.")
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class _Opaque(dict):
+    """Stand-in for a non-tensor object stored next to the weights (the `args` Namespace of timm-style
+    training scripts, the yacs config of CrossFormer's): built without running any code of the file."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self.pickled_state = state
+
+
+def _tolerant_pickle_module() -> types.SimpleNamespace:
+    """A pickle module for torch.load that rebuilds tensors with the callables `weights_only` allows
+    and turns every other global into an inert `_Opaque` subclass: no code of the file runs."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    allowed = _get_allowed_globals()
+    stand_ins: dict[str, type] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            key = f"{module}.{name}"
+            if key in allowed:
+                return allowed[key]
+            if key not in stand_ins:
+                stand_ins[key] = type(name, (_Opaque,), {"__module__": module})
+            return stand_ins[key]
+
+    return types.SimpleNamespace(Unpickler=Unpickler, load=pickle.load, __name__="hybridvit_tolerant_pickle")
+
+
+def _load_weights_only(path: Path) -> object:
+    """torch.load(weights_only=True); files that also pickle other objects (argparse Namespaces, yacs
+    configs, numpy scalars) are read with `_tolerant_pickle_module`, which keeps them inert."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle_module())
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -35,7 +77,7 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated: "
                                   "download or copy it again") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_weights_only(path)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         size = path.stat().st_size
         raise CheckpointError(
