@@ -39,7 +39,8 @@ def plot(path: Path) -> Path:
                         textcoords="offset points")
     env = data["environment"]
     ax.set_xscale("log")
-    ax.set_xlabel(f"throughput (img/s), {data['amp']}, batch {data['batch_size']}, "
+    amp = "fp32" if data["amp"] == "none" else data["amp"]
+    ax.set_xlabel(f"throughput (img/s), {amp}, batch {data['batch_size']}, "
                   f"{env['threads']} CPU threads, torch {env['torch']}")
     ax.set_ylabel("published ImageNet top-1 (%)")
     ax.grid(True, which="both", alpha=0.3)

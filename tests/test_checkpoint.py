@@ -212,3 +212,15 @@ def test_published_files_with_training_objects_load_without_running_their_code(f
     out = logits_after_loading(fx, path)
     assert (out - fx["logits"][:1]).abs().max().item() <= 1e-4
     assert not marker.exists()
+
+
+def test_safetensors_file_loads(fx, tmp_path):
+    st = pytest.importorskip("safetensors.torch", reason="needs the safetensors extra")
+    model = hybridvit.create_model("fastervit_0", **tiny_overrides(fx))
+    hybridvit.load_checkpoint(model, fx["state_dict"])
+    path = tmp_path / "ours.safetensors"
+    st.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    assert (logits_after_loading(fx, path) - fx["logits"][:1]).abs().max().item() <= 1e-4
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        logits_after_loading(fx, path)
