@@ -24,6 +24,17 @@ class HybridModel(nn.Module):
     stage_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]
 
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """Initialisation of the official code: truncated-normal linears (std 0.02), unit norms."""
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
             raise ValueError(f"{self._name()} expects a batch of images (B, C, H, W), got shape {tuple(x.shape)}; "
