@@ -27,6 +27,20 @@ def official_state_dicts() -> dict:
         return json.load(f)
 
 
+def assert_matches_official_layout(name: str) -> None:
+    """`name` built on the meta device has the official parameter count, and its converter maps the
+    official key list (official_state_dicts.json) onto exactly the model's keys and shapes."""
+    from hybridvit.registry import count_params, meta_model
+
+    official = official_state_dicts()[name]
+    model = meta_model(name)
+    assert count_params(model) == official["params"]
+    converted = model.convert_official({k: torch.empty(s, device="meta") for k, s in official["state_dict"]})
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(converted) == sorted(own)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == own
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test compiles from scratch: shapes seen by an earlier test's compilation would otherwise mark

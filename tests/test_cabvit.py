@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import load_fixture, official_state_dicts
+from conftest import assert_matches_official_layout, load_fixture
 
 import hybridvit
 from hybridvit.checkpoint import CheckpointError
@@ -50,14 +50,7 @@ def test_fixture_loads_with_other_num_classes(fixture):
 
 @pytest.mark.parametrize("name", H_VARIANTS)
 def test_h_params_and_official_layout(name):
-    ref = official_state_dicts()[name]
-    model = meta_model(name)
-    assert count_params(model) == ref["params"]
-    official = {k: torch.empty(shape, device="meta") for k, shape in ref["state_dict"]}
-    converted = model.convert_official(official)
-    own = model.state_dict()
-    assert sorted(converted) == sorted(own)
-    assert [k for k in own if tuple(own[k].shape) != tuple(converted[k].shape)] == []
+    assert_matches_official_layout(name)
 
 
 def test_registry_entries():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_fixture, official_state_dicts
+from conftest import assert_matches_official_layout, load_fixture
 
 import hybridvit
 from hybridvit.checkpoint import CheckpointError
@@ -16,7 +16,7 @@ from hybridvit.models.crossformer import (
     cel_channels,
     group_tokens,
 )
-from hybridvit.registry import count_params, get_entry, meta_model
+from hybridvit.registry import get_entry, meta_model
 
 VARIANTS = ["crossformer_t", "crossformer_s", "crossformer_b", "crossformer_l",
             "crossformerpp_s", "crossformerpp_b", "crossformerpp_l", "crossformerpp_h"]
@@ -72,13 +72,7 @@ def test_bare_official_state_dict_and_other_num_classes(tmp_path):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_param_count_and_official_layout(name):
-    official = official_state_dicts()[name]
-    model = meta_model(name)
-    assert count_params(model) == official["params"]
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    converted = model.convert_official({k: torch.empty(s, device="meta") for k, s in official["state_dict"]})
-    assert sorted(converted) == sorted(own)
-    assert {k: tuple(v.shape) for k, v in converted.items()} == own
+    assert_matches_official_layout(name)
 
 
 def test_official_group_size_schedules():

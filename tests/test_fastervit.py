@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from conftest import load_fixture, official_state_dicts
+from conftest import assert_matches_official_layout, load_fixture
 
 import hybridvit
 from hybridvit.layers import attend
 from hybridvit.models.fastervit import FasterViT, HierarchicalAttention, LayerScale, PositionTable, conv_bn
-from hybridvit.registry import count_params, meta_model
+from hybridvit.registry import count_params
 
 FIXTURES = ("fastervit_tiny", "fastervit_tiny_ls_prop")
 VARIANTS = ["fastervit_0", "fastervit_1", "fastervit_2", "fastervit_3", "fastervit_4", "fastervit_5",
@@ -52,13 +52,7 @@ def test_fixture_logits(fixture, tmp_path):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_conversion_and_params(name):
-    official = official_state_dicts()[name]
-    model = meta_model(name)
-    assert count_params(model) == official["params"]
-    converted = model.convert_official({k: torch.empty(s, device="meta") for k, s in official["state_dict"]})
-    own = model.state_dict()
-    assert sorted(converted) == sorted(own)
-    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in own.items()}
+    assert_matches_official_layout(name)
 
 
 def test_variants_registered():
