@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--timm", nargs="*", default=[],
                     help="timm models to add (e.g. convnext_tiny swin_tiny_patch4_window7_224)")
     ap.add_argument("--fuse", action="store_true", help="also time hybridvit with model.fuse() (conv+BN folded)")
+    ap.add_argument("--native-bf16", action="store_true",
+                    help="also time hybridvit with cpu_bf16_kernels='native' under bf16 (PyTorch's own bf16 "
+                         "kernels even where they are emulated: the gain of the model code alone)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,16 +98,22 @@ def main() -> int:
                 variants = [("official", official, False), ("hybridvit", ours, False)]
                 if args.fuse and not train:
                     variants.append(("hybridvit+fuse", ours, True))
+                if args.native_bf16:
+                    variants.append(("hybridvit+native_bf16", ours, False))
                 for label, m, fuse in variants:
                     mm, _ = prepare(copy.deepcopy(m), dev, channels_last=(label != "official"),
                                     compile=compiled, train=train, fuse=fuse)
+                    if label.endswith("native_bf16"):
+                        getattr(mm, "_orig_mod", mm).cpu_bf16_kernels = "native"
                     pairs.append((f"{name}/{label}", mm))
                 for t in args.timm:
                     mm, _ = prepare(f"timm:{t}", dev, compile=compiled, train=train)
                     pairs.append((f"timm/{t}", mm))
                 for amp in args.amp:
                     measure_peaks()
-                    res = bench_models(pairs, batch_size=args.batch_size, device=args.device,
+                    # the native-bf16 variant differs from hybridvit only under bf16
+                    timed = [p for p in pairs if amp == "bf16" or not p[0].endswith("native_bf16")]
+                    res = bench_models(timed, batch_size=args.batch_size, device=args.device,
                                        amp=None if amp == "none" else amp, train=train, repeats=args.repeats,
                                        warmup=args.warmup)
                     ref = res[0]["img_per_s"]

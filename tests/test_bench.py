@@ -41,3 +41,18 @@ def test_bench_training_step_updates_weights():
     bench_models([("m", m)], batch_size=2, img_size=16, warmup=1, repeats=1, train=True, memory=False,
                  latency=False)
     assert not torch.equal(before, m[0].weight)
+
+
+def test_bench_command_writes_json_with_peak(tmp_path, capsys):
+    import json
+
+    from hybridvit.cli import main
+    out = tmp_path / "bench.json"
+    assert main(["bench", "-m", "fastervit_nano", "--compare", "cabvit_h_l1", "-b", "2", "--img-size", "64",
+                 "--amp", "bf16", "--cpu-bf16-kernels", "fp32", "--warmup", "0", "--repeats", "1", "--peak",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["results"]] == ["fastervit_nano", "cabvit_h_l1"]
+    assert all(r["amp"] == "bf16" and r["img_per_s"] > 0 for r in res["results"])
+    assert res["matmul_peak_gflops"] > 0 and "--cpu-bf16-kernels" in res["command"]
+    assert "matmul peak" in capsys.readouterr().out

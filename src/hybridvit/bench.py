@@ -21,6 +21,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .layers.cpu_bf16 import bf16_kernels
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -124,10 +126,16 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
 
+    # forward and backward in one bf16 kernel context (see layers/cpu_bf16.py; nothing off CPU bf16)
+    # (a compiled model makes its own kernels: no dispatch mode around it)
+    policy = "native" if hasattr(model, "_orig_mod") else getattr(model, "cpu_bf16_kernels", "native")
+    dtype = torch.bfloat16 if amp == "bf16" else None
+
     def step():
-        with autocast_ctx(device, amp):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), target)
-        loss.backward()
+        with bf16_kernels(policy, device, dtype):
+            with autocast_ctx(device, amp):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -221,6 +229,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--fuse", action="store_true", help="fold conv+BN pairs for inference (model.fuse())")
+    p.add_argument("--cpu-bf16-kernels", default="auto", choices=["auto", "native", "fp32"],
+                   help="bf16 products of hybridvit models on CPU: auto = fp32 kernels on bf16 operands where the "
+                        "CPU has no bf16 instructions (same numerics, much faster there), native = PyTorch's bf16 "
+                        "kernels always")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=7)
@@ -236,14 +248,18 @@ def run(args: argparse.Namespace) -> int:
     img_size = args.img_size or get_entry(args.model).pretrained_cfg["input_size"][-1]
     models = [prepare(n, dev, not args.no_channels_last, args.compile, args.train, args.fuse)[::-1]
               for n in [args.model, *args.compare]]
-    models = [(label, m) for label, m in models]
+    for _, m in models:
+        if hasattr(getattr(m, "_orig_mod", m), "cpu_bf16_kernels"):
+            getattr(m, "_orig_mod", m).cpu_bf16_kernels = args.cpu_bf16_kernels
     res = bench_models(models, batch_size=args.batch_size, img_size=img_size, device=args.device,
                        amp=args.amp, train=args.train, warmup=args.warmup, repeats=args.repeats)
     out: dict[str, Any] = {"results": res, "environment": environment(args.device),
                            "command": "hybridvit " + " ".join(sys.argv[1:])}
     if args.peak:
         dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16 if args.amp == "fp16" else torch.float32
-        out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
+        # the peak of the kernels the hybridvit models use: with fp32 kernels for bf16, that of those
+        with bf16_kernels(args.cpu_bf16_kernels, dev, dtype):
+            out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
     ref = res[0]["img_per_s"]
     print(f"{'model':<24}{'img/s':>9}{'ratio':>7}{'b1 ms':>8}{'MB/img':>8}{'GMACs':>7}{'GFLOP/s':>9}")
     for r in res:

@@ -6,6 +6,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.cpu_bf16 import bf16_kernel_policy
+
+_POLICY_METHODS = ("forward", "forward_features", "forward_intermediates")
+
 
 class HybridModel(nn.Module):
     """Base class of the family models.
@@ -23,6 +27,15 @@ class HybridModel(nn.Module):
     classifier_prefixes: tuple[str, ...] = ("head.",)
     stage_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]
+    # bf16 products on CPUs without bf16 instructions: "auto" | "native" | "fp32" (see layers/cpu_bf16.py)
+    cpu_bf16_kernels: str = "auto"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _POLICY_METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_bf16_kernel_policy", False):
+                setattr(cls, name, bf16_kernel_policy(method))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -62,6 +75,7 @@ class HybridModel(nn.Module):
         self.features_only = True
         self.reset_classifier(0)
 
+    @bf16_kernel_policy
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         if self.features_only:
             feats = self.forward_intermediates(x)

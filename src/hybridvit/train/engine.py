@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.cpu_bf16 import bf16_kernels
 from . import distributed as D
 from .config import TrainConfig
 from .ema import ModelEma
@@ -299,6 +300,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         seed_all(cfg.seed + info.rank)
 
     train_model: nn.Module = model
+    # bf16 kernels for forward and backward (layers/cpu_bf16.py); a compiled model makes its own
+    bf16_policy = "native" if cfg.compile else getattr(model, "cpu_bf16_kernels", "native")
     if cfg.compile:
         train_model = torch.compile(train_model)
     if info.enabled:
@@ -377,7 +380,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     x = x.contiguous(memory_format=torch.channels_last)
                 sync = micro == cfg.accum_steps - 1 or not info.enabled
                 ctx = contextlib.nullcontext() if sync else train_model.no_sync()
-                with ctx:
+                # forward and backward share the bf16 kernel policy of the model (layers/cpu_bf16.py)
+                with ctx, bf16_kernels(bf16_policy, device, dtype):
                     with autocast(device, dtype):
                         logits = train_model(x)
                     if mixup.active:
