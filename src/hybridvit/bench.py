@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     res = bench_models(models, batch_size=args.batch_size, img_size=img_size, device=args.device,
                        amp=args.amp, train=args.train, warmup=args.warmup, repeats=args.repeats)
     out: dict[str, Any] = {"results": res, "environment": environment(args.device),
-                           "command": "hybridvit " + " ".join(sys.argv[1:])}
+                           "command": "hybridvit " + " ".join(getattr(args, "_argv", sys.argv[1:]))}
     if args.peak:
         dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16 if args.amp == "fp16" else torch.float32
         # the peak of the kernels the hybridvit models use: with fp32 kernels for bf16, that of those
