@@ -61,3 +61,29 @@ def test_two_process_ddp_gloo(tmp_path):
     res = evaluate(model, make_loader(ds, EpochSampler(len(ds), False, pad=False), 4, 0, False),
                    torch.device("cpu"))
     assert res["images"] == 10 and res["top1"] == pytest.approx(rows[-1]["val_top1"])
+
+
+def test_ddp_survives_a_micro_batch_unreadable_on_one_rank_only(tmp_path):
+    """Batch 1 per rank and an odd number of unreadable images: every epoch pairs some unreadable image
+    with a readable one on the other rank. The ranks must skip that step together (DDP's gradient
+    all-reduce would otherwise wait forever) and still end with identical weights."""
+    from _imagedata import corrupt_jpeg
+
+    root = make_folder(tmp_path / "data", n_train=4, n_val=2)
+    bad = [root / "train" / "blue" / f"{i:03d}.png" for i in range(3)]
+    for p in bad:
+        corrupt_jpeg(p)
+    opts = dict(data=str(root), output=str(tmp_path / "run"), model="fastervit_nano", img_size=32, batch_size=1,
+                epochs=2, threads=1, workers=0, progress=False, plot=False, mixup=0.0, cutmix=0.0, lr=1e-3,
+                warmup_epochs=0, seed=5)
+    ctx = mp.spawn(_worker, args=(_free_port(), opts, str(tmp_path)), nprocs=WORLD, join=False)
+    finished = ctx.join(timeout=240)
+    if not finished:
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("DDP training did not finish: the ranks disagreed on skipping an unreadable micro-batch")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+    for k, v in r0["state_dict"].items():
+        assert torch.equal(v, r1["state_dict"][k]), k
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert sorted(summary["skipped_images"]) == sorted(str(p) for p in bad)

@@ -368,7 +368,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             for micro in range(cfg.accum_steps):
                 batch = next(it)
                 skipped += batch["bad"]
-                if batch["targets"].numel() == 0:
+                empty = batch["targets"].numel() == 0  # every image of the micro-batch unreadable
+                if info.enabled:
+                    # DDP all-reduces gradients in backward: ranks skip a micro-batch together or not at all
+                    empty = D.all_sum([float(empty)], info)[0] > 0
+                if empty:
                     continue
                 x = batch["images"].to(device, non_blocking=True)
                 y = batch["targets"].to(device, non_blocking=True)
