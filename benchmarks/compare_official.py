@@ -54,6 +54,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--amp", nargs="*", default=["none", "bf16"])
     ap.add_argument("--train", action="store_true", help="also time a training step")
+    ap.add_argument("--train-only", action="store_true", help="time only the training step")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=3)
@@ -110,7 +111,7 @@ def main() -> int:
             ours.cpu_bf16_kernels = "auto"
             out.setdefault("bf16_max_abs_err_vs_fp32_official", {})[name] = errs
             print(f"{name}: bf16 max abs error vs fp32 official logits: {errs}", flush=True)
-        modes = [False, True] if args.train else [False]
+        modes = [True] if args.train_only else [False, True] if args.train else [False]
         for train in modes:
             for compiled in ([False, True] if args.compile else [False]):
                 pairs = []
