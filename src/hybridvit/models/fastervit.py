@@ -209,12 +209,7 @@ class HierarchicalAttention(nn.Module):
             bias = (bias + key_mask).reshape(1, nw * nh, N, N)
             q, k, v = (t.reshape(-1, nw * nh, N, d) for t in (q, k, v))
             x = attend(q, k, v, bias, dropout_p=dropout_p).reshape(B, nh, N, d)
-        x = x.transpose(1, 2)
-        if torch.compiler.is_exporting():
-            # the fused CPU kernel returns (B, N, heads, d) memory, its export decomposition (B, heads, N, d):
-            # a real copy keeps the traced view valid for both (eager/compile read the kernel's layout for free)
-            x = x.clone(memory_format=torch.contiguous_format)
-        x = x.reshape(B, N, C)
+        x = x.transpose(1, 2).reshape(B, N, C)  # exported graphs: see `attend`
         return self.proj_drop(self.proj(x))
 
 
