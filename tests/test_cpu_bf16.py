@@ -157,3 +157,17 @@ def test_compile_fullgraph_under_autocast_bypasses_the_mode():
         eager = model(x)
     assert out.dtype == eager.dtype
     assert (out.float() - eager.float()).abs().max().item() <= 2 ** -6 * eager.float().abs().max().item()
+
+
+def test_a_bf16_model_without_autocast_takes_the_policy(widened):
+    model, x = _models()["cabvit_h"]
+    model = model.to(BF16)
+    with torch.no_grad():
+        outs = {}
+        for policy in ("fp32", "native"):
+            model.cpu_bf16_kernels = policy
+            widened.clear()
+            outs[policy] = model(x.to(BF16)).float()
+            assert bool(widened) == (policy == "fp32")
+    scale = outs["native"].abs().max().item()
+    assert (outs["fp32"] - outs["native"]).abs().max().item() <= 0.05 * scale
