@@ -54,5 +54,6 @@ def test_bench_command_writes_json_with_peak(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert [r["model"] for r in res["results"]] == ["fastervit_nano", "cabvit_h_l1"]
     assert all(r["amp"] == "bf16" and r["img_per_s"] > 0 for r in res["results"])
+    assert {r["bf16_products"] for r in res["results"]} == {"fp32 kernels"}
     assert res["matmul_peak_gflops"] > 0 and "--cpu-bf16-kernels" in res["command"]
     assert "matmul peak" in capsys.readouterr().out

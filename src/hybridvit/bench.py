@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers.cpu_bf16 import bf16_kernels
+from .layers.cpu_bf16 import bf16_kernels, use_fp32_kernels
 
 
 def sync(device: torch.device) -> None:
@@ -194,6 +194,10 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
              "train": train, "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
+        if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/cpu_bf16.py)
+            policy = "native" if hasattr(model, "_orig_mod") else getattr(model, "cpu_bf16_kernels", "native")
+            r["bf16_products"] = "fp32 kernels" if use_fp32_kernels(policy, "cpu", True) else "bf16 kernels"
+
         if latency:
             r["latency_b1_ms"] = statistics.median(times1[i]) * 1e3
         if memory:

@@ -18,6 +18,10 @@ class HybridModel(nn.Module):
     four NCHW maps at strides 4, 8, 16, 32`, `forward_head(x, pre_logits)` and
     `convert_official(state_dict)`, and sets `num_features`, `head` and `stage_info` (channels and
     stride per stage).
+
+    `cpu_bf16_kernels` ("auto", "native" or "fp32") chooses how bf16 matrix products and convolutions
+    run on CPU (autocast or a bf16 model): "auto" uses fp32 kernels on the bf16 operands where the CPU
+    has no bf16 instructions, same numerics and much faster there (see `hybridvit.layers.cpu_bf16`).
     """
 
     in_chans: int = 3
