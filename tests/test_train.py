@@ -175,3 +175,25 @@ def test_every_family_trains_on_the_embedded_digits(tmp_path, model):
     assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in metrics)
     fresh = hybridvit.create_model(model, num_classes=10, img_size=32)  # CabViT tables are sized by img_size
     hybridvit.load_checkpoint(fresh, s["checkpoint"])
+
+
+def test_bf16_training_on_cpu_runs_its_products_on_fp32_kernels(tmp_path, monkeypatch):
+    """`--amp bf16` on a CPU: forward and backward take the model's CPU bf16 policy (layers/cpu_bf16.py)."""
+    pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")
+    from hybridvit.layers import cpu_bf16
+
+    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: False)  # as on an AVX2-only CPU
+    seen: list[str] = []
+    real = cpu_bf16.Bf16ByFp32Kernels.__torch_dispatch__
+
+    def spy(self, func, types, args=(), kwargs=None):
+        seen.append(str(func))
+        return real(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(cpu_bf16.Bf16ByFp32Kernels, "__torch_dispatch__", spy)
+    out = tmp_path / "run"
+    assert cli_main(["train", "--epochs", "1", "--max-steps-per-epoch", "2", "--amp", "bf16", "--output", str(out),
+                     "--no-progress", "--no-plot"]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < row["train_loss"] < 10 and 0 <= row["val_top1"] <= 100
+    assert "aten.convolution_backward.default" in seen and "aten.addmm.default" in seen
