@@ -197,3 +197,11 @@ def test_bf16_training_on_cpu_runs_its_products_on_fp32_kernels(tmp_path, monkey
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 < row["train_loss"] < 10 and 0 <= row["val_top1"] <= 100
     assert "aten.convolution_backward.default" in seen and "aten.addmm.default" in seen
+
+
+def test_batch_of_one_meeting_batchnorm_gets_advice(tmp_path, capsys):
+    """fastervit_nano at 32 px ends in 1x1 maps with BatchNorm: one image per batch cannot train."""
+    pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")
+    assert cli_main(["train", "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "1",
+                     "--output", str(tmp_path / "run"), "--no-progress", "--no-plot"]) == 2
+    assert "use --batch-size 2 or more or a larger --img-size" in capsys.readouterr().err

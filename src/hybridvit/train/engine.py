@@ -112,6 +112,20 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def _forward_train(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) in training, with advice when BatchNorm meets a single value per channel (one image
+    whose last maps are 1x1: small inputs with batch size 1, or a batch shrunk by unreadable images)."""
+    try:
+        return model(x)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise ValueError(
+            f"a training micro-batch of {x.shape[0]} image(s) of {tuple(x.shape[-2:])} pixels leaves a BatchNorm "
+            "layer a single value per channel; use --batch-size 2 or more or a "
+            f"larger --img-size. ({e})") from e
+
+
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
@@ -387,7 +401,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 # forward and backward share the bf16 kernel policy of the model (layers/cpu_bf16.py)
                 with ctx, bf16_kernels(bf16_policy, device, dtype):
                     with autocast(device, dtype):
-                        logits = train_model(x)
+                        logits = _forward_train(train_model, x)
                     if mixup.active:
                         loss = soft_cross_entropy(logits, y_soft)
                     else:
