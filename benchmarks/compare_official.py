@@ -137,11 +137,8 @@ def main() -> int:
                                        amp=None if amp == "none" else amp, train=train, repeats=args.repeats,
                                        warmup=args.warmup)
                     ref = res[0]["img_per_s"]
-                    for r, (_, mm) in zip(res, timed):
-                        kernels = getattr(getattr(mm, "_orig_mod", mm), "cpu_bf16_kernels", "native")
-                        key = amp
-                        if amp == "bf16" and use_fp32_kernels(kernels, dev.type, True):
-                            key = "bf16_fp32_kernels"
+                    for r in res:
+                        key = "bf16_fp32_kernels" if r.get("bf16_products") == "fp32 kernels" else amp
                         peak = out["matmul_peak_gflops"][key]
                         r.update(peak_reference=key, name=name, compiled=compiled, fp32_max_abs_diff=diff,
                                  ratio_vs_official=r["img_per_s"] / ref,

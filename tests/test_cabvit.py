@@ -23,13 +23,18 @@ def fixture():
     return load_fixture("cabvit_h_tiny")
 
 
-@pytest.fixture(scope="module")
-def tiny_h(fixture) -> CabViTH:
-    c = fixture["official_config"]
+def fixture_model(fx: dict) -> CabViTH:
+    """The model of the loaded cabvit_h_tiny fixture, with its official weights, in eval mode."""
+    c = fx["official_config"]
     m = hybridvit.create_model("cabvit_h_l1", num_classes=c["num_classes"], embed_dims=c["embed_dims"],
                                depths=c["depths"], num_heads=c["num_heads"])
-    hybridvit.load_checkpoint(m, {"state_dict": fixture["state_dict"]})
+    hybridvit.load_checkpoint(m, {"state_dict": fx["state_dict"]})
     return m.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_h(fixture) -> CabViTH:
+    return fixture_model(fixture)
 
 
 def test_fixture_reproduces_official_logits(fixture, tiny_h):

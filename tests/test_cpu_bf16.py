@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_fixture
+from test_cabvit import fixture_model as cabvit_fixture_model
 from test_crossformer import fixture_model as crossformer_fixture_model
-from test_fastervit import fixture_overrides
+from test_fastervit import fixture_model as fastervit_fixture_model
 
-import hybridvit
 from hybridvit.bench import make_step
 from hybridvit.layers import cpu_bf16
 from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, bf16_kernels, use_fp32_kernels
@@ -33,18 +33,12 @@ def widened(monkeypatch):
 
 
 def _models():
-    fx = load_fixture("fastervit_tiny_ls_prop")
-    fv = hybridvit.create_model("fastervit_0", **fixture_overrides(fx["official_config"]))
-    hybridvit.load_checkpoint(fv, {"state_dict": fx["state_dict"]})
-    cf = crossformer_fixture_model("crossformerpp_tiny")
-    fx = load_fixture("cabvit_h_tiny")
-    c = fx["official_config"]
-    cab = hybridvit.create_model("cabvit_h_l1", num_classes=c["num_classes"], embed_dims=c["embed_dims"],
-                                 depths=c["depths"], num_heads=c["num_heads"])
-    hybridvit.load_checkpoint(cab, {"state_dict": fx["state_dict"]})
-    return {"fastervit": (fv.eval(), load_fixture("fastervit_tiny_ls_prop")["input"]),
-            "crossformerpp": (cf.eval(), load_fixture("crossformerpp_tiny")["input"]),
-            "cabvit_h": (cab.eval(), fx["input"])}
+    """(model with official fixture weights, fixture input) per family."""
+    fv, cab = load_fixture("fastervit_tiny_ls_prop"), load_fixture("cabvit_h_tiny")
+    return {"fastervit": (fastervit_fixture_model(fv), fv["input"]),
+            "crossformerpp": (crossformer_fixture_model("crossformerpp_tiny"),
+                              load_fixture("crossformerpp_tiny")["input"]),
+            "cabvit_h": (cabvit_fixture_model(cab), cab["input"])}
 
 
 @pytest.mark.parametrize("op", ["linear", "conv", "depthwise"])

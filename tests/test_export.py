@@ -32,18 +32,15 @@ def test_onnx_export_of_the_other_families_matches_pytorch(tmp_path, family):
     pytest.importorskip("onnxscript", reason="ONNX export needs the onnx extra (onnxscript)")
     pytest.importorskip("onnxruntime", reason="the ONNX check needs the onnx extra (onnxruntime)")
     from conftest import load_fixture
-    from test_crossformer import fixture_model
+    from test_cabvit import fixture_model as cabvit_fixture_model
+    from test_crossformer import fixture_model as crossformer_fixture_model
 
     from hybridvit.export import check_onnx, export_onnx
 
     if family == "crossformerpp":
-        model = fixture_model("crossformerpp_tiny")
+        model = crossformer_fixture_model("crossformerpp_tiny")
     else:
-        fx = load_fixture("cabvit_h_tiny")
-        c = fx["official_config"]
-        model = hybridvit.create_model("cabvit_h_l1", num_classes=c["num_classes"], embed_dims=c["embed_dims"],
-                                       depths=c["depths"], num_heads=c["num_heads"])
-        hybridvit.load_checkpoint(model, {"state_dict": fx["state_dict"]})
+        model = cabvit_fixture_model(load_fixture("cabvit_h_tiny"))
     size = (96, 128)
     path = export_onnx(model.eval(), tmp_path / f"{family}.onnx", size)
     assert check_onnx(model, path, size, batch=3) < 1e-4

@@ -31,13 +31,17 @@ def fixture(request):
     return load_fixture(request.param)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """Model with the fastervit_tiny_ls_prop fixture's weights (carrier tokens, layer scale, propagation)."""
-    fx = load_fixture("fastervit_tiny_ls_prop")
+def fixture_model(fx: dict) -> torch.nn.Module:
+    """The model of a loaded FasterViT fixture, with its official weights, in eval mode."""
     model = hybridvit.create_model("fastervit_0", **fixture_overrides(fx["official_config"]))
     hybridvit.load_checkpoint(model, {"state_dict": fx["state_dict"]})
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Model with the fastervit_tiny_ls_prop fixture's weights (carrier tokens, layer scale, propagation)."""
+    return fixture_model(load_fixture("fastervit_tiny_ls_prop"))
 
 
 def test_fixture_logits(fixture, tmp_path):

@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers.cpu_bf16 import bf16_kernels, use_fp32_kernels
+from .layers.cpu_bf16 import bf16_kernels, model_policy, use_fp32_kernels
 
 
 def sync(device: torch.device) -> None:
@@ -127,8 +127,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
 
     # forward and backward in one bf16 kernel context (see layers/cpu_bf16.py; nothing off CPU bf16)
-    # (a compiled model makes its own kernels: no dispatch mode around it)
-    policy = "native" if hasattr(model, "_orig_mod") else getattr(model, "cpu_bf16_kernels", "native")
+    policy = model_policy(model)
     dtype = torch.bfloat16 if amp == "bf16" else None
 
     def step():
@@ -195,8 +194,8 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
         if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/cpu_bf16.py)
-            policy = "native" if hasattr(model, "_orig_mod") else getattr(model, "cpu_bf16_kernels", "native")
-            r["bf16_products"] = "fp32 kernels" if use_fp32_kernels(policy, "cpu", True) else "bf16 kernels"
+            fp32 = use_fp32_kernels(model_policy(model), "cpu", True)
+            r["bf16_products"] = "fp32 kernels" if fp32 else "bf16 kernels"
 
         if latency:
             r["latency_b1_ms"] = statistics.median(times1[i]) * 1e3

@@ -88,6 +88,14 @@ def use_fp32_kernels(policy: str, device_type: str, bf16: bool) -> bool:
     return policy == "fp32" or not cpu_has_native_bf16()
 
 
+def model_policy(model: torch.nn.Module) -> str:
+    """The `cpu_bf16_kernels` policy of `model` for a context around its forward and backward: "native"
+    for a compiled model (the compiler makes its own kernels) and for models without the attribute."""
+    if hasattr(model, "_orig_mod"):
+        return "native"
+    return getattr(model, "cpu_bf16_kernels", "native")
+
+
 def bf16_kernels(policy: str, device: torch.device | str, dtype: torch.dtype | None):
     """Context for a whole training step (forward and backward) in `dtype` on `device`: the
     `Bf16ByFp32Kernels` mode where the policy says so, otherwise nothing."""

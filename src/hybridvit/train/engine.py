@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.cpu_bf16 import bf16_kernels
+from ..layers.cpu_bf16 import bf16_kernels, model_policy
 from . import distributed as D
 from .config import TrainConfig
 from .ema import ModelEma
@@ -314,10 +314,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         seed_all(cfg.seed + info.rank)
 
     train_model: nn.Module = model
-    # bf16 kernels for forward and backward (layers/cpu_bf16.py); a compiled model makes its own
-    bf16_policy = "native" if cfg.compile else getattr(model, "cpu_bf16_kernels", "native")
     if cfg.compile:
         train_model = torch.compile(train_model)
+    bf16_policy = model_policy(train_model)  # bf16 kernels for forward and backward (layers/cpu_bf16.py)
     if info.enabled:
         # depthwise kernels (C, 1, k, k) get gradients whose stride on the size-1 dim differs from
         # DDP's bucket view: harmless (a size-1 dim has no layout), but warned about at every step
