@@ -1,4 +1,5 @@
-"""Shared test helpers: the official fixtures live in ../shared/reference (relative to the project root)."""
+"""Shared test helpers. The official fixtures live in tests/fixtures (see tests/fixtures/README.md): a clone
+of the project tests itself with nothing beside it."""
 from __future__ import annotations
 
 import json
@@ -9,21 +10,30 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
-OFFICIAL = REFERENCE / "official"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+OFFICIAL = FIXTURES / "official"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def _as_float32(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _as_float32(v) for k, v in obj.items()}
+    return obj
+
+
 def load_fixture(name: str) -> dict:
+    """An official fixture with its floating tensors (stored as exact float16) cast to float32."""
     path = OFFICIAL / f"{name}.pt"
     if not path.is_file():
-        pytest.fail(f"official fixture {path} is missing: the tests expect ../shared/reference next to the project")
-    return torch.load(path, weights_only=True)
+        pytest.fail(f"official fixture {path} is missing from the repository")
+    return _as_float32(torch.load(path, weights_only=True))
 
 
 def official_state_dicts() -> dict:
-    with open(REFERENCE / "official_state_dicts.json") as f:
+    with open(FIXTURES / "official_state_dicts.json") as f:
         return json.load(f)
 
 
