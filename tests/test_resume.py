@@ -61,7 +61,7 @@ def test_kill_mid_epoch_then_resume_is_exact(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
-    ck = torch.load(last, weights_only=True)
+    ck = torch.load(last, weights_only=True)["train_state"]
     assert ck["epoch"] == 1 and 0 < ck["step_in_epoch"] < 8, (ck["epoch"], ck["step_in_epoch"])
 
     resumed = train(make_config(None, resume=str(out), progress=False))

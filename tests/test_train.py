@@ -88,7 +88,8 @@ def test_train_eval_predict_on_folder_with_corrupt_image(tmp_path, capsys):
     # the best checkpoint loads with the public API, and eval reproduces the recorded accuracy
     ck = torch.load(summary["checkpoint"], weights_only=True)
     assert ck["class_names"] == ["blue", "red"] and ck["model_name"] == "fastervit_nano"
-    assert {"optimizer", "scheduler", "scaler", "rng", "config", "epoch"} <= set(ck)
+    assert {"optimizer", "scheduler", "scaler", "rng", "epoch"} <= set(ck["train_state"]) and ck["config"]
+    assert ck["format"] == "hybridvit-run" and ck["version"] == 2 and ck["num_classes"] == 2
     model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
     hybridvit.load_checkpoint(model, summary["checkpoint"])
     assert torch.equal(model.state_dict()["head.weight"], ck["state_dict"]["head.weight"])
@@ -133,7 +134,7 @@ def test_full_recipe_path_ema_accumulation_mixup(tmp_path):
                       model_ema=True, model_ema_decay=0.99, accum_steps=2, opt="lamb", max_steps_per_epoch=2)
     s = train(cfg)
     ck = torch.load(s["checkpoint"], weights_only=True)
-    assert ck["ema_updates"] == 2 and ck["scheduler"]["step"] == 2
+    assert ck["train_state"]["ema_updates"] == 2 and ck["train_state"]["scheduler"]["step"] == 2
     assert not torch.equal(ck["state_dict_ema"]["head.weight"], ck["state_dict"]["head.weight"])
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
     assert "val_top1_ema" in row and row["train_top1"] is None

@@ -7,7 +7,6 @@ that their ratios are comparable even on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -22,18 +21,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers.cpu_bf16 import bf16_kernels, model_policy, use_fp32_kernels
+from .precision import Precision
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def autocast_ctx(device: torch.device, amp: str | None):
-    if not amp or amp == "none":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
@@ -118,21 +111,19 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: str | None,
               train: bool) -> Callable[[], Any]:
+    precision = Precision.from_amp(amp, device)
     if not train:
         def step():
-            with torch.inference_mode(), autocast_ctx(device, amp):
+            with torch.inference_mode(), precision.autocast(model):
                 return model(x)
         return step
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
 
-    # forward and backward in one bf16 kernel context (see layers/cpu_bf16.py; nothing off CPU bf16)
-    policy = model_policy(model)
-    dtype = torch.bfloat16 if amp == "bf16" else None
-
     def step():
-        with bf16_kernels(policy, device, dtype):
-            with autocast_ctx(device, amp):
+        # forward and backward in one bf16 kernel context (see layers/cpu_bf16.py; nothing off CPU bf16)
+        with precision.kernels(model):
+            with precision.autocast():
                 loss = torch.nn.functional.cross_entropy(model(x).float(), target)
             loss.backward()
         opt.step()
@@ -189,7 +180,8 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
             if _meta_ok(base) else count_macs(base.eval(), x1)
         base.train(train)
         t = statistics.median(times[i])
-        r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device, "amp": amp or "fp32",
+        r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device,
+             "amp": Precision.from_amp(amp, dev).name,
              "train": train, "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
@@ -221,7 +213,9 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True, help="registered model name")
+    p.add_argument("--model", "-m", help="registered model name (not needed with a run checkpoint)")
+    p.add_argument("--pretrained", default=None, help="a hybridvit run checkpoint (its model, classes and size), "
+                   "an official checkpoint with --model, or 'true' for the published weights of --model")
     p.add_argument("--compare", nargs="*", default=[], metavar="M",
                    help="other models measured in the same run (hybridvit names, or timm:<name> if timm is installed)")
     p.add_argument("--batch-size", "-b", type=int, default=16)
@@ -247,10 +241,13 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    from .registry import get_entry
-    img_size = args.img_size or get_entry(args.model).pretrained_cfg["input_size"][-1]
-    models = [prepare(n, dev, not args.no_channels_last, args.compile, args.train, args.fuse)[::-1]
-              for n in [args.model, *args.compare]]
+    from .inference import load_for_command
+    first = load_for_command(args.pretrained, args.model)  # random weights without --pretrained
+    img_size = args.img_size or first.pretrained_cfg["input_size"][-1]
+    models = [(first.model_name, prepare(first, dev, not args.no_channels_last, args.compile, args.train,
+                                         args.fuse)[0])]
+    models += [prepare(n, dev, not args.no_channels_last, args.compile, args.train, args.fuse)[::-1]
+               for n in args.compare]
     for _, m in models:
         if hasattr(getattr(m, "_orig_mod", m), "cpu_bf16_kernels"):
             getattr(m, "_orig_mod", m).cpu_bf16_kernels = args.cpu_bf16_kernels
@@ -259,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"results": res, "environment": environment(args.device),
                            "command": "hybridvit " + " ".join(getattr(args, "_argv", sys.argv[1:]))}
     if args.peak:
-        dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16 if args.amp == "fp16" else torch.float32
+        dtype = Precision.from_amp(args.amp, dev).dtype or torch.float32
         # the peak of the kernels the hybridvit models use: with fp32 kernels for bf16, that of those
         with bf16_kernels(args.cpu_bf16_kernels, dev, dtype):
             out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)

@@ -10,8 +10,8 @@ import sys
 _COMMANDS = {
     "models": ("hybridvit.cli", "List registered models with parameters, GMACs and published top-1."),
     "train": ("hybridvit.train.cli", "Train or fine-tune a model (no arguments: the embedded default)."),
-    "eval": ("hybridvit.train.cli_eval", "Top-1/top-5 of a checkpoint on an image folder."),
-    "predict": ("hybridvit.train.cli_predict", "Top-k classes for image files."),
+    "eval": ("hybridvit.inference.evaluate", "Top-1/top-5 of a checkpoint on an image folder."),
+    "predict": ("hybridvit.inference.predict", "Top-k classes for image files."),
     "bench": ("hybridvit.bench", "Throughput, latency, memory and FLOP/s of models."),
     "export": ("hybridvit.export", "Export a model to ONNX or TorchScript."),
     "analyze": ("hybridvit.analysis", "Analyse a model (activations, attention, complexity)."),
@@ -68,34 +68,65 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+_EXTRAS = {"kornia": "train", "tqdm": "train", "PIL": "train", "sklearn": "train", "matplotlib": "train",
+           "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "safetensors": "safetensors",
+           "timm": "timm"}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed; only `command`'s module is imported (all of them when
+    `command` is None), so that a missing extra breaks only the commands that need it."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hybridvit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hybridvit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        try:
+        if command is None or name == command:
             mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if not module.startswith(e.name or "\0"):
-                raise
-            p.set_defaults(_unavailable=True)
-            continue
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
+def _command_in(argv: list[str]) -> str:
+    """The subcommand named in `argv` ('' for none): the first word that is one."""
+    return next((a for a in argv if a in _COMMANDS), "")
+
+
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can act on; None for a bug (traceback)."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        if top in _EXTRAS:
+            return f"{e.name} is not installed: pip install 'hybridvit[{_EXTRAS[top]}]'"
+        return None
+    if isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args._argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for result files
-    if args.command is None:
-        parser.print_help()
-        return 0
-    if getattr(args, "_unavailable", False):
-        print(f"`hybridvit {args.command}` is not available in this version", file=sys.stderr)
+    """`hybridvit ...`: runs one subcommand; user errors print one `error: ...` line and return 2
+    (`hybridvit --debug ...` shows the traceback instead)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[: argv.index(_command_in(argv))] if _command_in(argv) else "--debug" in argv
+    try:
+        parser = build_parser(_command_in(argv))
+        args = parser.parse_args(argv)
+        args._argv = argv  # the command as given, for result files
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return int(args._run(args) or 0)
+    except Exception as e:
+        msg = _user_error(e)
+        if debug or msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
         return 2
-    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,15 @@ import torch
 
 
 def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], dynamic_batch: bool = True,
-                opset: int = 18) -> Path:
-    """Writes `model` (eval) as ONNX with input `images` (B, 3, H, W) and output `logits`."""
+                opset: int = 18, dtype: torch.dtype = torch.float32) -> Path:
+    """Writes `model` (eval) as ONNX with input `images` (B, 3, H, W) and output `logits` (B, num_classes)."""
     try:
         import onnxscript  # noqa: F401  (the torch.export-based ONNX exporter needs it)
     except ImportError as e:
-        raise SystemExit("ONNX export needs the onnx extra: pip install 'hybridvit[onnx]'") from e
+        raise ModuleNotFoundError("ONNX export needs the onnx extra: pip install 'hybridvit[onnx]'",
+                                  name="onnxscript") from e
     model = model.eval()
-    x = torch.randn(2 if dynamic_batch else 1, model.in_chans, *img_size)
+    x = torch.randn(2 if dynamic_batch else 1, model.in_chans, *img_size, dtype=dtype)
     dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     path = Path(path)
     prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
@@ -25,53 +26,60 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, i
     return path
 
 
-def check_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], batch: int = 2) -> float:
+def check_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], batch: int = 2,
+               dtype: torch.dtype = torch.float32) -> float:
     """Max abs difference between onnxruntime and PyTorch outputs for a random batch."""
     import onnxruntime as ort
 
-    x = torch.randn(batch, model.in_chans, *img_size)
+    x = torch.randn(batch, model.in_chans, *img_size, dtype=dtype)
     with torch.no_grad():
-        ref = model.eval()(x).numpy()
+        ref = model.eval()(x).float().numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = sess.run(["logits"], {"images": x.numpy()})
-    return float(abs(out - ref).max())
+    return float(abs(out.astype("float32") - ref).max())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True)
-    p.add_argument("--pretrained", default=None, help="checkpoint path, or 'true' for the published weights")
-    p.add_argument("--num-classes", type=int, default=None, help="default: 1000, or the checkpoint's classes")
+    p.add_argument("--model", "-m", help="model name (not needed for a hybridvit run checkpoint)")
+    p.add_argument("--pretrained", default=None, help="a hybridvit run checkpoint, an official checkpoint with "
+                   "--model, or 'true' for the published weights of --model")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights of a hybridvit checkpoint")
+    p.add_argument("--num-classes", type=int, default=None, help="for --model without a run checkpoint (default "
+                   "1000)")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W]; default: the model's size")
     p.add_argument("--format", choices=["onnx", "pt2"], default="onnx",
                    help="onnx (checked with onnxruntime when installed) or pt2 (torch.export program)")
+    p.add_argument("--amp", default="none", choices=["none", "fp16"],
+                   help="none: fp32 graph (default); fp16: weights and input in float16 (for GPU runtimes)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
     p.add_argument("--output", "-o", required=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .registry import create_model
+    from .inference import load_for_command
+    from .precision import Precision
 
-    pretrained = True if str(args.pretrained).lower() == "true" else (args.pretrained or False)
-    num_classes = args.num_classes
-    if num_classes is None and pretrained and pretrained is not True:
-        from .checkpoint import read_checkpoint_file
-        meta = read_checkpoint_file(pretrained).get("hybridvit", {})
-        num_classes = len(meta["classes"]) if isinstance(meta, dict) and meta.get("classes") else None
-    model = create_model(args.model, pretrained=pretrained, num_classes=num_classes or 1000).eval()
+    model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, ema=args.ema)
     size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
     size = (size[0], size[-1])
+    dtype = Precision.from_amp(args.amp, "cpu").dtype or torch.float32
+    model = model.to(dtype)
+    classes = model.class_names
+    what = f"{model.model_name}, input (B, {model.in_chans}, {size[0]}, {size[1]}), {model.num_classes} classes"
+    if classes:
+        what += " (" + ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "") + ")"
     if args.format == "pt2":
-        x = torch.randn(2, model.in_chans, *size)
+        x = torch.randn(2, model.in_chans, *size, dtype=dtype)
         dyn = None if args.static_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
         torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dyn), args.output)
-        print(f"wrote {args.output} (torch.export program; load with torch.export.load)")
+        print(f"wrote {args.output} ({what}; torch.export program, load with torch.export.load)")
         return 0
-    path = export_onnx(model, args.output, size, dynamic_batch=not args.static_batch)
+    path = export_onnx(model, args.output, size, dynamic_batch=not args.static_batch, dtype=dtype)
     try:
-        diff = check_onnx(model, path, size, batch=1 if args.static_batch else 2)
-        print(f"wrote {path}; onnxruntime vs PyTorch max abs difference {diff:.2e}")
+        diff = check_onnx(model, path, size, batch=1 if args.static_batch else 2, dtype=dtype)
+        print(f"wrote {path} ({what}); onnxruntime vs PyTorch max abs difference {diff:.2e}")
     except ImportError:
-        print(f"wrote {path} (install onnxruntime to check it)")
+        print(f"wrote {path} ({what}; install onnxruntime to check it)")
     return 0
 
 

@@ -66,17 +66,16 @@ def analyze(model: nn.Module, img_size: tuple[int, int] = (224, 224), batch_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True)
+    p.add_argument("--model", "-m", help="model name (not needed for a hybridvit run checkpoint)")
     p.add_argument("--pretrained", default=None, help="checkpoint path, or 'true' for the published weights")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W]; default: the model's size")
     p.add_argument("--json", metavar="OUT", help="write the analysis to this file")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..registry import create_model
+    from ..inference import load_for_command
 
-    pretrained = True if str(args.pretrained).lower() == "true" else (args.pretrained or False)
-    model = create_model(args.model, pretrained=pretrained)
+    model = load_for_command(args.pretrained, args.model)  # a run checkpoint brings its classes and size
     size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
     res = analyze(model, (size[0], size[-1]))
     print(f"{res['model']}: {res['params_m']:.2f} M parameters, {res['gmacs_per_img']:.2f} GMACs at "

@@ -5,7 +5,6 @@ import argparse
 import dataclasses
 import importlib.util
 import os
-import sys
 import types
 import typing
 
@@ -74,7 +73,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.folder import DataError
     from .config import list_recipes, load_recipe
 
     if args.list_recipes:
@@ -84,16 +82,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     missing = [m for m in ("kornia", "tqdm", "PIL", "sklearn") if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"error: `hybridvit train` needs the train extra ({', '.join(missing)} missing): "
-              "pip install 'hybridvit[train]'", file=sys.stderr)
-        return 2
-    try:
-        cfg = config_from_args(args)
-        from .engine import train
-        summary = train(cfg)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"`hybridvit train` needs the train extra ({', '.join(missing)} missing): "
+                         "pip install 'hybridvit[train]'")
+    from .engine import train
+
+    summary = train(config_from_args(args))
     if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"best val top-1 {summary['val_top1']:.2f}% after {summary['epochs']} epochs "
               f"({summary['wall_time_s']:.0f} s)")

@@ -1,4 +1,8 @@
-"""The training loop: one process per device (torchrun for several), exact step-level resume."""
+"""The training loop: one process per device (torchrun for several), exact step-level resume.
+
+`train(cfg)` reads top to bottom: `setup_run` (distributed, device, seeds, output folder), the data and the
+model, a `TrainState` (everything a resume restores), then per epoch `train_one_epoch` and `end_epoch`
+(validation with `inference.evaluate`, checkpoints, metrics)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +13,7 @@ import random
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.cpu_bf16 import bf16_kernels, model_policy
+from ..checkpoint import clean_stale_temp_files, make_run_checkpoint, read_checkpoint_file, read_run, save_checkpoint
+from ..data.folder import DataError
+from ..inference.evaluate import evaluate
+from ..precision import Precision
 from . import distributed as D
 from .config import TrainConfig
 from .ema import ModelEma
 from .optim import build_optimizer, lr_at
 
-CHECKPOINT_VERSION = 1
+__all__ = ["TrainState", "build_model", "evaluate", "train", "train_one_epoch"]
 
 
 # ----------------------------------------------------------------------------------------- files
-def save_atomic(obj: dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def write_json_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
@@ -98,20 +99,6 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return hybridvit.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, **kw)
 
 
-def amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    mode = cfg.amp
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision in `dtype` (bf16/fp16), or nothing for fp32."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def _forward_train(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """model(x) in training, with advice when BatchNorm meets a single value per channel (one image
     whose last maps are 1x1: small inputs with batch size 1, or a batch shrunk by unreadable images)."""
@@ -128,42 +115,6 @@ def _forward_train(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, info: D.DistInfo | None = None,
-             dtype: torch.dtype | None = None, channels_last: bool = False, progress: bool = False,
-             desc: str = "eval") -> dict[str, float]:
-    """top-1/top-5 (percent) and loss over the loader, summed over ranks (every image counted once)."""
-    from tqdm import tqdm
-
-    from ..data.transforms import Normalize
-
-    info = info or D.DistInfo(device=device)
-    model.eval()
-    cfg = getattr(model, "pretrained_cfg", {})
-    norm = Normalize(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(device)
-    loss_sum = correct1 = correct5 = total = 0.0
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not (progress and info.is_main), file=sys.stdout):
-        if batch["targets"].numel() == 0:
-            continue
-        x = norm(batch["images"].to(device, non_blocking=True))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = batch["targets"].to(device)
-        with autocast(device, dtype):
-            logits = model(x)
-        logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == y[:, None]
-        correct1 += float(hit[:, 0].sum())
-        correct5 += float(hit.any(dim=1).sum())
-        total += y.numel()
-    loss_sum, correct1, correct5, total = D.all_sum([loss_sum, correct1, correct5, total], info)
-    total = max(total, 1)
-    return {"loss": loss_sum / total, "top1": 100 * correct1 / total, "top5": 100 * correct5 / total,
-            "images": int(total)}
 
 
 class RunLog:
@@ -213,274 +164,461 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-# ------------------------------------------------------------------------------------- training
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Trains `cfg.model` on `cfg.data`; returns the summary (also written to OUTPUT/summary.json)."""
-    from tqdm import tqdm
+# ------------------------------------------------------------------------------------- run context
+@dataclass
+class RunContext:
+    """Where and how a run computes: configuration, processes, device, precision and output folder."""
 
-    from ..data.loader import EpochSampler, build_dataset, is_digits, make_loader
-    from ..data.mixup import MixupCutmix
-    from ..data.transforms import DeviceAugment, EvalTransform, TrainTransform
+    cfg: TrainConfig
+    info: D.DistInfo
+    out: Path
+    log: RunLog
+    precision: Precision
+    channels_last: bool
+    workers: int
 
-    t_start = time.time()
-    resume_ckpt = None
-    if cfg.resume:
-        path = find_resume_file(cfg.resume)
-        resume_ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        keep = {k: getattr(cfg, k) for k in ("progress", "plot", "workers", "device")}
-        from .config import make_config
-        stored = dict(resume_ckpt["config"])
-        stored.update(keep, resume=str(path), output=str(path.parent))
-        cfg = make_config(**stored)
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+
+def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """For `--resume`: the stored configuration of the run (with this invocation's progress, plot, workers
+    and device) and its checkpoint in the current schema; otherwise `cfg` unchanged and None."""
+    if not cfg.resume:
+        return cfg, None
+    from .config import make_config
+
+    path = find_resume_file(cfg.resume)
+    run = read_run(read_checkpoint_file(path), str(path))
+    if not run.get("train_state") or not run.get("config"):
+        raise ValueError(f"{path} holds no training state to resume (a checkpoint saved for inference only)")
+    stored = dict(run["config"])
+    stored.update({k: getattr(cfg, k) for k in ("progress", "plot", "workers", "device")},
+                  resume=str(path), output=str(path.parent))
+    return make_config(**stored), run
+
+
+def setup_run(cfg: TrainConfig) -> RunContext:
+    """Threads, process group and device, the output folder (stale temporary files of killed saves
+    removed), the log, precision, and the seed every rank shares for building the model."""
+    from ..data.loader import is_digits
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
-    device = info.device
     out = Path(cfg.output) if cfg.output else Path("runs") / f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if info.enabled and not cfg.output:  # one folder for all ranks: rank 0's name
         out = Path(D.all_gather(str(out), info)[0])
+    log = RunLog(out, info.is_main)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    log = RunLog(out, info.is_main)
+        for p in clean_stale_temp_files(out):
+            log(f"removed {p}, left by an interrupted save")
+    D.barrier(info)
     seed_all(cfg.seed)
+    workers = cfg.workers if cfg.workers is not None else (0 if is_digits(cfg.data) else min(4, os.cpu_count() or 1))
+    channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
+    return RunContext(cfg, info, out, log, Precision.from_amp(cfg.amp, info.device), channels_last, workers)
 
-    # data first: a missing or empty folder fails here, before the model is even built
-    probe_train = build_dataset(cfg.data, cfg.train_split, None, strict=cfg.strict_data)
-    classes = list(probe_train.classes)
-    num_classes = cfg.num_classes or len(classes)
-    model = build_model(cfg, num_classes)  # same seed on every rank: same initial weights
-    pcfg = model.pretrained_cfg
-    size = pcfg["input_size"][-1]
-    train_tf = TrainTransform(size, cfg.scale, cfg.ratio, cfg.train_interpolation or pcfg["interpolation"],
-                              seed=cfg.seed)
+
+# ------------------------------------------------------------------------------------- data
+@dataclass
+class RunData:
+    classes: list[str]
+    train_ds: Any
+    val_ds: Any
+    train_sampler: Any
+    val_loader: Any
+
+
+def find_run_classes(cfg: TrainConfig) -> list[str]:
+    """The class names of the training split; a missing or empty folder fails here, before any model."""
+    from ..data.loader import build_dataset
+
+    return list(build_dataset(cfg.data, cfg.train_split, None, strict=cfg.strict_data).classes)
+
+
+def build_data(ctx: RunContext, pcfg: dict[str, Any], classes: list[str]) -> RunData:
+    """Training and validation sets with the model's preprocessing, and their per-rank samplers."""
+    from ..data.loader import EpochSampler, build_dataset, make_loader
+    from ..data.transforms import EvalTransform, TrainTransform
+
+    cfg, info = ctx.cfg, ctx.info
+    train_tf = TrainTransform(pcfg["input_size"][-1], cfg.scale, cfg.ratio,
+                              cfg.train_interpolation or pcfg["interpolation"], seed=cfg.seed)
     train_ds = build_dataset(cfg.data, cfg.train_split, train_tf, classes=classes, strict=cfg.strict_data)
     val_ds = build_dataset(cfg.data, cfg.val_split, EvalTransform.from_cfg(pcfg), classes=classes,
                            strict=cfg.strict_data)
-    workers = cfg.workers
-    if workers is None:
-        workers = 0 if is_digits(cfg.data) else min(4, os.cpu_count() or 1)
-
-    dtype = amp_dtype(cfg, device)
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = ModelEma(model, cfg.model_ema_decay) if cfg.model_ema else None
-
-    world_batch = cfg.batch_size * cfg.accum_steps * info.world_size
-    lr = cfg.lr * world_batch / cfg.lr_base_size if cfg.lr_base_size else cfg.lr
-    min_lr = cfg.min_lr * world_batch / cfg.lr_base_size if cfg.lr_base_size else cfg.min_lr
-    warmup_lr = cfg.warmup_lr * world_batch / cfg.lr_base_size if cfg.lr_base_size else cfg.warmup_lr
-    optimizer = build_optimizer(model, cfg.opt, lr, cfg.weight_decay, cfg.opt_betas, cfg.opt_eps, cfg.momentum)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
     train_sampler = EpochSampler(len(train_ds), True, cfg.seed, info.rank, info.world_size, pad=True)
     val_sampler = EpochSampler(len(val_ds), False, 0, info.rank, info.world_size, pad=False)
-    micro_per_epoch = len(train_sampler) // cfg.batch_size
-    steps_per_epoch = micro_per_epoch // cfg.accum_steps
+    val_loader = make_loader(val_ds, val_sampler, cfg.batch_size, ctx.workers, drop_last=False,
+                             pin_memory=ctx.device.type == "cuda")
+    return RunData(classes, train_ds, val_ds, train_sampler, val_loader)
+
+
+@dataclass
+class Schedule:
+    """Learning rates (scaled to the global batch) and step counts of the run."""
+
+    lr: float
+    min_lr: float
+    warmup_lr: float
+    world_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    cooldown_steps: int
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.cooldown_steps, self.lr, self.min_lr,
+                     self.warmup_lr)
+
+
+def build_schedule(cfg: TrainConfig, info: D.DistInfo, train_sampler, n_train: int) -> Schedule:
+    world_batch = cfg.batch_size * cfg.accum_steps * info.world_size
+    scale = world_batch / cfg.lr_base_size if cfg.lr_base_size else 1.0
+    steps = len(train_sampler) // cfg.batch_size // cfg.accum_steps
     if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(train_ds)} training images are fewer than one optimizer step "
+        steps = min(steps, cfg.max_steps_per_epoch)
+    if steps < 1:
+        raise ValueError(f"{n_train} training images are fewer than one optimizer step "
                          f"(batch {cfg.batch_size} x accum {cfg.accum_steps} x {info.world_size} processes)")
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    cooldown_steps = round(cfg.cooldown_epochs * steps_per_epoch)
+    return Schedule(cfg.lr * scale, cfg.min_lr * scale, cfg.warmup_lr * scale, world_batch, steps,
+                    steps * cfg.epochs, round(cfg.warmup_epochs * steps), round(cfg.cooldown_epochs * steps))
 
-    start_epoch, step_in_epoch, global_step, best_top1 = 0, 0, 0, -1.0
-    running = [0.0, 0.0, 0.0]  # loss sum, hard-target hits, images of the current epoch on this rank
-    skipped: list[str] = []
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["state_dict"])
-        if ema is not None:
-            ema.module.load_state_dict(resume_ckpt["state_dict_ema"])
-            ema.updates.fill_(resume_ckpt["ema_updates"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scaler.load_state_dict(resume_ckpt["scaler"])
-        start_epoch, step_in_epoch = resume_ckpt["epoch"], resume_ckpt["step_in_epoch"]
-        global_step, best_top1 = resume_ckpt["scheduler"]["step"], resume_ckpt["best_top1"]
-        skipped = list(resume_ckpt.get("skipped_images", []))
-        states = resume_ckpt["rng"]
-        if len(states) == info.world_size:
-            running = list(resume_ckpt["running"][info.rank])
-            set_rng_state(states[info.rank])
+
+# ------------------------------------------------------------------------------------- train state
+@dataclass
+class TrainState:
+    """Everything a resume restores: model, EMA, optimizer, grad scaler, scheduler position, counters,
+    the running metrics of the current epoch and the random states of every rank."""
+
+    model: nn.Module
+    ema: ModelEma | None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    info: D.DistInfo
+    total_steps: int
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_top1: float = -1.0
+    running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, hits, images (rank)
+    skipped: list[str] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of all ranks (a collective: every rank calls it). Weights under `model` and `ema`."""
+        rngs = D.all_gather(rng_state(), self.info)
+        runs = D.all_gather(list(self.running), self.info)
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_updates": int(self.ema.updates) if self.ema is not None else 0,
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "scheduler": {"step": self.global_step, "total": self.total_steps},
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "best_top1": self.best_top1,
+            "rng": rngs, "running": runs, "skipped_images": list(self.skipped), "world_size": self.info.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], log: RunLog | None = None) -> None:
+        """Restores `state_dict()`; the random streams continue exactly when the number of ranks is the same."""
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+            self.ema.updates.fill_(state["ema_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_top1 = state["scheduler"]["step"], state["best_top1"]
+        self.skipped = list(state.get("skipped_images", []))
+        rank, world = self.info.rank, self.info.world_size
+        if len(state["rng"]) == world:
+            self.running = list(state["running"][rank])
+            set_rng_state(state["rng"][rank])
         else:
-            log(f"resuming with {info.world_size} processes instead of {len(states)}: random streams restart")
-            seed_all(cfg.seed + 1000 * global_step + info.rank)
-        log(f"resumed {cfg.resume} at epoch {start_epoch + 1}, step {step_in_epoch}/{steps_per_epoch}")
-    else:
-        # augmentation and drop path differ per rank; the model weights were made before this
-        seed_all(cfg.seed + info.rank)
+            if log:
+                log(f"resuming with {world} processes instead of {len(state['rng'])}: random streams restart")
+            seed_all(int(state.get("seed", 0)) + 1000 * self.global_step + rank)
 
-    train_model: nn.Module = model
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    bf16_policy = model_policy(train_model)  # bf16 kernels for forward and backward (layers/cpu_bf16.py)
+
+def _train_state_from_run(run: dict[str, Any]) -> dict[str, Any]:
+    """A run checkpoint's stored training state in TrainState.state_dict() form."""
+    return {**run["train_state"], "model": run["state_dict"], "ema": run["state_dict_ema"],
+            "seed": run["config"].get("seed", 0)}
+
+
+def save_run(ctx: RunContext, state: TrainState, model_info: dict[str, Any], paths: list[Path]) -> None:
+    """Writes the run checkpoint to every path in `paths` (rank 0; every rank takes part in the gather)."""
+    ts = state.state_dict()
+    if not ctx.info.is_main:
+        return
+    weights, ema = ts.pop("model"), ts.pop("ema")
+    ck = make_run_checkpoint(**model_info, state_dict=weights, state_dict_ema=ema, train_state=ts,
+                             config=ctx.cfg.to_dict())
+    for path in paths:
+        save_checkpoint(ck, path)
+
+
+def build_train_state(ctx: RunContext, model: nn.Module, sched: Schedule) -> TrainState:
+    """The model on the device (channels_last where asked), its EMA, the optimizer and the grad scaler."""
+    cfg = ctx.cfg
+    model.to(ctx.device)
+    if ctx.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = ModelEma(model, cfg.model_ema_decay) if cfg.model_ema else None
+    optimizer = build_optimizer(model, cfg.opt, sched.lr, cfg.weight_decay, cfg.opt_betas, cfg.opt_eps, cfg.momentum)
+    return TrainState(model, ema, optimizer, ctx.precision.grad_scaler(), ctx.info, sched.total_steps)
+
+
+# ------------------------------------------------------------------------------------- epochs
+@dataclass
+class Loop:
+    """What the epochs share: the model as trained (compiled, DDP-wrapped), the model whose CPU bf16 policy
+    applies, on-device augmentation, mixup, data, schedule, and what the checkpoints record."""
+
+    train_model: nn.Module
+    kernel_model: nn.Module
+    augment: nn.Module
+    mixup: Any
+    data: RunData
+    schedule: Schedule
+    model_info: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedule,
+               model_info: dict[str, Any]) -> Loop:
+    from ..data.mixup import MixupCutmix
+    from ..data.transforms import DeviceAugment
+
+    cfg, info, pcfg = ctx.cfg, ctx.info, model_info["pretrained_cfg"]
+    train_model: nn.Module = torch.compile(state.model) if cfg.compile else state.model
+    kernel_model = train_model  # bf16 kernels for forward and backward (layers/cpu_bf16.py)
     if info.enabled:
         # depthwise kernels (C, 1, k, k) get gradients whose stride on the size-1 dim differs from
         # DDP's bucket view: harmless (a size-1 dim has no layout), but warned about at every step
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    augment = DeviceAugment(pcfg["mean"], pcfg["std"], cfg.randaugment, cfg.hflip, cfg.reprob).to(ctx.device)
+    mixup = MixupCutmix(model_info["num_classes"], cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob,
+                        cfg.smoothing)
+    return Loop(train_model, kernel_model, augment, mixup, data, sched, model_info)
 
-    augment = DeviceAugment(pcfg["mean"], pcfg["std"], cfg.randaugment, cfg.hflip, cfg.reprob).to(device)
-    mixup = MixupCutmix(num_classes, cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob, cfg.smoothing)
 
+def train_micro_batch(ctx: RunContext, state: TrainState, loop: Loop, batch: dict[str, Any], sync: bool,
+                      epoch: int) -> None:
+    """Forward and backward of one micro-batch (gradients accumulate; DDP all-reduces when `sync`)."""
+    info, cfg = ctx.info, ctx.cfg
+    state.skipped += batch["bad"]
+    empty = batch["targets"].numel() == 0  # every image of the micro-batch unreadable
+    if info.enabled:
+        # DDP all-reduces gradients in backward: ranks skip a micro-batch together or not at all
+        empty = D.all_sum([float(empty)], info)[0] > 0
+    if empty:
+        return
+    x = batch["images"].to(ctx.device, non_blocking=True)
+    y = batch["targets"].to(ctx.device, non_blocking=True)
+    with torch.no_grad():
+        x = loop.augment(x)
+        if loop.mixup.active:
+            x, y_soft = loop.mixup(x, y)
+    if ctx.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    no_sync = contextlib.nullcontext() if sync or not info.enabled else loop.train_model.no_sync()
+    # forward and backward share the bf16 kernel policy of the model (layers/cpu_bf16.py)
+    with no_sync, ctx.precision.kernels(loop.kernel_model):
+        with ctx.precision.autocast():
+            logits = _forward_train(loop.train_model, x)
+        if loop.mixup.active:
+            loss = soft_cross_entropy(logits, y_soft)
+        else:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1} step {state.step_in_epoch}; "
+                                     "lower --lr or use --amp bf16/none")
+        state.scaler.scale(loss / cfg.accum_steps).backward()
+    state.running[0] += loss_value * y.numel()
+    state.running[1] += float((logits.argmax(1) == y).sum())
+    state.running[2] += y.numel()
+
+
+def optimizer_step(ctx: RunContext, state: TrainState) -> None:
+    if ctx.cfg.clip_grad:
+        state.scaler.unscale_(state.optimizer)
+        nn.utils.clip_grad_norm_(state.model.parameters(), ctx.cfg.clip_grad)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.ema is not None:
+        state.ema.update(state.model)
+    state.global_step += 1
+    state.step_in_epoch += 1
+
+
+def train_one_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int) -> float:
+    """The optimizer steps of `epoch` from `state.step_in_epoch` on (exact resume mid-epoch), with a
+    checkpoint every `checkpoint_every` steps; returns the last learning rate."""
+    from tqdm import tqdm
+
+    from ..data.loader import make_loader
+
+    cfg, data, sched = ctx.cfg, loop.data, loop.schedule
+    state.epoch = epoch
+    data.train_ds.epoch = epoch
+    data.train_sampler.set_epoch(epoch, start=state.step_in_epoch * cfg.accum_steps * cfg.batch_size)
+    loader = make_loader(data.train_ds, data.train_sampler, cfg.batch_size, ctx.workers, drop_last=True,
+                         pin_memory=ctx.device.type == "cuda")
+    if state.step_in_epoch == 0:
+        state.running = [0.0, 0.0, 0.0]
+    loop.train_model.train()
+    bar = tqdm(total=sched.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (cfg.progress and ctx.info.is_main), leave=False, file=sys.stdout, dynamic_ncols=True,
+               mininterval=1.0)
+    it = iter(loader)
+    cur_lr = sched.lr_at(state.global_step)
+    while state.step_in_epoch < sched.steps_per_epoch:
+        cur_lr = sched.lr_at(state.global_step)
+        for g in state.optimizer.param_groups:
+            g["lr"] = cur_lr
+        for micro in range(cfg.accum_steps):
+            train_micro_batch(ctx, state, loop, next(it), micro == cfg.accum_steps - 1, epoch)
+        optimizer_step(ctx, state)
+        bar.update(1)
+        bar.set_postfix(loss=f"{state.running[0] / max(state.running[2], 1):.3f}", lr=f"{cur_lr:.2e}")
+        if (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
+                and state.step_in_epoch < sched.steps_per_epoch):
+            save_run(ctx, state, loop.model_info, [ctx.out / "last.pt"])
+    bar.close()
+    return cur_lr
+
+
+def _no_image_error(ctx: RunContext, state: TrainState, epoch: int) -> DataError:
+    from ..data.loader import is_digits
+
+    cfg = ctx.cfg
+    where = "the embedded digits" if is_digits(cfg.data) else str(Path(cfg.data) / cfg.train_split)
+    bad = sorted({p for ps in D.all_gather(state.skipped, ctx.info) for p in ps})
+    example = f" (unreadable: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''})" if bad else ""
+    return DataError(f"epoch {epoch + 1} read no image of {where}{example}: every image it drew was unreadable. "
+                     "Check the files (e.g. open them with PIL) or run with --strict-data to stop at the first one")
+
+
+def end_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int, cur_lr: float,
+              t_epoch: float) -> dict[str, Any]:
+    """Reduces the training metrics, validates (and the EMA), writes last.pt/best.pt and the metrics row."""
+    cfg, info = ctx.cfg, ctx.info
+    loss_sum, hits, seen = D.all_sum(state.running, info)
+    if seen == 0:
+        raise _no_image_error(ctx, state, epoch)
+    D.reduce_bn_stats(state.model, info)
+    reduce = (lambda v: D.all_sum(v, info)) if info.enabled else None
+    val = evaluate(state.model, loop.data.val_loader, ctx.device, ctx.precision, channels_last=ctx.channels_last,
+                   progress=cfg.progress and info.is_main, desc="validate", reduce=reduce)
+    row: dict[str, Any] = {"epoch": epoch, "step": state.global_step, "lr": cur_lr, "train_loss": loss_sum / seen,
+                           "train_top1": None if loop.mixup.active else 100 * hits / seen,
+                           "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
+    if state.ema is not None:
+        row["val_top1_ema"] = evaluate(state.ema.module, loop.data.val_loader, ctx.device, ctx.precision,
+                                       channels_last=ctx.channels_last, reduce=reduce)["top1"]
+    row["epoch_time_s"] = round(time.time() - t_epoch, 2)
+    state.skipped = sorted({p for ps in D.all_gather(state.skipped, info) for p in ps})
+    is_best = val["top1"] > state.best_top1
+    state.best_top1 = max(state.best_top1, val["top1"])
+    state.epoch, state.step_in_epoch = epoch + 1, 0
+    save_run(ctx, state, loop.model_info, [ctx.out / "last.pt"] + ([ctx.out / "best.pt"] if is_best else []))
     if info.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        log(f"model {cfg.model} ({n_params / 1e6:.2f}M params, input {size}x{size}), {num_classes} classes, "
-            f"{len(train_ds)} train / {len(val_ds)} val images "
-            f"({'embedded digits' if is_digits(cfg.data) else cfg.data})"
-            f", {info.world_size} process(es) on {device.type}, global batch {world_batch}, lr {lr:.3g}, "
-            f"{cfg.epochs} epochs x {steps_per_epoch} steps, output {out}")
-
-    metrics_path = out / "metrics.jsonl"
-    rows: list[dict[str, Any]] = []
-    if info.is_main and metrics_path.is_file():
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["epoch"] < start_epoch] if resume_ckpt is not None else []
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    def checkpoint(epoch: int, step: int) -> dict[str, Any]:
-        rngs = D.all_gather(rng_state(), info)
-        runs = D.all_gather(list(running), info)
-        return {
-            "version": CHECKPOINT_VERSION, "model_name": cfg.model, "model_kwargs": model_kwargs(cfg),
-            "num_classes": num_classes, "class_names": classes, "pretrained_cfg": dict(pcfg),
-            "state_dict": model.state_dict(),
-            "state_dict_ema": ema.module.state_dict() if ema is not None else None,
-            "ema_updates": int(ema.updates) if ema is not None else 0,
-            "optimizer": optimizer.state_dict(), "scheduler": {"step": global_step, "total": total_steps},
-            "scaler": scaler.state_dict(), "epoch": epoch, "step_in_epoch": step, "best_top1": best_top1,
-            "rng": rngs, "running": runs, "skipped_images": skipped,
-            "config": cfg.to_dict(), "world_size": info.world_size,
-        }
-
-    last_path, best_path = out / "last.pt", out / "best.pt"
-    val_loader = make_loader(val_ds, val_sampler, cfg.batch_size, workers, drop_last=False,
-                             pin_memory=device.type == "cuda")
-    last_metrics: dict[str, Any] = {}
-    for epoch in range(start_epoch, cfg.epochs):
-        t_epoch = time.time()
-        train_ds.epoch = epoch
-        train_sampler.set_epoch(epoch, start=step_in_epoch * cfg.accum_steps * cfg.batch_size)
-        loader = make_loader(train_ds, train_sampler, cfg.batch_size, workers, drop_last=True,
-                             pin_memory=device.type == "cuda")
-        if step_in_epoch == 0:
-            running = [0.0, 0.0, 0.0]
-        train_model.train()
-        bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (cfg.progress and info.is_main), leave=False, file=sys.stdout, dynamic_ncols=True,
-                   mininterval=1.0)
-        it = iter(loader)
-        while step_in_epoch < steps_per_epoch:
-            cur_lr = lr_at(global_step, total_steps, warmup_steps, cooldown_steps, lr, min_lr, warmup_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = cur_lr
-            for micro in range(cfg.accum_steps):
-                batch = next(it)
-                skipped += batch["bad"]
-                empty = batch["targets"].numel() == 0  # every image of the micro-batch unreadable
-                if info.enabled:
-                    # DDP all-reduces gradients in backward: ranks skip a micro-batch together or not at all
-                    empty = D.all_sum([float(empty)], info)[0] > 0
-                if empty:
-                    continue
-                x = batch["images"].to(device, non_blocking=True)
-                y = batch["targets"].to(device, non_blocking=True)
-                with torch.no_grad():
-                    x = augment(x)
-                    if mixup.active:
-                        x, y_soft = mixup(x, y)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                sync = micro == cfg.accum_steps - 1 or not info.enabled
-                ctx = contextlib.nullcontext() if sync else train_model.no_sync()
-                # forward and backward share the bf16 kernel policy of the model (layers/cpu_bf16.py)
-                with ctx, bf16_kernels(bf16_policy, device, dtype):
-                    with autocast(device, dtype):
-                        logits = _forward_train(train_model, x)
-                    if mixup.active:
-                        loss = soft_cross_entropy(logits, y_soft)
-                    else:
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
-                    loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value):
-                        raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1} step {step_in_epoch}; "
-                                                 "lower --lr or use --amp bf16/none")
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                running[0] += loss_value * y.numel()
-                running[1] += float((logits.argmax(1) == y).sum())
-                running[2] += y.numel()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model)
-            global_step += 1
-            step_in_epoch += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{running[0] / max(running[2], 1):.3f}", lr=f"{cur_lr:.2e}")
-            if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0 and step_in_epoch < steps_per_epoch:
-                ck = checkpoint(epoch, step_in_epoch)
-                if info.is_main:
-                    save_atomic(ck, last_path)
-        bar.close()
-        del it, loader
-
-        # end of epoch: reduce the training metrics, validate, write checkpoints and metrics
-        loss_sum, hits, seen = D.all_sum(running, info)
-        D.reduce_bn_stats(model, info)
-        val = evaluate(model, val_loader, device, info, dtype, channels_last, cfg.progress, "validate")
-        row: dict[str, Any] = {"epoch": epoch, "step": global_step, "lr": cur_lr,
-                               "train_loss": loss_sum / max(seen, 1),
-                               "train_top1": None if mixup.active else 100 * hits / max(seen, 1),
-                               "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
-        if ema is not None:
-            val_ema = evaluate(ema.module, val_loader, device, info, dtype, channels_last, False)
-            row["val_top1_ema"] = val_ema["top1"]
-        row["epoch_time_s"] = round(time.time() - t_epoch, 2)
-        bad_all = sorted({p for ps in D.all_gather(skipped, info) for p in ps})
-        skipped = bad_all
-        is_best = val["top1"] > best_top1
-        best_top1 = max(best_top1, val["top1"])
-        step_in_epoch = 0
-        ck = checkpoint(epoch + 1, 0)
-        if info.is_main:
-            save_atomic(ck, last_path)
-            if is_best:
-                save_atomic(ck, best_path)
-            rows.append(row)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if cfg.plot:
-                plot_metrics(rows, out / "metrics.png")
-        ema_txt = f", EMA {row['val_top1_ema']:.2f}%" if ema is not None else ""
-        log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, "
+        loop.rows.append(row)
+        with open(ctx.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if cfg.plot:
+            plot_metrics(loop.rows, ctx.out / "metrics.png")
+    ema_txt = f", EMA {row['val_top1_ema']:.2f}%" if state.ema is not None else ""
+    ctx.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, "
             f"val top-1 {val['top1']:.2f}%{ema_txt}, top-5 {val['top5']:.2f}% ({row['epoch_time_s']:.1f}s)")
-        last_metrics = row
+    return row
 
-    if skipped:
-        log(f"skipped {len(skipped)} unreadable image(s): " + ", ".join(skipped[:20])
-            + (" ..." if len(skipped) > 20 else ""))
-    summary = {
-        "model": cfg.model, "epochs": cfg.epochs, "val_top1": best_top1,
-        "val_top1_last": last_metrics.get("val_top1"), "val_top5_last": last_metrics.get("val_top5"),
-        "checkpoint": str(best_path.resolve()), "last_checkpoint": str(last_path.resolve()),
-        "output": str(out.resolve()), "data": cfg.data, "num_classes": num_classes,
-        "train_images": len(train_ds), "val_images": len(val_ds), "skipped_images": skipped,
-        "world_size": info.world_size, "device": str(device), "recipe": cfg.recipe,
-        "wall_time_s": round(time.time() - t_start, 1), "config": cfg.to_dict(),
+
+# ------------------------------------------------------------------------------------- training
+def _metrics_so_far(ctx: RunContext, resumed: bool, start_epoch: int) -> list[dict[str, Any]]:
+    """The metric rows of the epochs before `start_epoch` (a resumed run), the file rewritten to hold only
+    those; a fresh run starts an empty file."""
+    path = ctx.out / "metrics.jsonl"
+    if not (ctx.info.is_main and path.is_file()):
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["epoch"] < start_epoch] if resumed else []
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _log_start(ctx: RunContext, state: TrainState, loop: Loop) -> None:
+    from ..data.loader import is_digits
+
+    cfg, info, d, s = ctx.cfg, ctx.info, loop.data, loop.schedule
+    n_params = sum(p.numel() for p in state.model.parameters())
+    size = loop.model_info["pretrained_cfg"]["input_size"][-1]
+    ctx.log(f"model {cfg.model} ({n_params / 1e6:.2f}M params, input {size}x{size}), "
+            f"{loop.model_info['num_classes']} classes, {len(d.train_ds)} train / {len(d.val_ds)} val images "
+            f"({'embedded digits' if is_digits(cfg.data) else cfg.data}), {info.world_size} process(es) on "
+            f"{ctx.device.type}, {ctx.precision.name}, global batch {s.world_batch}, lr {s.lr:.3g}, "
+            f"{cfg.epochs} epochs x {s.steps_per_epoch} steps, output {ctx.out}")
+
+
+def _summary(ctx: RunContext, state: TrainState, loop: Loop, last: dict[str, Any], t_start: float
+             ) -> dict[str, Any]:
+    cfg, out = ctx.cfg, ctx.out
+    return {
+        "model": cfg.model, "epochs": cfg.epochs, "val_top1": state.best_top1,
+        "val_top1_last": last.get("val_top1"), "val_top5_last": last.get("val_top5"),
+        "checkpoint": str((out / "best.pt").resolve()), "last_checkpoint": str((out / "last.pt").resolve()),
+        "output": str(out.resolve()), "data": cfg.data, "num_classes": loop.model_info["num_classes"],
+        "train_images": len(loop.data.train_ds), "val_images": len(loop.data.val_ds),
+        "skipped_images": state.skipped, "world_size": ctx.info.world_size, "device": str(ctx.device),
+        "precision": ctx.precision.name, "recipe": cfg.recipe, "wall_time_s": round(time.time() - t_start, 1),
+        "config": cfg.to_dict(),
     }
-    if info.is_main:
-        if not last_metrics and resume_ckpt is not None and best_path.is_file():
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Trains `cfg.model` on `cfg.data`; returns the summary (also written to OUTPUT/summary.json) with
+    the final weights under `final_state_dict`."""
+    t_start = time.time()
+    cfg, resumed = resolve_config(cfg)
+    ctx = setup_run(cfg)
+    classes = find_run_classes(cfg)  # data first: a missing or empty folder fails before the model is built
+    num_classes = cfg.num_classes or len(classes)
+    model = build_model(cfg, num_classes)  # same seed on every rank: same initial weights
+    model_info = dict(model_name=cfg.model, model_kwargs=model_kwargs(cfg), num_classes=num_classes,
+                      class_names=classes, pretrained_cfg=dict(model.pretrained_cfg))
+    data = build_data(ctx, model.pretrained_cfg, classes)
+    sched = build_schedule(cfg, ctx.info, data.train_sampler, len(data.train_ds))
+    state = build_train_state(ctx, model, sched)
+    if resumed is not None:
+        state.load_state_dict(_train_state_from_run(resumed), ctx.log)
+        ctx.log(f"resumed {cfg.resume} at epoch {state.epoch + 1}, step {state.step_in_epoch}/{sched.steps_per_epoch}")
+    else:
+        seed_all(cfg.seed + ctx.info.rank)  # augmentation and drop path differ per rank; weights are made
+    loop = build_loop(ctx, state, data, sched, model_info)
+    if ctx.info.is_main:
+        _log_start(ctx, state, loop)
+    loop.rows = _metrics_so_far(ctx, resumed is not None, state.epoch)
+    last: dict[str, Any] = {}
+    for epoch in range(state.epoch, cfg.epochs):
+        t_epoch = time.time()
+        cur_lr = train_one_epoch(ctx, state, loop, epoch)
+        last = end_epoch(ctx, state, loop, epoch, cur_lr, t_epoch)
+    if state.skipped:
+        ctx.log(f"skipped {len(state.skipped)} unreadable image(s): " + ", ".join(state.skipped[:20])
+                + (" ..." if len(state.skipped) > 20 else ""))
+    summary = _summary(ctx, state, loop, last, t_start)
+    if ctx.info.is_main:
+        if not last and resumed is not None and (ctx.out / "best.pt").is_file():
             summary["note"] = "the resumed run had already finished"
-        write_json_atomic(summary, out / "summary.json")
-    D.barrier(info)
-    D.cleanup(info)
+        write_json_atomic(summary, ctx.out / "summary.json")
+    D.barrier(ctx.info)
+    D.cleanup(ctx.info)
     summary["final_state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return summary

@@ -1,0 +1,53 @@
+"""Inference with a trained or published model: `hybridvit eval` (evaluate.py), `hybridvit predict`
+(predict.py), and the model loading every command shares (`load_for_command`). Needs torch, and pillow
+for image files; nothing of the training extra."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+
+def load_for_command(pretrained: str | None, model_name: str | None = None, *, num_classes: int | None = None,
+                     img_size: int | None = None, ema: bool = False) -> nn.Module:
+    """The model a command (eval, predict, export, bench, analyze) works on, in eval mode.
+
+    pretrained: a hybridvit run checkpoint (or run folder; it knows its model, classes, size and
+    preprocessing, so `model_name` may be left out), an official checkpoint file (then `model_name` is
+    needed), 'true' for the published weights of `model_name`, or None for random weights.
+    The model carries `model_name`, `pretrained_cfg`, `model_kwargs` and `class_names` (None unless the
+    checkpoint has them).
+    """
+    from ..checkpoint import CheckpointError, is_run_checkpoint, model_from_run, read_checkpoint_file, read_run
+    from ..registry import create_model
+
+    overrides = {"img_size": img_size} if img_size else {}
+    if pretrained and str(pretrained).lower() != "true":
+        path = Path(pretrained)
+        if path.is_dir() and (path / "best.pt").is_file():
+            path = path / "best.pt"
+        obj = read_checkpoint_file(path)
+        if is_run_checkpoint(obj):
+            run = read_run(obj, str(path))
+            if model_name and model_name != run["model_name"]:
+                raise CheckpointError(f"{path} is a run of {run['model_name']}, not {model_name}: leave --model "
+                                      "out (a run checkpoint knows its model)")
+            if num_classes and num_classes != run["num_classes"]:
+                raise CheckpointError(f"{path} predicts {run['num_classes']} classes, not {num_classes}: leave "
+                                      "--num-classes out, or fine-tune with hybridvit train --pretrained")
+            return model_from_run(run, ema=ema, source=str(path), **overrides)
+        if ema:
+            raise CheckpointError(f"--ema needs a hybridvit run checkpoint; {path} is not one")
+        if not model_name:
+            raise CheckpointError(f"{path} is not a hybridvit run checkpoint, so it does not name its model: "
+                                  "pass --model NAME (see `hybridvit models`)")
+        weights: bool | str = str(path)
+    else:
+        if not model_name:
+            raise ValueError("pass --model NAME (see `hybridvit models`) or --pretrained RUN_CHECKPOINT")
+        weights = bool(pretrained)
+    model = create_model(model_name, pretrained=weights, num_classes=num_classes or 1000, **overrides)
+    model.class_names = None
+    if not hasattr(model, "model_kwargs"):
+        model.model_kwargs = overrides
+    return model.eval()

@@ -1,0 +1,123 @@
+"""`hybridvit eval`: top-1/top-5 of a model on an image folder (or the embedded digits), with the
+model's own resize/crop/interpolation; and `evaluate()`, which training uses for validation."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..precision import AMP_CHOICES, Precision
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the train extra is not needed for inference
+        return iterable
+    return tqdm(iterable, desc=desc, leave=False, file=sys.stdout)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, precision: Precision | None = None, *,
+             channels_last: bool = False, progress: bool = False, desc: str = "eval",
+             reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+    """top-1/top-5 (percent) and mean loss over `loader` (batches of `images` (B, 3, H, W) in [0, 1] and
+    `targets` (B,)); `reduce` sums the counts over processes (every image counted once)."""
+    from ..data.transforms import Normalize
+
+    precision = precision or Precision(device, None)
+    model.eval()
+    cfg = getattr(model, "pretrained_cfg", {})
+    norm = Normalize(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(device)
+    sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images
+    for batch in _progress(loader, progress, desc):
+        if batch["targets"].numel() == 0:
+            continue
+        x = norm(batch["images"].to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["targets"].to(device)
+        with precision.autocast(model):
+            logits = model(x)
+        logits = logits.float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+        sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
+        sums[1] += float(hit[:, 0].sum())
+        sums[2] += float(hit.any(dim=1).sum())
+        sums[3] += y.numel()
+    loss, top1, top5, total = reduce(sums) if reduce else sums
+    total = max(total, 1)
+    return {"loss": loss / total, "top1": 100 * top1 / total, "top5": 100 * top5 / total, "images": int(total)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained", required=True,
+                   help="a hybridvit run checkpoint (or run folder), an official checkpoint with --model, "
+                        "or 'true' for the published weights of --model")
+    p.add_argument("--model", help="model name (not needed for a hybridvit run checkpoint)")
+    p.add_argument("--data", default="digits",
+                   help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits'")
+    p.add_argument("--split", default="val", help="sub-folder of ROOT to evaluate (default val)")
+    p.add_argument("--num-classes", type=int, help="for an official checkpoint (default 1000)")
+    p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's or the model's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default 0 for digits, else min(4, CPUs))")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", default="none", choices=AMP_CHOICES, help="precision (default none: fp32)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a hybridvit checkpoint")
+    p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _dataset(args: argparse.Namespace, model: nn.Module):
+    """The evaluation images, labelled in the model's class order when the folders carry those names."""
+    from ..data.folder import DataError
+    from ..data.loader import build_dataset, is_digits
+    from ..data.transforms import EvalTransform
+
+    classes = getattr(model, "class_names", None)
+    root = Path(args.data) / args.split
+    if not (classes and not is_digits(args.data) and all((root / c).is_dir() for c in classes)):
+        classes = None
+    ds = build_dataset(args.data, args.split, EvalTransform.from_cfg(model.pretrained_cfg), classes=classes)
+    n_out = getattr(model, "num_classes", None)
+    if n_out is not None and len(ds.classes) > n_out:
+        raise DataError(f"the data has {len(ds.classes)} classes but the model predicts {n_out}")
+    return ds
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.loader import EpochSampler, is_digits, make_loader
+    from ..train.distributed import pick_device
+    from . import load_for_command
+
+    model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, img_size=args.img_size,
+                             ema=args.ema)
+    ds = _dataset(args, model)
+    device = pick_device(args.device)
+    model.to(device)
+    workers = args.workers
+    if workers is None:
+        workers = 0 if is_digits(args.data) else min(4, os.cpu_count() or 1)
+    loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, workers, drop_last=False)
+    res = evaluate(model, loader, device, Precision.from_amp(args.amp, device), progress=not args.no_progress)
+    cfg = model.pretrained_cfg
+    result = {"model": model.model_name, "checkpoint": args.pretrained, "data": args.data, "split": args.split,
+              "images": res["images"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
+              "input_size": list(cfg["input_size"]), "crop_pct": cfg["crop_pct"],
+              "interpolation": cfg["interpolation"], "classes": model.class_names or len(ds.classes)}
+    print(f"{result['model']} on {args.data} ({res['images']} images): top-1 {res['top1']:.2f}%  "
+          f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0

@@ -1,0 +1,60 @@
+"""Numerical precision of a run: the one place where an `--amp` value becomes a dtype, an autocast
+context (with the CPU bf16 kernel policy of layers/cpu_bf16.py) and a gradient scaler."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .layers.cpu_bf16 import bf16_kernels, model_policy
+
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """fp32 (`dtype` None) or mixed precision in bf16/fp16 on `device`.
+
+    Build it once with `Precision.from_amp(amp, device)`; `autocast(model)` wraps forward (and, in
+    training, backward), `grad_scaler()` gives the loss scaler (active for fp16 only).
+    """
+
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @classmethod
+    def from_amp(cls, amp: str | None, device: torch.device | str) -> Precision:
+        """amp: "auto" (bf16 on CUDA GPUs that have it, else fp32) | "none" (fp32) | "bf16" | "fp16"."""
+        device = torch.device(device)
+        mode = "none" if amp in (None, "", "fp32") else str(amp).lower()
+        if mode not in AMP_CHOICES:
+            raise ValueError(f"unknown precision --amp {amp!r}: choose one of {', '.join(AMP_CHOICES)}")
+        if mode == "auto":
+            mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+        return cls(device, _DTYPES[mode])
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self, model: nn.Module | None = None):
+        """torch.autocast in `dtype` (nothing for fp32); given `model`, also inside its CPU bf16 kernel
+        context (inference: forward only)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if model is not None:
+            stack.enter_context(self.kernels(model))
+        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
+        return stack
+
+    def kernels(self, model: nn.Module):
+        """The CPU bf16 kernel context of `model`'s policy (layers/cpu_bf16.py), for a training step's
+        forward and backward together; nothing off CPU bf16."""
+        return bf16_kernels(model_policy(model), self.device, self.dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
