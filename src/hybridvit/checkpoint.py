@@ -202,7 +202,7 @@ def read_run(obj: dict[str, Any], source: str = "the checkpoint") -> dict[str, A
                               "official checkpoint pass the model name, e.g. --model fastervit_0")
     version = obj.get("version", 1)
     if version == RUN_VERSION:
-        return obj
+        return _checked_run(obj, source)
     if version != 1:
         raise CheckpointError(f"{source} is a run checkpoint of format version {version}; this hybridvit reads "
                               f"versions 1 to {RUN_VERSION}: upgrade hybridvit")
@@ -211,11 +211,33 @@ def read_run(obj: dict[str, Any], source: str = "the checkpoint") -> dict[str, A
     if not pcfg:
         from .registry import get_entry
         pcfg = dict(get_entry(obj["model_name"]).pretrained_cfg)
-    return make_run_checkpoint(model_name=obj["model_name"], model_kwargs=obj.get("model_kwargs") or {},
-                               num_classes=obj.get("num_classes") or _head_size(obj["state_dict"]),
-                               class_names=obj.get("class_names"), pretrained_cfg=pcfg,
-                               state_dict=obj["state_dict"], state_dict_ema=obj.get("state_dict_ema"),
-                               train_state=train_state, config=obj.get("config"))
+    return _checked_run(make_run_checkpoint(
+        model_name=obj["model_name"], model_kwargs=obj.get("model_kwargs") or {},
+        num_classes=obj.get("num_classes") or _head_size(obj["state_dict"]), class_names=obj.get("class_names"),
+        pretrained_cfg=pcfg, state_dict=obj["state_dict"], state_dict_ema=obj.get("state_dict_ema"),
+        train_state=train_state, config=obj.get("config")), source)
+
+
+def _checked_run(run: dict[str, Any], source: str) -> dict[str, Any]:
+    """`run` when its fields have the types the schema says (a crafted file gets a clear error)."""
+    def ok(value: Any, types: type | tuple[type, ...], optional: bool = False) -> bool:
+        return (optional and value is None) or (isinstance(value, types) and not isinstance(value, _unpickle.Opaque))
+
+    checks = {"model_name": ok(run.get("model_name"), str), "model_kwargs": ok(run.get("model_kwargs"), dict),
+              "num_classes": ok(run.get("num_classes"), int) and run["num_classes"] >= 0,
+              "class_names": ok(run.get("class_names"), list, True)
+              and all(isinstance(c, str) for c in run.get("class_names") or []),
+              "pretrained_cfg": ok(run.get("pretrained_cfg"), dict) and "input_size" in run["pretrained_cfg"],
+              "state_dict": ok(run.get("state_dict"), dict),
+              "state_dict_ema": ok(run.get("state_dict_ema"), dict, True),
+              "train_state": ok(run.get("train_state"), dict, True), "config": ok(run.get("config"), dict, True)}
+    bad = [k for k, good in checks.items() if not good]
+    if bad:
+        raise CheckpointError(f"{source} is not a valid hybridvit run checkpoint: {', '.join(bad)} missing or of "
+                              "the wrong type (a damaged or foreign file)")
+    if not all(isinstance(k, str) and k.isidentifier() for k in run["model_kwargs"]):
+        raise CheckpointError(f"{source}: model_kwargs must map option names to values")
+    return run
 
 
 def _head_size(sd: dict[str, torch.Tensor]) -> int:

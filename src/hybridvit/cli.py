@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-_EXTRAS = {"kornia": "train", "tqdm": "train", "PIL": "train", "sklearn": "train", "matplotlib": "train",
-           "onnx": "onnx", "onnxruntime": "onnx", "onnxscript": "onnx", "safetensors": "safetensors",
-           "timm": "timm"}
+# optional packages -> what installs them
+_EXTRAS = {"kornia": "'hybridvit[train]'", "tqdm": "'hybridvit[train]'", "sklearn": "'hybridvit[train]'",
+           "matplotlib": "'hybridvit[train]'", "PIL": "pillow", "onnx": "'hybridvit[onnx]'",
+           "onnxruntime": "'hybridvit[onnx]'", "onnxscript": "'hybridvit[onnx]'",
+           "safetensors": "'hybridvit[safetensors]'", "timm": "'hybridvit[timm]'"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -101,7 +103,7 @@ def _user_error(e: BaseException) -> str | None:
     if isinstance(e, ModuleNotFoundError) and e.name:
         top = e.name.split(".")[0]
         if top in _EXTRAS:
-            return f"{e.name} is not installed: pip install 'hybridvit[{_EXTRAS[top]}]'"
+            return f"{e.name} is not installed: pip install {_EXTRAS[top]}"
         return None
     if isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
         return str(e)
