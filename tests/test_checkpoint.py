@@ -224,3 +224,59 @@ def test_safetensors_file_loads(fx, tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated"):
         logits_after_loading(fx, path)
+
+
+def _old_run_checkpoint(model, ema_model=None) -> dict:
+    """A run checkpoint exactly as hybridvit 0.1 (CHECKPOINT_VERSION = 1 in train/engine.py) wrote it."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cfg = {"model": "fastervit_nano", "img_size": 32, "epochs": 2, "seed": 0, "data": "digits"}
+    return {"version": 1, "model_name": "fastervit_nano", "model_kwargs": {"img_size": 32}, "num_classes": 10,
+            "class_names": [str(i) for i in range(10)], "pretrained_cfg": dict(model.pretrained_cfg),
+            "state_dict": model.state_dict(),
+            "state_dict_ema": ema_model.state_dict() if ema_model is not None else None,
+            "ema_updates": 3 if ema_model is not None else 0, "optimizer": opt.state_dict(),
+            "scheduler": {"step": 3, "total": 6}, "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+            "epoch": 1, "step_in_epoch": 0, "best_top1": 50.0, "rng": [{"torch": torch.get_rng_state().tolist()}],
+            "running": [[0.0, 0.0, 0.0]], "skipped_images": [], "config": cfg, "world_size": 1}
+
+
+def test_old_layout_run_checkpoint_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = hybridvit.create_model("fastervit_nano", num_classes=10, img_size=32).eval()
+    ema = hybridvit.create_model("fastervit_nano", num_classes=10, img_size=32).eval()
+    path = tmp_path / "old.pt"
+    torch.save(_old_run_checkpoint(model, ema), path)
+    x = torch.randn(2, 3, 32, 32)
+    loaded = hybridvit.load_model(path)
+    assert loaded.model_name == "fastervit_nano" and loaded.model_kwargs == {"img_size": 32}
+    assert loaded.class_names == [str(i) for i in range(10)] and loaded.pretrained_cfg["input_size"][-1] == 32
+    assert not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        torch.testing.assert_close(hybridvit.load_model(path, ema=True)(x), ema(x), rtol=0, atol=0)
+    # create_model(pretrained=run.pt) keeps the trained head when num_classes matches
+    again = hybridvit.create_model("fastervit_nano", pretrained=str(path), num_classes=10, img_size=32).eval()
+    assert torch.equal(again.head.weight, model.head.weight)
+
+
+def test_load_model_of_a_run_folder_and_its_errors(tmp_path):
+    from hybridvit.checkpoint import make_run_checkpoint
+
+    model = hybridvit.create_model("fastervit_nano", num_classes=3, img_size=48)
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 48}, num_classes=3,
+                                   class_names=["a", "b", "c"], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), tmp_path / "best.pt")
+    loaded = hybridvit.load_model(tmp_path, device="cpu")
+    assert loaded.class_names == ["a", "b", "c"] and loaded.num_classes == 3
+    assert loaded.pretrained_cfg["input_size"] == (3, 48, 48)
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        hybridvit.load_model(tmp_path / "best.pt", ema=True)
+    official = tmp_path / "official.pth"
+    torch.save({"state_dict": model.state_dict()}, official)
+    with pytest.raises(CheckpointError, match="not a hybridvit run checkpoint"):
+        hybridvit.load_model(official)
+    future = tmp_path / "future.pt"
+    torch.save({"format": "hybridvit-run", "version": 9, "model_name": "fastervit_nano",
+                "state_dict": model.state_dict()}, future)
+    with pytest.raises(CheckpointError, match="format version 9"):
+        hybridvit.load_model(future)

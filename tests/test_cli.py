@@ -32,3 +32,74 @@ def test_unknown_pattern_and_model_errors():
     assert main(["models", "nothing_*"]) == 1
     with pytest.raises(ValueError, match="Did you mean: crossformerpp_s"):
         hybridvit.create_model("crossformer_pp_s")
+
+
+def test_version_and_help_import_no_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"hybridvit {hybridvit.__version__}"
+    assert main([]) == 0 and "predict" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    from hybridvit.checkpoint import CheckpointError
+
+    missing = str(tmp_path / "nope.pt")
+    assert main(["eval", "--pretrained", missing]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: checkpoint file {missing!r} does not exist\n"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        main(["--debug", "eval", "--pretrained", missing])
+    assert main(["export", "-o", str(tmp_path / "m.onnx")]) == 2
+    assert "pass --model NAME" in capsys.readouterr().err
+
+
+_BLOCKER = """
+import sys
+BLOCK = set(sys.argv[1].split(","))
+for name in BLOCK:  # a None entry makes `import name` fail as if not installed (find_spec gives None)
+    sys.modules[name] = None
+from hybridvit.cli import main
+rc = main(sys.argv[2:])
+leaked = sorted(m for m, mod in sys.modules.items() if m.split(".")[0] in BLOCK and mod is not None)
+assert not leaked, leaked
+sys.exit(rc)
+"""
+_TRAIN_EXTRA = "kornia,tqdm,sklearn,matplotlib,onnx,onnxruntime,onnxscript,safetensors,timm"
+
+
+def _run_without(blocked: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run([sys.executable, "-c", _BLOCKER, blocked, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_commands_import_only_what_they_need(tmp_path):
+    """`models` works with every extra missing; eval and predict need torch and pillow only; a missing
+    package is one error line that says what to install."""
+    import torch
+    from _imagedata import make_folder
+
+    from hybridvit.checkpoint import make_run_checkpoint
+
+    root = make_folder(tmp_path / "data", n_train=1, n_val=2)
+    model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
+    ckpt = tmp_path / "run.pt"
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
+                                   class_names=["blue", "red"], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), ckpt)
+    r = _run_without(_TRAIN_EXTRA + ",PIL", "models", "--no-macs", "fastervit_*")
+    assert r.returncode == 0 and "fastervit_nano" in r.stdout, r.stderr
+    r = _run_without(_TRAIN_EXTRA, "eval", "--pretrained", str(ckpt), "--data", str(root), "--no-progress")
+    assert r.returncode == 0 and "(4 images)" in r.stdout, r.stderr
+    img = str(root / "val" / "red" / "000.png")
+    r = _run_without(_TRAIN_EXTRA, "predict", "--pretrained", str(ckpt), img)
+    assert r.returncode == 0 and r.stdout.startswith(img) and "blue" in r.stdout, r.stderr
+    r = _run_without(_TRAIN_EXTRA + ",PIL", "predict", "--pretrained", str(ckpt), img)
+    assert r.returncode == 2 and r.stderr == "error: PIL is not installed: pip install pillow\n"
+    r = _run_without(_TRAIN_EXTRA, "train", "--epochs", "1")
+    assert r.returncode == 2 and "pip install 'hybridvit[train]'" in r.stderr and "Traceback" not in r.stderr
