@@ -25,6 +25,7 @@ import torch
 import hybridvit
 from hybridvit.bench import bench_models, environment, matmul_peak_gflops, prepare
 from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, use_fp32_kernels
+from hybridvit.precision import Precision
 
 MODELS = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
 
@@ -75,7 +76,7 @@ def main() -> int:
     def measure_peaks() -> None:
         # the best of repeated measurements (before and after every model): a noisy machine only lowers it
         for amp in args.amp:
-            dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+            dtype = Precision.from_amp(amp, dev).dtype or torch.float32
             # bf16 on CPUs without native bf16 (AVX2 only) runs ~0.3 GFLOP/s: a small matrix keeps this short
             n = 8192 if dev.type == "cuda" else (2048 if amp == "none" else 512)
             peak = matmul_peak_gflops(dev, dtype, n=n)

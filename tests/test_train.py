@@ -206,3 +206,26 @@ def test_batch_of_one_meeting_batchnorm_gets_advice(tmp_path, capsys):
     assert cli_main(["train", "--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "1",
                      "--output", str(tmp_path / "run"), "--no-progress", "--no-plot"]) == 2
     assert "use --batch-size 2 or more or a larger --img-size" in capsys.readouterr().err
+
+
+def test_precision_is_built_once_from_amp(tmp_path, capsys):
+    from hybridvit.layers import cpu_bf16
+    from hybridvit.precision import Precision
+
+    cpu = torch.device("cpu")
+    assert Precision.from_amp("auto", cpu).dtype is None and Precision.from_amp("none", cpu).name == "fp32"
+    p = Precision.from_amp("bf16", cpu)
+    assert p.dtype == torch.bfloat16 and p.name == "bf16" and not p.grad_scaler().is_enabled()
+    assert Precision.from_amp("fp16", cpu).grad_scaler().is_enabled()
+    with pytest.raises(ValueError, match="auto, none, bf16, fp16"):
+        Precision.from_amp("fp8", cpu)
+    # the autocast of a model enters its CPU bf16 kernel policy explicitly (not only through the model)
+    model = hybridvit.create_model("fastervit_nano", num_classes=3, img_size=32)
+    model.cpu_bf16_kernels = "fp32"
+    with p.autocast(model):
+        assert torch.is_autocast_enabled("cpu") and cpu_bf16._active()
+    with Precision.from_amp("none", cpu).autocast(model):
+        assert not torch.is_autocast_enabled("cpu") and not cpu_bf16._active()
+    assert cli_main(["train", "--amp", "fp8", "--output", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "unknown precision --amp 'fp8': choose one of auto, none, bf16, fp16" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

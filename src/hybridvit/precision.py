@@ -38,7 +38,8 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+        """"fp32", "bf16" or "fp16"."""
+        return next(k for k, v in _DTYPES.items() if v == self.dtype).replace("none", "fp32")
 
     def autocast(self, model: nn.Module | None = None):
         """torch.autocast in `dtype` (nothing for fp32); given `model`, also inside its CPU bf16 kernel

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 DEFAULT_MODEL = "fastervit_nano"
 

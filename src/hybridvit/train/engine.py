@@ -207,6 +207,7 @@ def setup_run(cfg: TrainConfig) -> RunContext:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
+    precision = Precision.from_amp(cfg.amp, info.device)  # an unknown --amp fails before any folder is made
     out = Path(cfg.output) if cfg.output else Path("runs") / f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     if info.enabled and not cfg.output:  # one folder for all ranks: rank 0's name
         out = Path(D.all_gather(str(out), info)[0])
@@ -219,7 +220,7 @@ def setup_run(cfg: TrainConfig) -> RunContext:
     seed_all(cfg.seed)
     workers = cfg.workers if cfg.workers is not None else (0 if is_digits(cfg.data) else min(4, os.cpu_count() or 1))
     channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
-    return RunContext(cfg, info, out, log, Precision.from_amp(cfg.amp, info.device), channels_last, workers)
+    return RunContext(cfg, info, out, log, precision, channels_last, workers)
 
 
 # ------------------------------------------------------------------------------------- data
