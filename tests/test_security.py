@@ -142,6 +142,14 @@ def test_restricted_unpickler_refuses_to_patch_a_class(tmp_path):
     assert str(path) in str(err.value) and not hasattr(torch.Size, "foo")
 
 
+def test_torchscript_archive_is_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(CheckpointError, match="TorchScript archive") as err:
+        load_model(path)
+    assert str(path) in str(err.value)
+
+
 @pytest.mark.parametrize("kind,message", [
     ("empty", "is empty (0 bytes)"),
     ("random", "is not a PyTorch checkpoint"),

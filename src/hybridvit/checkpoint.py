@@ -47,6 +47,9 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} ({size} bytes) is not a PyTorch checkpoint: it starts neither like a "
                               "torch.save file (zip archive or pickle) nor is it named .safetensors. Is it the "
                               "right file?")
+    if head.startswith(b"PK") and _is_torchscript(path):
+        raise CheckpointError(f"{path} is a TorchScript archive (it carries code, which hybridvit never runs "
+                              "while loading): pass a checkpoint saved with torch.save(model.state_dict(), path)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_unpickle)
     except _unpickle.RefusedError as e:
@@ -66,6 +69,17 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path} holds a {_describe_object(obj)} object (left inert, nothing of it ran), "
                               "expected a state dict or a dict with 'state_dict' or 'model'")
     return obj
+
+
+def _is_torchscript(path: Path) -> bool:
+    """torch.load hands TorchScript archives (their code and constants) to torch.jit.load: refuse them."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False  # a damaged archive: torch.load's error says so
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
