@@ -44,3 +44,21 @@ def test_onnx_export_of_the_other_families_matches_pytorch(tmp_path, family):
     size = (96, 128)
     path = export_onnx(model.eval(), tmp_path / f"{family}.onnx", size)
     assert check_onnx(model, path, size, batch=3) < 1e-4
+
+
+def test_export_of_a_run_checkpoint_keeps_its_head_and_size(tmp_path, capsys):
+    """A run checkpoint needs no --model and exports its own classifier (not a fresh 1000-class one)."""
+    from hybridvit.checkpoint import make_run_checkpoint
+
+    torch.manual_seed(0)
+    model = hybridvit.create_model("fastervit_nano", num_classes=10, img_size=48).eval()
+    ckpt = tmp_path / "best.pt"
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 48}, num_classes=10,
+                                   class_names=[f"c{i}" for i in range(10)], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), ckpt)
+    out = tmp_path / "run.pt2"
+    assert main(["export", "--pretrained", str(ckpt), "--format", "pt2", "-o", str(out)]) == 0
+    assert "10 classes (c0, c1, c2, c3, c4, ...)" in capsys.readouterr().out
+    x = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(out)).module()(x), model(x), rtol=1e-5, atol=1e-5)
