@@ -39,6 +39,12 @@ def test_version_and_help_import_no_command(capsys):
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"hybridvit {hybridvit.__version__}"
     assert main([]) == 0 and "predict" in capsys.readouterr().out
+    import os
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "hybridvit", "--version"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)), timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"hybridvit {hybridvit.__version__}"
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
