@@ -1,4 +1,6 @@
-"""Reading checkpoint files (official or hybridvit layout) and loading them into a model."""
+"""The one owner of checkpoint files: reading any file safely (no code from it runs; see _unpickle.py),
+loading official or hybridvit weights into a model, and the hybridvit run checkpoint (schema, atomic
+save, `load_model`)."""
 from __future__ import annotations
 
 import os
