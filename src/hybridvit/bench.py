@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
+from .flops import count_macs
 from .layers.cpu_bf16 import bf16_kernels, model_policy, use_fp32_kernels
 
 
@@ -34,14 +34,6 @@ def autocast_ctx(device: torch.device, amp: str | None):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return torch.autocast(device.type, dtype=dtype)
-
-
-def count_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates of one forward of `x` (torch.utils.flop_counter; FLOPs / 2)."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -185,9 +177,7 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
     results = []
     for i, (label, model) in enumerate(models):
         base = getattr(model, "_orig_mod", model)
-        macs = count_macs(base.eval(), torch.empty(1, 3, img_size, img_size, device="meta")) \
-            if _meta_ok(base) else count_macs(base.eval(), x1)
-        base.train(train)
+        macs = count_macs(base, (3, img_size, img_size))  # the counter of `models` and the README
         t = statistics.median(times[i])
         r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device, "amp": amp or "fp32",
              "train": train, "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
@@ -203,13 +193,6 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
             r["peak_mem_per_img_mb"] = peak_memory(steps[i], dev) / batch_size / 2 ** 20
         results.append(r)
     return results
-
-
-def _meta_ok(model: torch.nn.Module) -> bool:
-    try:
-        return next(model.parameters()).device.type == "meta"
-    except StopIteration:
-        return False
 
 
 def environment(device: str) -> dict[str, Any]:
