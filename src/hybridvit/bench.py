@@ -132,10 +132,26 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp
     return step
 
 
+def check_model_name(name: str) -> None:
+    """ValueError saying what to do for an unknown hybridvit name (close names) or a timm:<name> without
+    timm installed or unknown to timm; nothing is built."""
+    if not name.startswith("timm:"):
+        from .registry import get_entry
+        get_entry(name)
+        return
+    try:
+        import timm
+    except ImportError as e:
+        raise ValueError(f"--compare {name} needs timm: pip install 'hybridvit[timm]'") from e
+    if not timm.is_model(name[5:]):
+        raise ValueError(f"timm has no model {name[5:]!r}; timm.list_models('PATTERN*') lists its names")
+
+
 def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels_last: bool = True,
             compile: bool = False, train: bool = False, fuse: bool = False) -> tuple[torch.nn.Module, str]:
     if isinstance(name_or_model, str):
         label = name_or_model
+        check_model_name(name_or_model)
         if name_or_model.startswith("timm:"):
             import timm
             model = timm.create_model(name_or_model[5:])
@@ -198,7 +214,7 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
 def environment(device: str) -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
            "processor": platform.processor(), "threads": torch.get_num_threads(), "argv": sys.argv}
-    if device == "cuda" and torch.cuda.is_available():
+    if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
 
@@ -209,7 +225,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="other models measured in the same run (hybridvit names, or timm:<name> if timm is installed)")
     p.add_argument("--batch-size", "-b", type=int, default=16)
     p.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype (default: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
@@ -219,7 +235,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 products of hybridvit models on CPU: auto = fp32 kernels on bf16 operands where the "
                         "CPU has no bf16 instructions (same numerics, much faster there), native = PyTorch's bf16 "
                         "kernels always")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: every CPU this process may use, see runtime.plan_threads)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--peak", action="store_true", help="also measure the dense matmul peak (GFLOP/s) for reference")
@@ -227,10 +244,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
     from .registry import get_entry
+    from .runtime import plan_threads, resolve_device
+
+    # every argument is checked before anything is built: a wrong name fails in a second, not after set-up
+    for name in [args.model, *args.compare]:
+        check_model_name(name)
+    for flag in ("batch_size", "img_size", "repeats"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
+    dev = resolve_device(args.device)
+    args.device = str(dev)
+    plan_threads("bench", device=dev, threads=args.threads).apply()
     img_size = args.img_size or get_entry(args.model).pretrained_cfg["input_size"][-1]
     models = [prepare(n, dev, not args.no_channels_last, args.compile, args.train, args.fuse)[::-1]
               for n in [args.model, *args.compare]]

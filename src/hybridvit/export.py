@@ -46,11 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="onnx (checked with onnxruntime when installed) or pt2 (torch.export program)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
     p.add_argument("--output", "-o", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every CPU available)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .registry import create_model
+    from .runtime import plan_threads
 
+    if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
+        raise ValueError(f"--img-size takes H [W], each at least 1, got {' '.join(map(str, args.img_size))}")
+    plan_threads("export", threads=args.threads).apply()
     pretrained = True if str(args.pretrained).lower() == "true" else (args.pretrained or False)
     num_classes = args.num_classes
     if num_classes is None and pretrained and pretrained is not True:

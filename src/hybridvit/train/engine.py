@@ -192,17 +192,19 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         return
     ep = [r["epoch"] + 1 for r in rows]
+    # one colour per series in both panels (matplotlib's cycle would restart per panel and swap them)
+    color = {"train": "C0", "val": "C1", "ema": "C2"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
-    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", color=color["train"], label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", color=color["val"], label="val")
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1")
-    if all("val_top1_ema" in r for r in rows):
-        b.plot(ep, [r["val_top1_ema"] for r in rows], "o-", label="val top-1 (EMA)")
     if all(r.get("train_top1") is not None for r in rows):
-        b.plot(ep, [r["train_top1"] for r in rows], "o-", label="train top-1")
+        b.plot(ep, [r["train_top1"] for r in rows], "o-", color=color["train"], label="train top-1")
+    b.plot(ep, [r["val_top1"] for r in rows], "o-", color=color["val"], label="val top-1")
+    if all("val_top1_ema" in r for r in rows):
+        b.plot(ep, [r["val_top1_ema"] for r in rows], "o-", color=color["ema"], label="val top-1 (EMA)")
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy (%)")
     b.legend()
