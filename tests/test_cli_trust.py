@@ -74,6 +74,21 @@ def test_models_and_bench_report_the_same_gmacs(tmp_path):
     assert bench["environment"]["threads"] == 1
 
 
+def test_stage_profile_is_channels_first_for_every_family():
+    from hybridvit.flops import stage_profile
+
+    for name in ("crossformerpp_s", "fastervit_nano", "cabvit_h_l1"):
+        with torch.device("meta"):
+            model = hybridvit.create_model(name, img_size=64) if name != "crossformerpp_s" else \
+                hybridvit.create_model(name)
+        size = model.pretrained_cfg["input_size"]
+        stages = stage_profile(model, size)
+        chans = [s["num_chs"] for s in model.stage_info]
+        assert [s["out_shape"][0] for s in stages] == chans, name
+        assert stages[0]["out_shape"][1:] == (size[1] // 4, size[2] // 4), name
+        assert all(s["macs"] > 0 for s in stages) and sum(s["macs"] for s in stages) < count_macs(model), name
+
+
 def test_shapes_are_channels_first():
     assert chw((2, 7, 7, 512), 512) == (512, 7, 7)  # CrossFormer's (B, H, W, C)
     assert chw((2, 512, 7, 7), 512) == (512, 7, 7)

@@ -92,3 +92,25 @@ def chw(shape: Sequence[int], channels: int) -> tuple[int, ...]:
     if s[0] != channels:
         raise ValueError(f"no dimension of {tuple(shape)} has {channels} channels")
     return s
+
+
+def stage_profile(model: nn.Module, x: torch.Tensor | Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Per stage of a hybridvit model (`model.stages`, `model.stage_info`), for one eval forward of `x`:
+    {'stage': i, 'macs': MACs of the stage (all images of x), 'out_shape': (C, H, W) of its output}."""
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def hook(i: int):
+        def fn(_m, _inp, out):
+            t = out[0] if isinstance(out, (tuple, list)) else out
+            shapes[i] = chw(t.shape, model.stage_info[i]["num_chs"])
+        return fn
+
+    handles = [s.register_forward_hook(hook(i)) for i, s in enumerate(model.stages)]
+    try:
+        prof = profile_macs(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    top = type(model).__name__
+    return [{"stage": i, "macs": prof["modules"].get(f"{top}.stages.{i}", 0.0), "out_shape": shapes.get(i)}
+            for i in range(len(model.stages))]
