@@ -3,6 +3,7 @@ that say what to do, runs that never overwrite each other, consistent plots. Com
 user would, through `hybridvit.cli.main`."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -163,11 +164,14 @@ def test_bench_unknown_model_lists_close_names(capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_without_cuda_says_what_to_do(capsys):
+def test_cuda_without_cuda_says_what_to_do(capsys, tmp_path):
     msg = user_error(["bench", "-m", "fastervit_nano", "--device", "cuda", "--warmup", "0"], capsys)
     assert "no CUDA device" in msg and "--device cpu" in msg
     with pytest.raises(ValueError, match="--device cpu"):
         resolve_device("cuda:1")
+    if importlib.util.find_spec("kornia"):  # train, eval and predict resolve --device the same way
+        msg = user_error(["train", "--device", "cuda", "--epochs", "1", "--output", str(tmp_path / "r")], capsys)
+        assert "no CUDA device" in msg
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="unknown device"):
         resolve_device("gpu")
