@@ -17,7 +17,7 @@ from hybridvit.cli import main
 from hybridvit.flops import chw, count_macs, profile_macs
 from hybridvit.runtime import plan_threads, resolve_device
 from hybridvit.train import config as C
-from hybridvit.train.run_dir import RunExistsError, output_dir, prepare_output_dir
+from hybridvit.train.run_dir import RunExistsError, created_run_dir, output_dir, prepare_output_dir
 
 
 def user_error(argv: list[str], capsys, exc=(ValueError, FileNotFoundError)) -> str:
@@ -112,11 +112,25 @@ def test_default_recipe_follows_the_data(tmp_path, monkeypatch):
     assert small.lr_base_size is None
 
 
+def test_train_on_a_small_folder_uses_the_small_data_recipe(tmp_path):
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    from _imagedata import make_folder
+
+    root = make_folder(tmp_path / "d", n_train=4, n_val=2, size=24)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--epochs", "1", "--img-size", "32", "--batch-size", "4",
+                 "--workers", "0", "--threads", "1", "--no-progress", "--no-plot", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = summary["config"]
+    assert summary["recipe"] == "small-data" and cfg["lr"] == 1e-3 and cfg["lr_base_size"] is None
+    assert (cfg["mixup"], cfg["cutmix"], cfg["reprob"], cfg["randaugment"]) == (0.0, 0.0, 0.0, None)
+
+
 def test_run_header_says_recipe_augmentation_lr_and_threads():
     plan = plan_threads("train", cpus=2)
     head = C.run_header(C.make_config("small-data"), plan.describe(), 32, n_train=320)
     assert "recipe small-data (320 training images < 5000)" in head
-    assert "crops and flips only" in head and "1 thread + 1 loader worker on 2 CPUs" in head
+    assert "random crops and flips only" in head and "1 thread + 1 loader worker on 2 CPUs" in head
     big = C.run_header(C.make_config("cabvit_h_l1"), plan.describe(), 16)
     assert "mixup 0.8" in big and "lr 0.001 at batch 1024 -> 1.56e-05 at batch 16" in big
 
@@ -124,7 +138,8 @@ def test_run_header_says_recipe_augmentation_lr_and_threads():
 def test_help_defaults_are_those_of_the_default_run():
     assert C.help_default("epochs") == ("default 5 for the embedded digits, 30 for folders under 5000 images "
                                         "(recipe small-data), 10 for larger ones")
-    assert C.help_default("mixup").startswith("default 0.0 for the embedded digits, 0.0 for folders")
+    assert C.help_default("mixup") == ("default 0.0 for the embedded digits and folders under 5000 images, "
+                                       "0.8 for larger folders")
     assert C.help_default("opt") == "default adamw"
 
 
@@ -252,7 +267,7 @@ def test_a_failed_start_leaves_no_folder(tmp_path):
             raise ValueError("data check failed")
     assert not (tmp_path / "run").exists()
     with pytest.raises(RuntimeError):
-        with output_dir(tmp_path / "run2") as out:
+        with created_run_dir(prepare_output_dir(tmp_path / "run2")) as out:
             (out / "last.pt").write_bytes(b"x")
             raise RuntimeError("crash after a checkpoint")
     assert (tmp_path / "run2" / "last.pt").exists()  # resumable: kept

@@ -127,8 +127,13 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 def make_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
     """defaults < recipe < overrides (None values in overrides are ignored).
 
-    An `lr` among the overrides without an `lr_base_size` is absolute: the recipe's batch scaling
-    is dropped (timm's behaviour: --lr as given, scaling only for the recipe's own base lr)."""
+    recipe None: `default_recipe` of the data (digits, small-data or none), except when resuming (the
+    stored configuration is complete). An `lr` among the overrides without an `lr_base_size` is
+    absolute: the recipe's batch scaling is dropped (timm's behaviour: --lr as given, scaling only
+    for the recipe's own base lr)."""
+    if recipe is None and not overrides.get("resume"):
+        recipe = default_recipe(overrides.get("data") or FIELDS["data"].default,
+                                overrides.get("train_split") or FIELDS["train_split"].default)
     values: dict[str, Any] = {}
     if recipe:
         values.update(load_recipe(recipe))
@@ -222,7 +227,8 @@ def run_header(cfg: TrainConfig, threads: str, global_batch: int, n_train: int |
         recipe = f"recipe {cfg.recipe}" if cfg.recipe else "built-in defaults"
     aug = [f"{k} {getattr(cfg, k):g}" for k in ("mixup", "cutmix", "reprob") if getattr(cfg, k)]
     aug += [f"randaugment {cfg.randaugment}"] if cfg.randaugment else []
-    return (f"{recipe}, augmentation: {', '.join(aug) if aug else 'crops and flips only'}, "
+    plain = "random crops" + (" and flips" if cfg.hflip else "") + " only"
+    return (f"{recipe}, augmentation: {', '.join(aug) if aug else plain}, "
             f"{scaled_lr(cfg, global_batch)[3]}, {threads}")
 
 
@@ -239,5 +245,8 @@ def help_default(name: str) -> str:
 
     if fmt(digits) == fmt(small) == fmt(base):
         return f"default {fmt(base)}"
+    if fmt(digits) == fmt(small):
+        return (f"default {fmt(digits)} for the embedded digits and folders under {SMALL_DATA_IMAGES} images, "
+                f"{fmt(base)} for larger folders")
     return (f"default {fmt(digits)} for the embedded digits, {fmt(small)} for folders under "
             f"{SMALL_DATA_IMAGES} images (recipe small-data), {fmt(base)} for larger ones")

@@ -8,8 +8,8 @@ Policy (one place, used by `hybridvit train`):
 - With no `--output`, the default `runs/<model>-<timestamp>` gets a numbered suffix (`-2`, `-3`, ...)
   when that name is taken (two runs started in the same second).
 - `--resume DIR` continues the run in DIR, which must exist.
-- The folder is created only by `output_dir`, and removed again when the run fails before it wrote
-  a checkpoint (e.g. the data check fails), so failed starts leave no empty run folders behind.
+- The folder is created only by `created_run_dir` (or `output_dir`), and removed again when the run
+  fails before it wrote a checkpoint (e.g. the data check fails): failed starts leave no empty folders.
 """
 from __future__ import annotations
 
@@ -71,12 +71,11 @@ def prepare_output_dir(path: str | Path | None, *, overwrite: bool = False, resu
 
 
 @contextlib.contextmanager
-def output_dir(path: str | Path | None, *, overwrite: bool = False, resume: bool = False,
-               default: str | Path | None = None, create: bool = True) -> Iterator[Path]:
-    """`prepare_output_dir`, then create the folder (`create`: False on ranks other than 0) for the
-    body of the `with`; when the body raises before a checkpoint exists, a folder this call created
-    is removed again (the error still propagates)."""
-    out = prepare_output_dir(path, overwrite=overwrite, resume=resume, default=default)
+def created_run_dir(out: str | Path, *, create: bool = True) -> Iterator[Path]:
+    """Creates `out` (`create`: False on ranks other than 0) for the body of the `with`; when the body
+    raises before a checkpoint exists, a folder this call created is removed again (the error still
+    propagates). `out` comes from `prepare_output_dir`."""
+    out = Path(out)
     created = create and not out.exists()
     if create:
         out.mkdir(parents=True, exist_ok=True)
@@ -86,3 +85,11 @@ def output_dir(path: str | Path | None, *, overwrite: bool = False, resume: bool
         if created and not any(out.glob("*.pt")):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def output_dir(path: str | Path | None, *, overwrite: bool = False, resume: bool = False,
+               default: str | Path | None = None) -> Iterator[Path]:
+    """`prepare_output_dir`, then `created_run_dir` (single process)."""
+    with created_run_dir(prepare_output_dir(path, overwrite=overwrite, resume=resume, default=default)) as out:
+        yield out
