@@ -5,7 +5,9 @@ MACs are torch.utils.flop_counter FLOPs / 2 for one forward pass in eval mode. P
 knows the CUDA attention kernels but not the CPU one (`_scaled_dot_product_flash_attention_for_cpu`),
 so on CPU tensors every attention product went uncounted while on the `meta` device (where SDPA
 decomposes into `bmm`) it was counted: crossformerpp_s read 4.04 GMACs in `bench` and 4.42 in
-`models`. The mapping below counts the CPU kernel like the others, so both agree.
+`models`. The mapping below counts the CPU kernel like the others, so both agree. The README's 4.43
+came from calling `model.eval()` inside the count: eval() refreshes the cached position biases (an
+MLP run once per resolution, not per image); here the model is switched to eval before counting.
 
 Shapes are reported as (C, H, W) (channels first, no batch), whatever layout a stage keeps
 internally (CrossFormer's stages work in (B, H, W, C)).
