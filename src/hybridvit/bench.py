@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
+from .flops import count_macs
 from .layers.cpu_bf16 import bf16_kernels, model_policy, use_fp32_kernels
 from .precision import Precision
 
@@ -29,12 +29,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_macs(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """Multiply-accumulates of one forward of `x` (torch.utils.flop_counter; FLOPs / 2)."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() / 2
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -131,10 +125,26 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp
     return step
 
 
+def check_model_name(name: str) -> None:
+    """ValueError saying what to do for an unknown hybridvit name (close names) or a timm:<name> without
+    timm installed or unknown to timm; nothing is built."""
+    if not name.startswith("timm:"):
+        from .registry import get_entry
+        get_entry(name)
+        return
+    try:
+        import timm
+    except ImportError as e:
+        raise ValueError(f"--compare {name} needs timm: pip install 'hybridvit[timm]'") from e
+    if not timm.is_model(name[5:]):
+        raise ValueError(f"timm has no model {name[5:]!r}; timm.list_models('PATTERN*') lists its names")
+
+
 def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels_last: bool = True,
             compile: bool = False, train: bool = False, fuse: bool = False) -> tuple[torch.nn.Module, str]:
     if isinstance(name_or_model, str):
         label = name_or_model
+        check_model_name(name_or_model)
         if name_or_model.startswith("timm:"):
             import timm
             model = timm.create_model(name_or_model[5:])
@@ -176,9 +186,7 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
     results = []
     for i, (label, model) in enumerate(models):
         base = getattr(model, "_orig_mod", model)
-        macs = count_macs(base.eval(), torch.empty(1, 3, img_size, img_size, device="meta")) \
-            if _meta_ok(base) else count_macs(base.eval(), x1)
-        base.train(train)
+        macs = count_macs(base, (3, img_size, img_size))  # the counter of `models` and the README
         t = statistics.median(times[i])
         r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device,
              "amp": Precision.from_amp(amp, dev).name,
@@ -197,17 +205,10 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
     return results
 
 
-def _meta_ok(model: torch.nn.Module) -> bool:
-    try:
-        return next(model.parameters()).device.type == "meta"
-    except StopIteration:
-        return False
-
-
 def environment(device: str) -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
            "processor": platform.processor(), "threads": torch.get_num_threads(), "argv": sys.argv}
-    if device == "cuda" and torch.cuda.is_available():
+    if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
 
@@ -220,7 +221,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="other models measured in the same run (hybridvit names, or timm:<name> if timm is installed)")
     p.add_argument("--batch-size", "-b", type=int, default=16)
     p.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg size")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype (default: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
@@ -230,7 +231,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 products of hybridvit models on CPU: auto = fp32 kernels on bf16 operands where the "
                         "CPU has no bf16 instructions (same numerics, much faster there), native = PyTorch's bf16 "
                         "kernels always")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: every CPU this process may use, see runtime.plan_threads)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--peak", action="store_true", help="also measure the dense matmul peak (GFLOP/s) for reference")
@@ -238,10 +240,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
     from .inference import load_for_command
+    from .runtime import plan_threads, resolve_device
+
+    # every argument is checked before anything is built: a wrong name fails in a second, not after set-up
+    for name in [*([args.model] if args.model else []), *args.compare]:
+        check_model_name(name)
+    for flag in ("batch_size", "img_size", "repeats"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
+    dev = resolve_device(args.device)
+    args.device = str(dev)
+    plan_threads("bench", device=dev, threads=args.threads).apply()
     first = load_for_command(args.pretrained, args.model)  # random weights without --pretrained
     img_size = args.img_size or first.pretrained_cfg["input_size"][-1]
     models = [(first.model_name, prepare(first, dev, not args.no_channels_last, args.compile, args.train,

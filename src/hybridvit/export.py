@@ -53,12 +53,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="none: fp32 graph (default); fp16: weights and input in float16 (for GPU runtimes)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
     p.add_argument("--output", "-o", required=True)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every CPU available)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .inference import load_for_command
     from .precision import Precision
+    from .runtime import plan_threads
 
+    if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
+        raise ValueError(f"--img-size takes H [W], each at least 1, got {' '.join(map(str, args.img_size))}")
+    plan_threads("export", threads=args.threads).apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, ema=args.ema)
     size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
     size = (size[0], size[-1])

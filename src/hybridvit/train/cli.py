@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import types
 import typing
 
-from .config import FIELDS, TrainConfig
+from .config import FIELDS, TrainConfig, help_default
 
 _SKIP = {"recipe", "source"}
 _HELP = {
@@ -16,7 +15,9 @@ _HELP = {
     "pretrained": "'true' for the published weights, or a checkpoint path (then the head is reset "
                   "to --num-classes)",
     "resume": "run folder (or its last.pt) of an interrupted run: continues exactly where it stopped",
-    "output": "output folder (default runs/<model>-<timestamp>)",
+    "output": "output folder (default runs/<model>-<timestamp>); a folder holding a run is refused unless "
+              "--overwrite or --resume",
+    "overwrite": "replace the run already in --output (its files are deleted first)",
     "lr": "peak learning rate (at global batch --lr-base-size when given)",
     "checkpoint_every": "also write last.pt every N optimizer steps (0: at the end of each epoch)",
     "amp": "auto | bf16 | fp16 | none",
@@ -41,13 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "command-line options override its values")
     p.add_argument("--list-recipes", action="store_true", help="list the shipped recipes and exit")
     hints = typing.get_type_hints(TrainConfig)
-    for name, f in FIELDS.items():
+    for name in FIELDS:
         if name in _SKIP:
             continue
         flag = "--" + name.replace("_", "-")
         tp = _base_type(hints[name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        help_text = _HELP.get(name, "") + (f" (default {default})" if default is not None else "")
+        help_text = _HELP.get(name, "") + f" ({help_default(name)})"
         if tp is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(tp) is tuple:
@@ -57,15 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from ..data.loader import is_digits
-    from .config import make_config
+    from .config import default_recipe, make_config
 
     values = {name: getattr(args, name) for name in FIELDS if name not in _SKIP and hasattr(args, name)}
     if values.get("randaugment") in ("none", "None", ""):
         values["randaugment"] = ""
     recipe = args.recipe
-    if recipe is None and is_digits(values.get("data")) and not args.resume:
-        recipe = "digits"  # the embedded default run: small-data settings
+    if recipe is None and not args.resume:  # digits, small-data for small folders, else the defaults
+        recipe = default_recipe(values.get("data"), values.get("train_split") or "train")
     cfg = make_config(recipe, **values)
     if cfg.randaugment == "":
         cfg.randaugment = None

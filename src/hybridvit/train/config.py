@@ -1,4 +1,11 @@
-"""Training configuration: defaults < recipe file (`--recipe NAME` or a .toml path) < command line."""
+"""Training configuration: defaults < recipe file (`--recipe NAME` or a .toml path) < command line.
+
+Without `--recipe`, the recipe follows the data (`default_recipe`): `digits` for the embedded
+default run, `small-data` for folders of fewer than SMALL_DATA_IMAGES training images (ImageNet
+recipes' heavy augmentation keeps such runs at chance), none (the ImageNet-style defaults below)
+for larger folders. An explicit `--lr` is used as given, as in timm: recipes' linear scaling with
+the global batch (`lr_base_size`) applies only to their own lr, or with an explicit `--lr-base-size`.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +32,7 @@ class TrainConfig:
     img_size: int | None = None          # model input size (default: the model's pretrained_cfg)
     drop_path_rate: float | None = None  # default: the model's own
     output: str | None = None            # default: runs/<model>-<timestamp>
+    overwrite: bool = False              # replace the run already in --output (else refused)
     resume: str | None = None            # run folder (or its last.pt) to continue exactly
     seed: int = 0
     # optimisation
@@ -94,7 +102,12 @@ def list_recipes() -> list[str]:
 def load_recipe(name_or_path: str) -> dict[str, Any]:
     """The values of a recipe: a name shipped with the package (`fastervit_0`) or a .toml file."""
     path = Path(name_or_path)
-    if not (path.suffix == ".toml" and path.is_file()):
+    if path.suffix == ".toml" or len(path.parts) > 1:  # a file, not a shipped name
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {name_or_path} not found (looked for {path.resolve()}); pass an "
+                                    "existing .toml file, or a shipped recipe name (`hybridvit train "
+                                    "--list-recipes`)")
+    else:
         path = recipes_dir() / f"{name_or_path}.toml"
         if not path.is_file():
             import difflib
@@ -111,15 +124,128 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
 
 
 def make_config(recipe: str | None = None, **overrides: Any) -> TrainConfig:
-    """defaults < recipe < overrides (None values in overrides are ignored)."""
+    """defaults < recipe < overrides (None values in overrides are ignored).
+
+    recipe None: `default_recipe` of the data (digits, small-data or none), except when resuming (the
+    stored configuration is complete). An `lr` among the overrides without an `lr_base_size` is
+    absolute: the recipe's batch scaling is dropped (timm's behaviour: --lr as given, scaling only
+    for the recipe's own base lr)."""
+    if recipe is None and not overrides.get("resume"):
+        recipe = default_recipe(overrides.get("data") or FIELDS["data"].default,
+                                overrides.get("train_split") or FIELDS["train_split"].default)
     values: dict[str, Any] = {}
     if recipe:
         values.update(load_recipe(recipe))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "lr" in given and "lr_base_size" not in given:
+        values.pop("lr_base_size", None)
+    values.update(given)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise ValueError(f"unknown training options: {', '.join(unknown)}")
     for k in ("scale", "ratio", "opt_betas"):
         if k in values:
             values[k] = tuple(values[k])
-    return TrainConfig(**values)
+    cfg = TrainConfig(**values)
+    check_config(cfg)
+    return cfg
+
+
+# option -> (smallest allowed value, whether the bound itself is allowed)
+_BOUNDS = {"img_size": (1, True), "epochs": (1, True), "batch_size": (1, True), "accum_steps": (1, True),
+           "lr": (0.0, False), "min_lr": (0.0, True), "warmup_lr": (0.0, True), "warmup_epochs": (0.0, True),
+           "cooldown_epochs": (0.0, True), "weight_decay": (0.0, True), "smoothing": (0.0, True),
+           "threads": (1, True), "workers": (0, True), "checkpoint_every": (0, True),
+           "max_steps_per_epoch": (1, True), "lr_base_size": (1, True), "num_classes": (1, True),
+           "drop_path_rate": (0.0, True), "reprob": (0.0, True), "mixup": (0.0, True), "cutmix": (0.0, True)}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the option (as spelled on the command line) when a value is out of range."""
+    for name, (low, inclusive) in _BOUNDS.items():
+        v = getattr(cfg, name)
+        if v is None:
+            continue
+        if v < low or (v == low and not inclusive):
+            bound = f"at least {low}" if inclusive else f"above {low}"
+            raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {v}")
+    for name in ("smoothing", "reprob", "drop_path_rate", "mixup_prob", "hflip"):
+        if getattr(cfg, name) is not None and not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(cfg, name)}")
+
+
+# folders with fewer training images than this train with the `small-data` recipe by default
+SMALL_DATA_IMAGES = 5000
+
+
+def count_images(data: str, split: str = "train", limit: int | None = None) -> int:
+    """Image files under DATA/SPLIT/<class>/ (stops counting at `limit`); 0 when the folder is missing."""
+    from ..data.folder import IMAGE_EXTENSIONS
+
+    root = Path(data) / split
+    if not root.is_dir():
+        return 0
+    n = 0
+    for p in root.rglob("*"):
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            n += 1
+            if limit is not None and n >= limit:
+                break
+    return n
+
+
+def default_recipe(data: str | None, train_split: str = "train") -> str | None:
+    """The recipe a run without `--recipe` uses: 'digits' for the embedded default data, 'small-data'
+    for a folder of fewer than SMALL_DATA_IMAGES training images, else None (the built-in defaults)."""
+    from ..data.loader import is_digits
+
+    if is_digits(data):
+        return "digits"
+    if data and count_images(data, train_split, limit=SMALL_DATA_IMAGES) < SMALL_DATA_IMAGES:
+        return "small-data"
+    return None
+
+
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> tuple[float, float, float, str]:
+    """(lr, min_lr, warmup_lr, note): the rates used at `global_batch` (linear scaling from
+    `lr_base_size` when set) and a note for the training header saying how lr was obtained."""
+    if not cfg.lr_base_size:
+        return cfg.lr, cfg.min_lr, cfg.warmup_lr, f"lr {cfg.lr:.3g}"
+    f = global_batch / cfg.lr_base_size
+    note = (f"lr {cfg.lr:.3g} at batch {cfg.lr_base_size} -> {cfg.lr * f:.3g} at batch {global_batch} "
+            "(linear scaling; an explicit --lr is used as given)")
+    return cfg.lr * f, cfg.min_lr * f, cfg.warmup_lr * f, note
+
+
+def run_header(cfg: TrainConfig, threads: str, global_batch: int, n_train: int | None = None) -> str:
+    """The part of the training header that says which settings apply and why: the recipe (and why it
+    was chosen), the augmentation in force, the learning rate and the CPU thread plan."""
+    if cfg.recipe == "small-data" and n_train is not None:
+        recipe = f"recipe small-data ({n_train} training images < {SMALL_DATA_IMAGES})"
+    else:
+        recipe = f"recipe {cfg.recipe}" if cfg.recipe else "built-in defaults"
+    aug = [f"{k} {getattr(cfg, k):g}" for k in ("mixup", "cutmix", "reprob") if getattr(cfg, k)]
+    aug += [f"randaugment {cfg.randaugment}"] if cfg.randaugment else []
+    plain = "random crops" + (" and flips" if cfg.hflip else "") + " only"
+    return (f"{recipe}, augmentation: {', '.join(aug) if aug else plain}, "
+            f"{scaled_lr(cfg, global_batch)[3]}, {threads}")
+
+
+def help_default(name: str) -> str:
+    """The default of option `name` as `train --help` should state it: the value the default run
+    (embedded digits) uses, and the small-folder and large-folder values where those differ."""
+    base = FIELDS[name].default
+    base = None if base is dataclasses.MISSING else base
+    digits = load_recipe("digits").get(name, base)
+    small = load_recipe("small-data").get(name, base)
+
+    def fmt(v: Any) -> str:
+        return "none" if v in (None, "") else " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    if fmt(digits) == fmt(small) == fmt(base):
+        return f"default {fmt(base)}"
+    if fmt(digits) == fmt(small):
+        return (f"default {fmt(digits)} for the embedded digits and folders under {SMALL_DATA_IMAGES} images, "
+                f"{fmt(base)} for larger folders")
+    return (f"default {fmt(digits)} for the embedded digits, {fmt(small)} for folders under "
+            f"{SMALL_DATA_IMAGES} images (recipe small-data), {fmt(base)} for larger ones")

@@ -26,11 +26,9 @@ class DistInfo:
 
 
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
-    if pref == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if pref == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(pref)
+    """`--device` as a torch.device; ValueError with advice when CUDA is asked for and absent."""
+    from ..runtime import resolve_device
+    return resolve_device(pref, local_rank)
 
 
 def setup(device_pref: str = "auto") -> DistInfo:

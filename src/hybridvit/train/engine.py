@@ -25,10 +25,12 @@ from ..checkpoint import clean_stale_temp_files, make_run_checkpoint, read_check
 from ..data.folder import DataError
 from ..inference.evaluate import evaluate
 from ..precision import Precision
+from ..runtime import plan_threads
 from . import distributed as D
-from .config import TrainConfig
+from .config import TrainConfig, run_header, scaled_lr
 from .ema import ModelEma
 from .optim import build_optimizer, lr_at
+from .run_dir import created_run_dir, prepare_output_dir
 
 __all__ = ["TrainState", "build_model", "evaluate", "train", "train_one_epoch"]
 
@@ -143,17 +145,19 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> None:
     except ImportError:
         return
     ep = [r["epoch"] + 1 for r in rows]
+    # one colour per series in both panels (matplotlib's cycle would restart per panel and swap them)
+    color = {"train": "C0", "val": "C1", "ema": "C2"}
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
-    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="val")
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", color=color["train"], label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", color=color["val"], label="val")
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(ep, [r["val_top1"] for r in rows], "o-", label="val top-1")
-    if all("val_top1_ema" in r for r in rows):
-        b.plot(ep, [r["val_top1_ema"] for r in rows], "o-", label="val top-1 (EMA)")
     if all(r.get("train_top1") is not None for r in rows):
-        b.plot(ep, [r["train_top1"] for r in rows], "o-", label="train top-1")
+        b.plot(ep, [r["train_top1"] for r in rows], "o-", color=color["train"], label="train top-1")
+    b.plot(ep, [r["val_top1"] for r in rows], "o-", color=color["val"], label="val top-1")
+    if all("val_top1_ema" in r for r in rows):
+        b.plot(ep, [r["val_top1_ema"] for r in rows], "o-", color=color["ema"], label="val top-1 (EMA)")
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy (%)")
     b.legend()
@@ -176,6 +180,7 @@ class RunContext:
     precision: Precision
     channels_last: bool
     workers: int
+    threads: str  # the thread plan, as the header states it
 
     @property
     def device(self) -> torch.device:
@@ -199,28 +204,26 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None
     return make_config(**stored), run
 
 
-def setup_run(cfg: TrainConfig) -> RunContext:
-    """Threads, process group and device, the output folder (stale temporary files of killed saves
-    removed), the log, precision, and the seed every rank shares for building the model."""
+def setup_run(cfg: TrainConfig, resuming: bool) -> RunContext:
+    """Threads and loader workers (one plan, so they never oversubscribe the CPUs), process group and
+    device, the output folder (checked against the run-folder policy, not yet created), the log,
+    precision, and the seed every rank shares for building the model."""
     from ..data.loader import is_digits
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     info = D.setup(cfg.device)
     precision = Precision.from_amp(cfg.amp, info.device)  # an unknown --amp fails before any folder is made
-    out = Path(cfg.output) if cfg.output else Path("runs") / f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if info.enabled and not cfg.output:  # one folder for all ranks: rank 0's name
+    plan = plan_threads("train", device=info.device, threads=cfg.threads, workers=cfg.workers,
+                        in_memory=is_digits(cfg.data), processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    plan.apply()
+    default = Path("runs") / f"{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=resuming, default=default) \
+        if info.is_main else None
+    if info.enabled:  # one folder for all ranks: rank 0's
         out = Path(D.all_gather(str(out), info)[0])
-    log = RunLog(out, info.is_main)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        for p in clean_stale_temp_files(out):
-            log(f"removed {p}, left by an interrupted save")
-    D.barrier(info)
     seed_all(cfg.seed)
-    workers = cfg.workers if cfg.workers is not None else (0 if is_digits(cfg.data) else min(4, os.cpu_count() or 1))
     channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
-    return RunContext(cfg, info, out, log, precision, channels_last, workers)
+    return RunContext(cfg, info, out, RunLog(out, info.is_main), precision, channels_last, plan.workers,
+                      plan.describe())
 
 
 # ------------------------------------------------------------------------------------- data
@@ -278,14 +281,14 @@ class Schedule:
 
 def build_schedule(cfg: TrainConfig, info: D.DistInfo, train_sampler, n_train: int) -> Schedule:
     world_batch = cfg.batch_size * cfg.accum_steps * info.world_size
-    scale = world_batch / cfg.lr_base_size if cfg.lr_base_size else 1.0
     steps = len(train_sampler) // cfg.batch_size // cfg.accum_steps
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
     if steps < 1:
         raise ValueError(f"{n_train} training images are fewer than one optimizer step "
                          f"(batch {cfg.batch_size} x accum {cfg.accum_steps} x {info.world_size} processes)")
-    return Schedule(cfg.lr * scale, cfg.min_lr * scale, cfg.warmup_lr * scale, world_batch, steps,
+    lr, min_lr, warmup_lr, _ = scaled_lr(cfg, world_batch)
+    return Schedule(lr, min_lr, warmup_lr, world_batch, steps,
                     steps * cfg.epochs, round(cfg.warmup_epochs * steps), round(cfg.cooldown_epochs * steps))
 
 
@@ -564,8 +567,9 @@ def _log_start(ctx: RunContext, state: TrainState, loop: Loop) -> None:
     ctx.log(f"model {cfg.model} ({n_params / 1e6:.2f}M params, input {size}x{size}), "
             f"{loop.model_info['num_classes']} classes, {len(d.train_ds)} train / {len(d.val_ds)} val images "
             f"({'embedded digits' if is_digits(cfg.data) else cfg.data}), {info.world_size} process(es) on "
-            f"{ctx.device.type}, {ctx.precision.name}, global batch {s.world_batch}, lr {s.lr:.3g}, "
+            f"{ctx.device.type}, {ctx.precision.name}, global batch {s.world_batch}, "
             f"{cfg.epochs} epochs x {s.steps_per_epoch} steps, output {ctx.out}")
+    ctx.log(run_header(cfg, ctx.threads, s.world_batch, len(d.train_ds)))
 
 
 def _summary(ctx: RunContext, state: TrainState, loop: Loop, last: dict[str, Any], t_start: float
@@ -585,10 +589,21 @@ def _summary(ctx: RunContext, state: TrainState, loop: Loop, last: dict[str, Any
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Trains `cfg.model` on `cfg.data`; returns the summary (also written to OUTPUT/summary.json) with
-    the final weights under `final_state_dict`."""
+    the final weights under `final_state_dict`. A run that fails before its first checkpoint leaves no
+    folder behind."""
     t_start = time.time()
     cfg, resumed = resolve_config(cfg)
-    ctx = setup_run(cfg)
+    ctx = setup_run(cfg, resumed is not None)
+    with created_run_dir(ctx.out, create=ctx.info.is_main):
+        if ctx.info.is_main:
+            for p in clean_stale_temp_files(ctx.out):
+                ctx.log(f"removed {p}, left by an interrupted save")
+        D.barrier(ctx.info)
+        return _train(ctx, resumed, t_start)
+
+
+def _train(ctx: RunContext, resumed: dict[str, Any] | None, t_start: float) -> dict[str, Any]:
+    cfg = ctx.cfg
     classes = find_run_classes(cfg)  # data first: a missing or empty folder fails before the model is built
     num_classes = cfg.num_classes or len(classes)
     model = build_model(cfg, num_classes)  # same seed on every rank: same initial weights

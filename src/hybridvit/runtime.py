@@ -1,0 +1,103 @@
+"""Where a command runs: the device it asked for, and how many CPU threads it may use.
+
+`resolve_device` is the one place that turns `--device` into a torch.device (with advice when CUDA
+is asked for but absent); `plan_threads` is the one place that splits the CPUs between torch's
+intra-op threads and data-loader workers, so that the two never oversubscribe the machine (on a
+shared 2-core machine, 2 intra-op threads + 2 decoding workers ran 6x slower than 1 + 1).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# commands that read image files through a DataLoader; the others only compute
+LOADING_COMMANDS = ("train", "eval", "predict")
+COMPUTE_COMMANDS = ("bench", "export", "analyze")
+
+
+def resolve_device(pref: str | None = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N` as a torch.device.
+
+    Raises ValueError saying what to do when CUDA is asked for and absent, or the index is out of range.
+    """
+    pref = (pref or "auto").strip().lower()
+    if pref == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(pref)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {pref!r}: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"device {pref!r} is not supported: use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ValueError(f"--device {pref} asked for CUDA, but no CUDA device is available (PyTorch "
+                         f"{torch.__version__}, {build}); use --device cpu, or install a CUDA build of PyTorch "
+                         "on a machine with an NVIDIA GPU")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"--device {pref}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                         "(CUDA_VISIBLE_DEVICES); pick an index below that")
+    return torch.device("cuda", index)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroups/containers), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """torch intra-op threads and DataLoader workers of one process; threads + workers <= cpus."""
+
+    threads: int
+    workers: int
+    cpus: int
+
+    def apply(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    def describe(self) -> str:
+        w = f"{self.workers} loader worker{'s' if self.workers != 1 else ''}"
+        return f"{self.threads} thread{'s' if self.threads != 1 else ''} + {w} on {self.cpus} CPUs"
+
+
+def plan_threads(command: str, *, device: torch.device | str = "cpu", threads: int | None = None,
+                 workers: int | None = None, in_memory: bool = False, processes: int = 1,
+                 cpus: int | None = None) -> ThreadPlan:
+    """torch threads and loader workers for `command` (train, eval, predict, bench, export, analyze).
+
+    Explicit `threads`/`workers` (the command line) are kept; what is left is planned from the CPUs of
+    this process divided among `processes` (ranks on one node). Compute-only commands and in-memory
+    data (the embedded digits) get no workers. On CPU, loading commands give decoding roughly one CPU in
+    four (at least one worker when there are two CPUs, at most four) and the rest to torch; on CUDA the
+    CPU mostly decodes, so workers get all but one CPU (at most 8) and torch one thread.
+    """
+    if command not in LOADING_COMMANDS + COMPUTE_COMMANDS:
+        raise ValueError(f"unknown command {command!r}: one of {', '.join(LOADING_COMMANDS + COMPUTE_COMMANDS)}")
+    for name, v in (("threads", threads), ("workers", workers)):
+        if v is not None and v < (1 if name == "threads" else 0):
+            raise ValueError(f"--{name} must be {'at least 1' if name == 'threads' else '0 or more'}, got {v}")
+    total = cpus if cpus is not None else available_cpus()
+    cpus = max(1, total // max(1, processes))
+    dev = torch.device(device) if isinstance(device, str) else device
+    loads = command in LOADING_COMMANDS and not in_memory
+    if workers is None:
+        if not loads:
+            workers = 0
+        elif threads is not None:
+            workers = max(0, min(4 if dev.type == "cpu" else 8, cpus - threads))
+        elif dev.type == "cuda":
+            workers = max(0, min(8, cpus - 1))
+        else:  # one CPU: decoding in the main process, between steps
+            workers = 0 if cpus < 2 else max(1, min(4, cpus // 4))
+    if threads is None:
+        threads = 1 if dev.type == "cuda" and loads else max(1, cpus - workers)
+    return ThreadPlan(threads, workers, cpus)
