@@ -15,6 +15,7 @@ the share of attention that goes to carrier or digest tokens) is computed from t
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -295,8 +296,14 @@ def run_attention(model: nn.Module, x: torch.Tensor, shown: torch.Tensor, names:
             axes[i, 0].plot(pixel[1], pixel[0], "c+", ms=14, mew=2)
             axes[i, 0].set_title(f"{ct['block']}\ncarrier attention of the query's carrier", fontsize=8)
             fig.colorbar(im, ax=axes[i, 0], fraction=0.046)
-            im = overlay(axes[i, 1], shown[0], torch.tensor(wb["window_carrier_share"]), cmap="viridis")
-            axes[i, 1].set_title(f"{wb['block']}\nshare each window gives its carriers", fontsize=8)
+            share = 100 * torch.tensor(wb["window_carrier_share"])
+            im = overlay(axes[i, 1], shown[0], share, cmap="viridis")
+            im.set_clim(0, max(float(share.max()), 1e-3))
+            nh, nw = share.shape
+            for (r, c), v in zip(itertools.product(range(nh), range(nw)), share.flatten().tolist()):
+                axes[i, 1].text((c + 0.5) * W / nw - 0.5, (r + 0.5) * H / nh - 0.5, f"{v:.1f}%", color="white",
+                                ha="center", va="center", fontsize=8)
+            axes[i, 1].set_title(f"{wb['block']}\nattention (%) each window gives its carriers", fontsize=8)
             fig.colorbar(im, ax=axes[i, 1], fraction=0.046)
         files += save_figure(fig, out_dir, "carriers")
     cab = [b for b in blocks if "digest_share" in b]

@@ -34,10 +34,11 @@ class AttentionCapture:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                scale: float | None, dropout_p: float) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = (q.float() @ k.float().transpose(-2, -1)) * scale
-        if bias is not None:
-            logits = logits + bias.float()
-        weights = logits.softmax(-1)
+        with torch.autocast(q.device.type, enabled=False):  # fp32 weights under autocast too
+            logits = (q.float() @ k.float().transpose(-2, -1)) * scale
+            if bias is not None:
+                logits = logits + bias.float()
+            weights = logits.softmax(-1)
         record: dict[str, Any] = {"weights": weights.detach().cpu()}
         if self._stack:
             record["module"] = self._stack[-1][0]
@@ -45,7 +46,8 @@ class AttentionCapture:
         self.records.append(record)
         if dropout_p > 0:
             weights = F.dropout(weights, dropout_p)
-        return (weights @ v.float()).to(v.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            return (weights @ v.float()).to(v.dtype)
 
     def _track(self, model: nn.Module) -> list[Any]:
         def shape_of(a: Any) -> Any:
