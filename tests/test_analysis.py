@@ -127,7 +127,8 @@ def test_attention_command_maps_account_for_every_key(tmp_path):
     """fastervit_nano at 72 px (padded windows, carriers): each block's map of the query plus its share on
     carrier tokens is the query's whole attention; the per-window carrier share lies in [0, 1]."""
     out = tmp_path / "att"
-    assert main(["analyze", "attention", "random", "-m", "fastervit_nano", "--img-size", "72", "--num-images", "2",
+    # options before and after the images, the model before the subcommand
+    assert main(["analyze", "-m", "fastervit_nano", "attention", "--img-size", "72", "random", "--num-images", "2",
                  "--query", "10", "60", "-o", str(out)]) == 0
     data = json.loads((out / "attention.json").read_text())
     assert {f.rsplit("/", 1)[-1] for f in data["files"]} >= {"attention.png", "attention.svg", "carriers.png",
@@ -170,7 +171,7 @@ def test_attention_command_reports_the_digest_share_of_cabvit(tmp_path):
 @needs_matplotlib
 def test_distance_command_one_line_per_model(tmp_path):
     out = tmp_path / "dist"
-    assert main(["analyze", "distance", "random", "-m", "fastervit_nano", "-m", "crossformerpp_s", "--img-size", "64",
+    assert main(["analyze", "distance", "-m", "fastervit_nano", "-m", "crossformerpp_s", "random", "--img-size", "64",
                  "--num-images", "1", "-o", str(out)]) == 0
     data = json.loads((out / "distance.json").read_text())
     assert [m["model"] for m in data["models"]] == ["fastervit_nano", "crossformerpp_s"]

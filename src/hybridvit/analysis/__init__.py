@@ -31,9 +31,9 @@ _SUBCOMMANDS = {
 def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
     # SUPPRESS: values given before the subcommand (`analyze -m M attention`) are kept
     more = " (repeat for one line per model)" if several else ""
-    p.add_argument("--model", "-m", action="extend", nargs="+", default=argparse.SUPPRESS,
+    p.add_argument("--model", "-m", action="append", default=argparse.SUPPRESS,
                    help="model name (default: the one a hybridvit run checkpoint names)" + more)
-    p.add_argument("--pretrained", action="extend", nargs="+", default=argparse.SUPPRESS,
+    p.add_argument("--pretrained", action="append", default=argparse.SUPPRESS,
                    help="'true' (published weights), an official checkpoint file, a hybridvit run checkpoint or "
                         "run folder; default random weights" + (" (one per --model, in order; 'none' for random)"
                                                                 if several else ""))
