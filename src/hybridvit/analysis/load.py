@@ -17,10 +17,10 @@ def load_model(name: str | None, pretrained: str | None = None, img_size: int | 
     (needs `name`), or a hybridvit run checkpoint or run folder (knows its model, classes and size).
     img_size: the input side to analyse at (default: the model's or the run's).
     """
-    from ..checkpoint import read_checkpoint_file
+    from ..checkpoint import load_checkpoint, read_checkpoint_file
     from ..registry import create_model
 
-    ckpt = None
+    ckpt = obj = None
     spec = None if pretrained is None or str(pretrained).lower() in ("none", "false", "") else str(pretrained)
     if spec is not None and spec.lower() != "true":
         path = Path(spec)
@@ -42,12 +42,13 @@ def load_model(name: str | None, pretrained: str | None = None, img_size: int | 
                             "lists them")
     if ckpt is not None:
         model = create_model(name, num_classes=ckpt.get("num_classes") or 1000, **dict(ckpt.get("model_kwargs", {})))
-        from ..checkpoint import load_checkpoint
         load_checkpoint(model, {"state_dict": ckpt["state_dict"]})
         if ckpt.get("pretrained_cfg"):
             model.pretrained_cfg = dict(ckpt["pretrained_cfg"])
+    elif obj is not None:  # an official checkpoint, already read
+        model = load_checkpoint(create_model(name), obj)
     else:
-        model = create_model(name, pretrained=True if spec and spec.lower() == "true" else (spec or False))
+        model = create_model(name, pretrained=spec is not None)
     model.class_names = (ckpt or {}).get("class_names")
     if img_size:
         model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, img_size, img_size))
