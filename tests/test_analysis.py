@@ -16,7 +16,7 @@ from test_fastervit import fixture_model as fastervit_fixture_model
 import hybridvit
 from hybridvit.analysis import AnalysisError, analyze
 from hybridvit.analysis.amplitude import blocks, cooling_layers
-from hybridvit.analysis.attention import attended_distance, capture, group_index
+from hybridvit.analysis.attention import attended_distance, capture, group_index, query_map
 from hybridvit.analysis.load import load_images, load_model
 from hybridvit.cli import main
 from hybridvit.layers import attention as attention_layer
@@ -49,16 +49,21 @@ def test_analyze_without_model_or_analysis_says_what_to_give():
         main(["analyze"])
 
 
-def _small_models():
+def _small_model(name: str) -> tuple[torch.nn.Module, int]:
+    """A small model of each family and an input side that pads windows/groups where the family pads."""
     torch.manual_seed(0)
-    return [("fastervit_nano", hybridvit.create_model("fastervit_nano", num_classes=10), 72),  # padded windows
-            ("crossformer_tiny", crossformer_fixture_model("crossformer_tiny"), 100),  # padded LDA groups
-            ("cabvit_h_tiny", cabvit_fixture_model(load_fixture("cabvit_h_tiny")), 64),
-            ("cabvit_p", hybridvit.create_model("cabvit_p_tiny", embed_dim=48, depths=(3,), num_heads=3), 64)]
+    if name == "fastervit_nano":
+        return hybridvit.create_model("fastervit_nano", num_classes=10), 72  # padded windows, carriers
+    if name == "crossformerpp_tiny":
+        return crossformer_fixture_model("crossformerpp_tiny"), 100  # 25x25 map in LDA groups of 4, interval 4
+    if name == "cabvit_h_tiny":
+        return cabvit_fixture_model(load_fixture("cabvit_h_tiny")), 64
+    return hybridvit.create_model("cabvit_p_tiny", embed_dim=48, depths=(3,), num_heads=3), 64  # class token
 
 
-@pytest.mark.parametrize("name,model,size", _small_models(), ids=lambda v: v if isinstance(v, str) else "")
-def test_capture_gives_the_fused_output_and_rows_that_sum_to_one(name, model, size):
+@pytest.mark.parametrize("name", ["fastervit_nano", "crossformerpp_tiny", "cabvit_h_tiny", "cabvit_p"])
+def test_capture_gives_the_fused_output_and_rows_that_sum_to_one(name):
+    model, size = _small_model(name)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         fused = model.eval()(x)
@@ -71,9 +76,18 @@ def test_capture_gives_the_fused_output_and_rows_that_sum_to_one(name, model, si
     for r in cap.records:
         w = r["weights"]
         assert (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)
+    kinds = set()
     for layout, w in capture(model, x):
+        kinds.add(layout.kind)
         assert torch.allclose(w.sum(-1), torch.ones(()), atol=1e-5)
         assert layout.q_index.shape == w.shape[1:2] + w.shape[3:4]
+        # every key of a query lands on the map or is counted off it (carriers, digest, class token)
+        for pixel in ((0.0, 0.0), (size / 2, size / 3), (size - 1.0, size - 1.0)):
+            heat, off, _ = query_map(layout, w, pixel)
+            assert heat.sum().item() + off == pytest.approx(1.0, abs=1e-5)
+            assert heat.shape == layout.map_hw
+    assert kinds == {"fastervit_nano": {"window", "carriers"}, "crossformerpp_tiny": {"sda", "lda"},
+                     "cabvit_h_tiny": {"cab"}, "cabvit_p": {"cab"}}[name]
 
 
 def test_group_positions_are_the_models_own_grouping():
