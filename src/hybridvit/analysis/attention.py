@@ -102,8 +102,8 @@ def group_index(idx: torch.Tensor, group_size: int, interval: int) -> torch.Tens
     return idx[a * d + gy * S + r, b * d + gx * S + c].reshape(-1, G * G)
 
 
-def _layout(model: nn.Module, family: str, module: str, shape: tuple[int, ...], n_images: int,
-            map_hw: tuple[int, int], in_hw: tuple[int, int]) -> tuple[TokenLayout, int]:
+def _layout(model: nn.Module, family: str, module: str, shape: tuple[int, ...], map_hw: tuple[int, int],
+            in_hw: tuple[int, int]) -> tuple[TokenLayout, int]:
     """The layout of the attention call of `module` with weights of `shape`, and its number of heads."""
     parts = module.split(".")
     stage, block_name, attr = int(parts[1]), ".".join(parts[:-1]), parts[-1]
@@ -198,7 +198,7 @@ def capture(model: nn.Module, x: torch.Tensor) -> list[tuple[TokenLayout, torch.
     for rec in cap.records:
         module = rec["module"]
         stage = int(module.split(".")[1])
-        layout, heads = _layout(model, family, module, rec["weights"].shape, B, sizes[stage], tuple(x.shape[-2:]))
+        layout, heads = _layout(model, family, module, rec["weights"].shape, sizes[stage], tuple(x.shape[-2:]))
         N, M = rec["weights"].shape[-2:]
         out.append((layout, rec["weights"].reshape(B, -1, heads, N, M)))
     return out
