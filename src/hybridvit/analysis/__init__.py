@@ -1,92 +1,140 @@
-"""`hybridvit analyze`: where a model spends parameters and compute, and how activations grow.
+"""`hybridvit analyze`: the papers' analyses as commands, for any model and any image.
 
-Per stage: parameters, GMACs and output shape; per block: the RMS amplitude of its output, the
-quantity CrossFormer++'s amplitude cooling layers keep from growing with depth.
+- `hybridvit analyze --model M`: per-stage parameters/GMACs and per-block output RMS (a text table);
+- `analyze attention`: attention maps of a query location per stage (FasterViT: carrier attention and
+  each window's share to its carriers; CabViT: share of attention to digest tokens);
+- `analyze distance`: average attended distance per block in input pixels, one line per model;
+- `analyze amplitude`: max and mean |x| of every block output (`--no-acl`: CrossFormer++ without its
+  amplitude cooling layers);
+- `analyze pareto --results FILE...`: throughput vs published top-1 from `hybridvit bench --json` files.
+
+Each subcommand writes PNG, SVG and JSON into --output DIR (figures need matplotlib, in the train extra).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import re
-from typing import Any
+from pathlib import Path
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from .complexity import analyze
+from .plotting import AnalysisError
 
-_BLOCK = re.compile(r"stages\.(\d+)\.(?:.*\.)?blocks\.(\d+)")
+__all__ = ["analyze", "AnalysisError", "add_arguments", "run"]
+
+_SUBCOMMANDS = {
+    "attention": "Attention maps of a query location per stage, carrier/digest attention shares.",
+    "distance": "Average attended distance per block (input pixels), one line per --model.",
+    "amplitude": "Max and mean |x| of every block output; --no-acl for CrossFormer++.",
+    "pareto": "Throughput vs published top-1 from `hybridvit bench --json` files.",
+}
 
 
-def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if _BLOCK.fullmatch(n)]
-
-
-@torch.no_grad()
-def analyze(model: nn.Module, img_size: tuple[int, int] = (224, 224), batch_size: int = 2,
-            seed: int = 0) -> dict[str, Any]:
-    """Stage and block statistics of `model` (eval) on a random batch at `img_size`."""
-    model = model.eval()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch_size, model.in_chans, *img_size, generator=g)
-    amps: dict[str, float] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def hook(name):
-        def fn(_m, _inp, out):
-            t = out[0] if isinstance(out, (tuple, list)) else out
-            amps[name] = float(t.float().pow(2).mean().sqrt())
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in _blocks(model)]
-    for i, stage in enumerate(model.stages):
-        handles.append(stage.register_forward_hook(
-            lambda _m, _i, out, i=i: shapes.__setitem__(f"stages.{i}", tuple((out[0] if isinstance(out, tuple)
-                                                                              else out).shape[1:]))))
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter:
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    flops = counter.get_flop_counts()
-    total = counter.get_total_flops()
-    top = type(model).__name__
-    stages = []
-    for i, stage in enumerate(model.stages):
-        key = f"{top}.stages.{i}"
-        stage_flops = sum(flops.get(key, {}).values())
-        stages.append({"stage": i, "params_m": sum(p.numel() for p in stage.parameters()) / 1e6,
-                       "gmacs_per_img": stage_flops / 2 / batch_size / 1e9,
-                       "out_shape": shapes.get(f"stages.{i}")})
-    blocks = [{"block": n, "rms": amps[n]} for n, _ in _blocks(model) if n in amps]
-    return {"model": getattr(model, "model_name", top), "img_size": list(img_size),
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "gmacs_per_img": total / 2 / batch_size / 1e9, "stages": stages, "blocks": blocks}
+def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
+    # SUPPRESS: values given before the subcommand (`analyze -m M attention`) are kept
+    more = " (repeat for one line per model)" if several else ""
+    p.add_argument("--model", "-m", action="append", default=argparse.SUPPRESS,
+                   help="model name (default: the one a hybridvit run checkpoint names)" + more)
+    p.add_argument("--pretrained", action="append", default=argparse.SUPPRESS,
+                   help="'true' (published weights), an official checkpoint file, a hybridvit run checkpoint or "
+                        "run folder; default random weights" + (" (one per --model, in order; 'none' for random)"
+                                                                if several else ""))
+    p.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files or folders, 'digits' (default) or 'random'")
+    p.add_argument("--img-size", type=int, default=argparse.SUPPRESS,
+                   help="input side in pixels (default: the model's or the run's)")
+    p.add_argument("--num-images", type=int, default=8, help="images averaged over (default 8)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="model name (not needed for a hybridvit run checkpoint)")
-    p.add_argument("--pretrained", default=None, help="checkpoint path, or 'true' for the published weights")
+    p.add_argument("--model", "-m", default=None, help="model name (the complexity table without a subcommand)")
+    p.add_argument("--pretrained", default=None, help="checkpoint path, a hybridvit run, or 'true' for the "
+                   "published weights")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W]; default: the model's size")
-    p.add_argument("--json", metavar="OUT", help="write the analysis to this file")
+    p.add_argument("--json", metavar="OUT", help="write the complexity table to this file")
+    sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
+    for name, help_text in _SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--output", "-o", default=f"analysis/{name}", help=f"output folder (default analysis/{name})")
+        if name == "pareto":
+            sp.add_argument("--results", nargs="+", required=True, metavar="FILE",
+                            help="result files of `hybridvit bench --json`")
+            continue
+        _model_options(sp, several=name != "attention")
+        if name == "attention":
+            sp.add_argument("--query", type=float, nargs=2, metavar=("Y", "X"), default=None,
+                            help="query location in input pixels (default: the centre)")
+        if name == "amplitude":
+            sp.add_argument("--no-acl", action="store_true",
+                            help="also measure CrossFormer++ with its amplitude cooling layers bypassed")
+
+
+def _as_list(v: object) -> list:
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _models_and_inputs(args: argparse.Namespace, several: bool):
+    """[(model, normalised input), ...], displayable images and names (of the first model's input)."""
+    from .load import load_images, load_model
+
+    names, pretrained = _as_list(args.model), _as_list(args.pretrained)
+    if not names:
+        names = [None] * max(1, len(pretrained))
+    if not several and len(names) > 1:
+        raise AnalysisError(f"`analyze {args.analysis}` takes one --model (got {', '.join(names)})")
+    if len(pretrained) not in (0, 1, len(names)) or (len(pretrained) == 1 and len(names) > 1):
+        raise AnalysisError(f"give --pretrained once per --model, in order ({len(names)} models, "
+                            f"{len(pretrained)} --pretrained); 'none' means random weights")
+    pretrained = pretrained or [None] * len(names)
+    size = args.img_size[0] if isinstance(args.img_size, list) else args.img_size
+    runs, shown, labels = [], None, None
+    for name, pre in zip(names, pretrained):
+        model = load_model(name, pre, size)
+        x, disp, names_ = load_images(args.images, model, args.num_images)
+        runs.append((model, x))
+        if shown is None:
+            shown, labels = disp, names_
+    return runs, shown, labels
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference import load_for_command
+    from . import complexity
 
-    model = load_for_command(args.pretrained, args.model)  # a run checkpoint brings its classes and size
-    size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
-    res = analyze(model, (size[0], size[-1]))
-    print(f"{res['model']}: {res['params_m']:.2f} M parameters, {res['gmacs_per_img']:.2f} GMACs at "
-          f"{size[0]}x{size[-1]}")
-    print(f"{'stage':<7}{'params (M)':>11}{'GMACs':>8}  output shape")
-    for s in res["stages"]:
-        print(f"{s['stage']:<7}{s['params_m']:>11.2f}{s['gmacs_per_img']:>8.2f}  {s['out_shape']}")
-    print("block output RMS (activation amplitude):")
-    for b in res["blocks"]:
-        print(f"  {b['block']:<28}{b['rms']:>10.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+    if args.analysis is None:
+        if not args.model and not args.pretrained:
+            raise AnalysisError("`hybridvit analyze` needs --model M or --pretrained RUN (the complexity table) "
+                                "or an analysis: "
+                                + ", ".join(_SUBCOMMANDS))
+        if isinstance(args.model, list):
+            args.model = args.model[0]
+        return complexity.run_table(args)
+    out = Path(args.output)
+    if args.analysis == "pareto":
+        from .pareto import run_pareto
+        data = run_pareto(args.results, out)
+        print(f"{len(data['points'])} measured variants; Pareto front: {', '.join(data['pareto_front'])}")
+    elif args.analysis == "attention":
+        from .attention import run_attention
+        runs, shown, labels = _models_and_inputs(args, several=False)
+        (model, x), = runs
+        data = run_attention(model, x, shown, labels, out, tuple(args.query) if args.query else None)
+        for b in data["blocks"]:
+            extra = "".join(f", {k.replace('_', ' ')} {100 * b[k]:.1f}%" for k in ("carrier_share", "digest_share")
+                            if k in b)
+            print(f"{b['block']:<28} {b['kind']:<7} distance {b['distance_px']:6.2f} px{extra}")
+    elif args.analysis == "distance":
+        from .distance import run_distance
+        runs, _, _ = _models_and_inputs(args, several=True)
+        data = run_distance(runs, out)
+        for m in data["models"]:
+            print(f"{m['model']}:")
+            for b in m["blocks"]:
+                print(f"  {b['module']:<32} {b['kind']:<8} {b['distance_px']:7.2f} px")
+    else:
+        from .amplitude import run_amplitude
+        runs, _, _ = _models_and_inputs(args, several=True)
+        data = run_amplitude(runs, out, args.no_acl)
+        for m in data["models"]:
+            print(f"{m['model']}: block max |x| " + " ".join(f"{b['max_abs']:.3g}" for b in m["blocks"]))
+            if "blocks_no_acl" in m:
+                print("  without ACL:      " + " ".join(f"{b['max_abs']:.3g}" for b in m["blocks_no_acl"]))
+    print("wrote " + ", ".join(data["files"]))
     return 0
