@@ -21,7 +21,7 @@ from hybridvit.checkpoint import make_run_checkpoint
 from hybridvit.cli import main
 from hybridvit.runtime import check_img_size, min_img_size
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(hybridvit.__file__).resolve().parents[1]  # the hybridvit this test imports, for the child
 FAST = ["--threads", "1", "--workers", "0", "--no-progress"]
 TRAIN = ["--model", "fastervit_nano", "--img-size", "32", "--batch-size", "4", *FAST, "--no-plot",
          "--no-model-ema", "--no-channels-last"]
@@ -221,11 +221,12 @@ def test_resume_applies_epochs_lr_and_checkpoint_interval_and_refuses_the_rest(t
 
 
 # ---------------------------------------------------------------------------- Ctrl-C and SIGTERM
-def _start_training(out: Path, data: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+def _start_training(out: Path, data: Path, env: dict[str, str] | None = None, *extra: str) -> subprocess.Popen:
+    """`hybridvit train` of 50 epochs in a new process (stopped by the tests long before it ends)."""
+    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     code = "import sys; from hybridvit.cli import main; sys.exit(main())"
     return subprocess.Popen([sys.executable, "-c", code, "train", "--data", str(data), "--epochs", "50",
-                             "--output", str(out), *TRAIN], env=env, stdout=subprocess.PIPE,
+                             "--output", str(out), *TRAIN, *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -270,3 +271,36 @@ def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path, 
         assert summary["epochs"] == epochs
         assert f"resumed {out / 'last.pt'} at epoch {epochs}, step {state['step_in_epoch']}/8" in \
             (out / "train.log").read_text()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_signal_to_one_ddp_rank_stops_every_rank_with_one_checkpoint(tmp_path):
+    # torchrun's ranks, started by hand (gloo on CPU); SIGTERM reaches rank 1 only (a scheduler killing
+    # one task): the ranks agree at the next step, write last.pt together and all exit 143, none hangs
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    import socket
+
+    from _imagedata import make_folder
+
+    data = make_folder(tmp_path / "more", n_train=16, n_val=2, size=24)  # 32 images / (2 x 4): 4 steps
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        procs.append(_start_training(out, data, env, "--device", "cpu"))
+    try:
+        _wait_for_steps(procs[0], out / "train.log")
+        procs[1].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], results
+    assert f"Continue with: hybridvit train --resume {out}" in results[0][1]
+    assert not list(out.glob(".*tmp*"))
+    state = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert state["world_size"] == 2 and state["scheduler"]["step"] == state["epoch"] * 4 + state["step_in_epoch"]

@@ -64,7 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or 'true' for the published weights of --model")
     p.add_argument("--model", help="model name (not needed for a hybridvit run checkpoint)")
     p.add_argument("--data", default="digits",
-                   help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits'")
+                   help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits'. Class "
+                        "folders are matched to a hybridvit run's classes by name (a subset is fine, an unknown "
+                        "folder is refused); a checkpoint without class names (official weights) takes the "
+                        "sorted folders as its class indices 0, 1, ...")
     p.add_argument("--split", default="val", help="sub-folder of ROOT to evaluate (default val)")
     p.add_argument("--num-classes", type=int, help="for an official checkpoint (default 1000)")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's or the model's)")

@@ -15,7 +15,10 @@ _HELP = {
     "data": "ImageNet-layout folder ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*) or 'digits' (default)",
     "pretrained": "'true' for the published weights, or a checkpoint path (then the head is reset "
                   "to --num-classes)",
-    "resume": "run folder (or its last.pt) of an interrupted run: continues exactly where it stopped",
+    "resume": "run folder (or its last.pt) of an interrupted run (Ctrl-C and SIGTERM write one): continues "
+              "exactly where it stopped. Only --epochs (the cosine schedule spreads over the new total), --lr and "
+              "--checkpoint-every (and --device/--threads/--workers/--progress/--plot) may change; other options "
+              "that differ from the run are refused",
     "output": "output folder (default runs/<model>-<timestamp>); a folder holding a run is refused unless "
               "--overwrite or --resume",
     "overwrite": "replace the run already in --output (its files are deleted first)",

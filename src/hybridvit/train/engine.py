@@ -322,8 +322,10 @@ class StopRequest:
         """The signal to stop for (0: none). Under torchrun every rank asks at the same step and they
         agree (a signal that reached any rank stops all of them together), so that the collective
         checkpoint never leaves a rank waiting."""
-        if info.enabled:
-            return max(D.all_gather(self.signum or 0, info))
+        if info.enabled:  # one small all-reduce per step: how many ranks got SIGINT, how many SIGTERM
+            n_int, n_term = D.all_sum([float(self.signum == signal.SIGINT), float(self.signum == signal.SIGTERM)],
+                                      info)
+            return int(signal.SIGTERM) if n_term else int(signal.SIGINT) if n_int else 0
         return self.signum or 0
 
 
