@@ -220,9 +220,9 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None
         raise ValueError(f"{path} holds no training state to resume (a checkpoint saved for inference only)")
     stored = dict(run["config"])
     new = cfg.to_dict()
-    if given is None:
-        given = {k for k, f in FIELDS.items() if new[k] != TrainConfig.__dataclass_fields__[k].default
-                 and not (isinstance(f.default, tuple) and tuple(new[k]) == f.default)}
+    if given is None:  # called from Python: the options that differ from the defaults
+        given = {k for k, f in FIELDS.items()
+                 if (tuple(new[k]) if isinstance(f.default, tuple) else new[k]) != f.default}
     changes, refused = [], []
     for k in sorted(given):
         if k in ("resume", "source", *RESUME_RUNTIME) or k not in stored:
@@ -287,16 +287,27 @@ class TrainingInterrupted(Exception):
                          f"saved {out / 'last.pt'}. Continue with: {self.resume_command}")
 
 
+_SAVES_IN_PROGRESS = [0]  # a second signal waits for these: a save killed halfway leaves a temporary file
+
+
+@contextlib.contextmanager
+def _saving():
+    _SAVES_IN_PROGRESS[0] += 1
+    try:
+        yield
+    finally:
+        _SAVES_IN_PROGRESS[0] -= 1
+
+
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM during training: the first one is recorded and training stops at the
     next optimizer-step boundary, after writing last.pt (a checkpoint a resume continues exactly); a
-    second one stops at once without saving (KeyboardInterrupt), except while last.pt is being written
-    (then it waits: a killed save would leave a half-written temporary file). Handlers are installed
-    only in the main thread (Python allows no other), and restored afterwards."""
+    second one stops at once without saving (KeyboardInterrupt), except while a checkpoint is being
+    written (it is ignored then: a save killed halfway would leave a half-written temporary file).
+    Handlers are installed only in the main thread (Python allows no other), and restored afterwards."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self.saving = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -315,7 +326,7 @@ class StopRequest:
             self.signum = signum
             print(f"\n{signal.Signals(signum).name} received: stopping after the current step and writing last.pt "
                   "(send it again to stop at once without saving)", file=sys.stderr, flush=True)
-        elif not self.saving:
+        elif not _SAVES_IN_PROGRESS[0]:
             raise KeyboardInterrupt
 
     def requested(self, info: D.DistInfo) -> int:
@@ -336,9 +347,7 @@ def stop_if_asked(ctx: RunContext, state: TrainState, loop: Loop, *, saved: bool
     if not signum:
         return
     if not saved:
-        loop.stop.saving = True
         save_run(ctx, state, loop.model_info, [ctx.out / "last.pt"])
-        loop.stop.saving = False
     err = TrainingInterrupted(signum, ctx.out, state.epoch, state.step_in_epoch, loop.schedule.steps_per_epoch)
     ctx.log(f"stopped by {signal.Signals(signum).name} at epoch {state.epoch + 1}, step "
             f"{state.step_in_epoch}/{loop.schedule.steps_per_epoch}; continue with: {err.resume_command}")
@@ -481,8 +490,9 @@ def save_run(ctx: RunContext, state: TrainState, model_info: dict[str, Any], pat
     weights, ema = ts.pop("model"), ts.pop("ema")
     ck = make_run_checkpoint(**model_info, state_dict=weights, state_dict_ema=ema, train_state=ts,
                              config=ctx.cfg.to_dict())
-    for path in paths:
-        save_checkpoint(ck, path)
+    with _saving():
+        for path in paths:
+            save_checkpoint(ck, path)
 
 
 def build_train_state(ctx: RunContext, model: nn.Module, sched: Schedule) -> TrainState:
