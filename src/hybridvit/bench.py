@@ -241,7 +241,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .inference import load_for_command
-    from .runtime import plan_threads, resolve_device
+    from .runtime import check_img_size, plan_threads, resolve_device
 
     # every argument is checked before anything is built: a wrong name fails in a second, not after set-up
     for name in [*([args.model] if args.model else []), *args.compare]:
@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
     args.device = str(dev)
     plan_threads("bench", device=dev, threads=args.threads).apply()
     first = load_for_command(args.pretrained, args.model)  # random weights without --pretrained
+    check_img_size(first.model_name, args.img_size)
     img_size = args.img_size or first.pretrained_cfg["input_size"][-1]
     models = [(first.model_name, prepare(first, dev, not args.no_channels_last, args.compile, args.train,
                                          args.fuse)[0])]

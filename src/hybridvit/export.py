@@ -59,12 +59,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .inference import load_for_command
     from .precision import Precision
-    from .runtime import plan_threads
+    from .runtime import check_img_size, plan_threads
 
     if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
         raise ValueError(f"--img-size takes H [W], each at least 1, got {' '.join(map(str, args.img_size))}")
     plan_threads("export", threads=args.threads).apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, ema=args.ema)
+    check_img_size(model.model_name, args.img_size)
     size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
     size = (size[0], size[-1])
     dtype = Precision.from_amp(args.amp, "cpu").dtype or torch.float32

@@ -101,3 +101,35 @@ def plan_threads(command: str, *, device: torch.device | str = "cpu", threads: i
     if threads is None:
         threads = 1 if dev.type == "cuda" and loads else max(1, cpus - workers)
     return ThreadPlan(threads, workers, cpus)
+
+
+# smallest image side per family, for registry entries without timm's `min_input_size` field (measured:
+# CrossFormer's unpadded stride-2 CEL downsamplers need 32 px, CabViT-P's 16x16 patch embedding 16 px;
+# FasterViT and CabViT-H pad every convolution and window and run from 1 px)
+_MIN_SIDE_BY_PREFIX = {"crossformer": 32, "cabvit_p": 16}
+
+
+def min_img_size(model_name: str) -> int:
+    """The smallest input side `model_name` accepts: its pretrained_cfg's `min_input_size` ((C, H, W) or
+    an int, timm's field) when the registry has it, else the per-family table above."""
+    from .registry import get_entry
+
+    value = get_entry(model_name).pretrained_cfg.get("min_input_size")
+    if value is not None:
+        return int(min(value[-2:]) if isinstance(value, (tuple, list)) else value)
+    return next((v for prefix, v in _MIN_SIDE_BY_PREFIX.items() if model_name.startswith(prefix)), 1)
+
+
+def check_img_size(model_name: str, size: int | list[int] | tuple[int, ...] | None,
+                   flag: str = "--img-size") -> None:
+    """ValueError naming the minimum when `size` (a side, or H [W]) is below what `model_name` accepts;
+    called by every command before it builds data, folders or models. None: the model's own size."""
+    if size is None:
+        return
+    sides = [int(s) for s in (size if isinstance(size, (list, tuple)) else [size])]
+    if any(s < 1 for s in sides):
+        raise ValueError(f"{flag} must be at least 1, got {' '.join(map(str, sides))}")
+    low = min_img_size(model_name)
+    if min(sides) < low:
+        raise ValueError(f"{flag} {' '.join(map(str, sides))} is too small for {model_name}: it needs images of "
+                         f"at least {low}x{low} pixels; pass {flag} {low} or more")

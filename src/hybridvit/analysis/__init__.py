@@ -42,6 +42,8 @@ def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
     p.add_argument("--img-size", type=int, default=argparse.SUPPRESS,
                    help="input side in pixels (default: the model's or the run's)")
     p.add_argument("--num-images", type=int, default=8, help="images averaged over (default 8)")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="torch CPU threads (default: every CPU this process may use)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "published weights")
     p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W]; default: the model's size")
     p.add_argument("--json", metavar="OUT", help="write the complexity table to this file")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: every CPU this process may use, see runtime.plan_threads)")
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     for name, help_text in _SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -73,6 +77,7 @@ def _as_list(v: object) -> list:
 
 def _models_and_inputs(args: argparse.Namespace, several: bool):
     """[(model, normalised input), ...], displayable images and names (of the first model's input)."""
+    from ..runtime import check_img_size
     from .load import load_images, load_model
 
     names, pretrained = _as_list(args.model), _as_list(args.pretrained)
@@ -87,7 +92,10 @@ def _models_and_inputs(args: argparse.Namespace, several: bool):
     size = args.img_size[0] if isinstance(args.img_size, list) else args.img_size
     runs, shown, labels = [], None, None
     for name, pre in zip(names, pretrained):
+        if name:
+            check_img_size(name, size)  # before a checkpoint is read
         model = load_model(name, pre, size)
+        check_img_size(model.model_name, size)
         x, disp, names_ = load_images(args.images, model, args.num_images)
         runs.append((model, x))
         if shown is None:
@@ -96,8 +104,10 @@ def _models_and_inputs(args: argparse.Namespace, several: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime import check_img_size, plan_threads
     from . import complexity
 
+    plan_threads("analyze", threads=args.threads).apply()
     if args.analysis is None:
         if not args.model and not args.pretrained:
             raise AnalysisError("`hybridvit analyze` needs --model M or --pretrained RUN (the complexity table) "
@@ -105,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
                                 + ", ".join(_SUBCOMMANDS))
         if isinstance(args.model, list):
             args.model = args.model[0]
+        if args.model:
+            check_img_size(args.model, args.img_size)
         return complexity.run_table(args)
     out = Path(args.output)
     if args.analysis == "pareto":

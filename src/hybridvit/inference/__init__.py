@@ -15,11 +15,13 @@ def load_for_command(pretrained: str | None, model_name: str | None = None, *, n
     pretrained: a hybridvit run checkpoint (or run folder; it knows its model, classes, size and
     preprocessing, so `model_name` may be left out), an official checkpoint file (then `model_name` is
     needed), 'true' for the published weights of `model_name`, or None for random weights.
+    img_size: below the model's minimum input size, a ValueError naming it (before anything is built).
     The model carries `model_name`, `pretrained_cfg`, `model_kwargs` and `class_names` (None unless the
     checkpoint has them).
     """
     from ..checkpoint import CheckpointError, is_run_checkpoint, model_from_run, read_checkpoint_file, read_run
     from ..registry import create_model
+    from ..runtime import check_img_size
 
     overrides = {"img_size": img_size} if img_size else {}
     if pretrained and str(pretrained).lower() != "true":
@@ -35,6 +37,7 @@ def load_for_command(pretrained: str | None, model_name: str | None = None, *, n
             if num_classes and num_classes != run["num_classes"]:
                 raise CheckpointError(f"{path} predicts {run['num_classes']} classes, not {num_classes}: leave "
                                       "--num-classes out, or fine-tune with hybridvit train --pretrained")
+            check_img_size(run["model_name"], img_size)  # before any weights are built
             return model_from_run(run, ema=ema, source=str(path), **overrides)
         if ema:
             raise CheckpointError(f"--ema needs a hybridvit run checkpoint; {path} is not one")
@@ -46,6 +49,7 @@ def load_for_command(pretrained: str | None, model_name: str | None = None, *, n
         if not model_name:
             raise ValueError("pass --model NAME (see `hybridvit models`) or --pretrained RUN_CHECKPOINT")
         weights = bool(pretrained)
+    check_img_size(model_name, img_size)
     model = create_model(model_name, pretrained=weights, num_classes=num_classes or 1000, **overrides)
     model.class_names = None
     if not hasattr(model, "model_kwargs"):

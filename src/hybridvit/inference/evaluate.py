@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -65,13 +64,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or 'true' for the published weights of --model")
     p.add_argument("--model", help="model name (not needed for a hybridvit run checkpoint)")
     p.add_argument("--data", default="digits",
-                   help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits'")
+                   help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits'. Class "
+                        "folders are matched to a hybridvit run's classes by name (a subset is fine, an unknown "
+                        "folder is refused); a checkpoint without class names (official weights) takes the "
+                        "sorted folders as its class indices 0, 1, ...")
     p.add_argument("--split", default="val", help="sub-folder of ROOT to evaluate (default val)")
     p.add_argument("--num-classes", type=int, help="for an official checkpoint (default 1000)")
     p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's or the model's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers (default 0 for digits, else min(4, CPUs))")
+                   help="DataLoader workers (default: planned with --threads from the CPUs, 0 for digits)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs left after the loader workers, see "
+                        "runtime.plan_threads)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", choices=AMP_CHOICES, help="precision (default none: fp32)")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a hybridvit checkpoint")
@@ -79,17 +84,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _eval_folder(data: str, split: str) -> Path:
+    """The class-folder tree `build_dataset` evaluates: DATA/SPLIT, or DATA itself when it has no splits."""
+    root = Path(data)
+    if (root / split).is_dir() or not root.is_dir() or any((root / s).is_dir() for s in ("train", "val")):
+        return root / split
+    return root
+
+
 def _dataset(args: argparse.Namespace, model: nn.Module):
-    """The evaluation images, labelled in the model's class order when the folders carry those names."""
+    """The evaluation images, labelled BY NAME with the model's class indices when the model knows its
+    class names (a hybridvit run): a folder may hold a subset of the run's classes, but a folder that is
+    not one of them is refused, naming it. A model without class names (an official checkpoint) is
+    matched by position: the sorted folder names must follow its class index order (ImageNet's synset
+    folders n01440764, ... do)."""
     from ..data.folder import DataError
     from ..data.loader import build_dataset, is_digits
     from ..data.transforms import EvalTransform
 
-    classes = getattr(model, "class_names", None)
-    root = Path(args.data) / args.split
-    if not (classes and not is_digits(args.data) and all((root / c).is_dir() for c in classes)):
-        classes = None
-    ds = build_dataset(args.data, args.split, EvalTransform.from_cfg(model.pretrained_cfg), classes=classes)
+    tf = EvalTransform.from_cfg(model.pretrained_cfg)
+    ds = build_dataset(args.data, args.split, tf)
+    names = getattr(model, "class_names", None)
+    if names and not is_digits(args.data):
+        folder = _eval_folder(args.data, args.split)
+        index = {c: i for i, c in enumerate(names)}
+        extra = [c for c in ds.classes if c not in index]
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        if extra:
+            what = "none of its class folders is" if len(extra) == len(ds.classes) else \
+                f"{len(extra)} of its {len(ds.classes)} class folders are not"
+            raise DataError(f"{folder}: {what} a class of the model ({', '.join(extra[:10])}"
+                            f"{' ...' if len(extra) > 10 else ''}). The model knows {len(names)} classes: {shown}. "
+                            "Rename each folder to the class it holds, or move the others out; eval matches "
+                            "classes by folder name")
+        ds.samples = [(f, index[ds.classes[t]]) for f, t in ds.samples]
+        ds.targets = [t for _, t in ds.samples]
+        missing = [c for c in names if c not in set(ds.classes)]
+        if missing:
+            print(f"note: {folder} holds {len(ds.classes)} of the model's {len(names)} classes (no folder for "
+                  f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}); its images are scored "
+                  "against all the model's classes")
+        ds.classes = list(names)
     n_out = getattr(model, "num_classes", None)
     if n_out is not None and len(ds.classes) > n_out:
         raise DataError(f"the data has {len(ds.classes)} classes but the model predicts {n_out}")
@@ -98,26 +133,30 @@ def _dataset(args: argparse.Namespace, model: nn.Module):
 
 def run(args: argparse.Namespace) -> int:
     from ..data.loader import EpochSampler, is_digits, make_loader
-    from ..train.distributed import pick_device
+    from ..runtime import plan_threads, resolve_device
     from . import load_for_command
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    plan = plan_threads("eval", device=device, threads=args.threads, workers=args.workers,
+                        in_memory=is_digits(args.data))
+    plan.apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, img_size=args.img_size,
                              ema=args.ema)
     ds = _dataset(args, model)
-    device = pick_device(args.device)
     model.to(device)
-    workers = args.workers
-    if workers is None:
-        workers = 0 if is_digits(args.data) else min(4, os.cpu_count() or 1)
-    loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, workers, drop_last=False)
+    loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, plan.workers,
+                         drop_last=False)
     res = evaluate(model, loader, device, Precision.from_amp(args.amp, device), progress=not args.no_progress)
     cfg = model.pretrained_cfg
     result = {"model": model.model_name, "checkpoint": args.pretrained, "data": args.data, "split": args.split,
               "images": res["images"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
               "input_size": list(cfg["input_size"]), "crop_pct": cfg["crop_pct"],
-              "interpolation": cfg["interpolation"], "classes": model.class_names or len(ds.classes)}
+              "interpolation": cfg["interpolation"], "classes": model.class_names or len(ds.classes),
+              "threads": plan.threads, "workers": plan.workers}
     print(f"{result['model']} on {args.data} ({res['images']} images): top-1 {res['top1']:.2f}%  "
-          f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}")
+          f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  ({plan.describe()})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 import types
 import typing
 
@@ -14,7 +15,10 @@ _HELP = {
     "data": "ImageNet-layout folder ROOT (ROOT/train/<class>/*, ROOT/val/<class>/*) or 'digits' (default)",
     "pretrained": "'true' for the published weights, or a checkpoint path (then the head is reset "
                   "to --num-classes)",
-    "resume": "run folder (or its last.pt) of an interrupted run: continues exactly where it stopped",
+    "resume": "run folder (or its last.pt) of an interrupted run (Ctrl-C and SIGTERM write one): continues "
+              "exactly where it stopped. Only --epochs (the cosine schedule spreads over the new total), --lr and "
+              "--checkpoint-every (and --device/--threads/--workers/--progress/--plot) may change; other options "
+              "that differ from the run are refused",
     "output": "output folder (default runs/<model>-<timestamp>); a folder holding a run is refused unless "
               "--overwrite or --resume",
     "overwrite": "replace the run already in --output (its files are deleted first)",
@@ -83,9 +87,21 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"`hybridvit train` needs the train extra ({', '.join(missing)} missing): "
                          "pip install 'hybridvit[train]'")
-    from .engine import train
+    from .engine import TrainingInterrupted, train
 
-    summary = train(config_from_args(args))
+    given = {name for name in FIELDS if name not in _SKIP and getattr(args, name, None) is not None}
+    if args.recipe:
+        given.add("recipe")
+    try:
+        summary = train(config_from_args(args), given)
+    except TrainingInterrupted as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\n{e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started: no traceback
+        print("\ninterrupted: nothing saved since the last checkpoint (if any, continue with "
+              "`hybridvit train --resume RUN_FOLDER`)", file=sys.stderr)
+        return 130
     if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"best val top-1 {summary['val_top1']:.2f}% after {summary['epochs']} epochs "
               f"({summary['wall_time_s']:.0f} s)")

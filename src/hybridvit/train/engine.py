@@ -10,7 +10,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,14 +27,14 @@ from ..checkpoint import clean_stale_temp_files, make_run_checkpoint, read_check
 from ..data.folder import DataError
 from ..inference.evaluate import evaluate
 from ..precision import Precision
-from ..runtime import plan_threads
+from ..runtime import check_img_size, plan_threads
 from . import distributed as D
 from .config import TrainConfig, run_header, scaled_lr
 from .ema import ModelEma
 from .optim import build_optimizer, lr_at
 from .run_dir import created_run_dir, prepare_output_dir
 
-__all__ = ["TrainState", "build_model", "evaluate", "train", "train_one_epoch"]
+__all__ = ["TrainState", "TrainingInterrupted", "build_model", "evaluate", "train", "train_one_epoch"]
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -187,21 +189,68 @@ class RunContext:
         return self.info.device
 
 
-def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """For `--resume`: the stored configuration of the run (with this invocation's progress, plot, workers
-    and device) and its checkpoint in the current schema; otherwise `cfg` unchanged and None."""
+# on --resume: options that change the rest of the run (applied and logged; a new --epochs re-spreads the
+# cosine schedule over the new total number of steps), and those that only say how this process computes
+# (taken from the command line as they are). Every other option given with a value different from the
+# run's is refused: the model, data, batch and augmentation of a run cannot change halfway.
+RESUME_MAY_CHANGE = ("epochs", "lr", "checkpoint_every")
+RESUME_RUNTIME = ("progress", "plot", "workers", "device", "threads")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve_config(cfg: TrainConfig, given: set[str] | None = None
+                   ) -> tuple[TrainConfig, dict[str, Any] | None, list[str]]:
+    """For `--resume`: the stored configuration of the run with the changes this invocation may make, its
+    checkpoint in the current schema, and the changes as log lines ("--epochs 6 (was 4)"); otherwise `cfg`
+    unchanged, None and [].
+
+    given: the options named on the command line (None: those whose value differs from the default).
+    Raises ValueError naming every given option that differs from the run and may not change on resume.
+    """
     if not cfg.resume:
-        return cfg, None
-    from .config import make_config
+        return cfg, None, []
+    from .config import FIELDS, make_config
 
     path = find_resume_file(cfg.resume)
     run = read_run(read_checkpoint_file(path), str(path))
     if not run.get("train_state") or not run.get("config"):
         raise ValueError(f"{path} holds no training state to resume (a checkpoint saved for inference only)")
     stored = dict(run["config"])
-    stored.update({k: getattr(cfg, k) for k in ("progress", "plot", "workers", "device")},
-                  resume=str(path), output=str(path.parent))
-    return make_config(**stored), run
+    new = cfg.to_dict()
+    if given is None:  # called from Python: the options that differ from the defaults
+        given = {k for k, f in FIELDS.items()
+                 if (tuple(new[k]) if isinstance(f.default, tuple) else new[k]) != f.default}
+    changes, refused = [], []
+    for k in sorted(given):
+        if k in ("resume", "source", *RESUME_RUNTIME) or k not in stored:
+            continue
+        if k == "output":
+            if Path(new[k]).resolve() != path.parent.resolve():
+                refused.append(f"--output {new[k]} (the run is in {path.parent})")
+            continue
+        if new[k] == stored[k]:
+            continue
+        if k in RESUME_MAY_CHANGE:
+            changes.append(f"{_flag(k)} {new[k]} (was {stored[k]})")
+            stored[k] = new[k]
+        else:
+            refused.append(f"{_flag(k)} {new[k]} (the run has {stored[k]})")
+    if refused:
+        raise ValueError(f"--resume {path.parent} continues the run as it was set up, but "
+                         + ", ".join(refused) + " differ from it: leave them out, or start a new run with another "
+                         "--output. On resume only " + ", ".join(map(_flag, RESUME_MAY_CHANGE)) + " (and "
+                         + ", ".join(map(_flag, RESUME_RUNTIME)) + ") may change")
+    done = int(run["train_state"].get("epoch", 0))
+    if stored["epochs"] < done:
+        raise ValueError(f"--epochs {stored['epochs']}: the run in {path.parent} has already completed {done} "
+                         f"epochs; pass --epochs {done} or more")
+    if "lr" in given and new["lr"] != run["config"]["lr"] and "lr_base_size" not in given:
+        stored["lr_base_size"] = None  # an explicit --lr is used as given (timm's behaviour), also on resume
+    stored.update({k: new[k] for k in RESUME_RUNTIME}, resume=str(path), output=str(path.parent))
+    return make_config(**stored), run, changes
 
 
 def setup_run(cfg: TrainConfig, resuming: bool) -> RunContext:
@@ -224,6 +273,87 @@ def setup_run(cfg: TrainConfig, resuming: bool) -> RunContext:
     channels_last = cfg.channels_last if cfg.channels_last is not None else info.device.type == "cuda"
     return RunContext(cfg, info, out, RunLog(out, info.is_main), precision, channels_last, plan.workers,
                       plan.describe())
+
+
+# ------------------------------------------------------------------------------------- stopping
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a resumable last.pt was written; `exit_code` is
+    128 + the signal number (130, 143), as a shell reports a process the signal ended."""
+
+    def __init__(self, signum: int, out: Path, epoch: int, step: int, steps: int) -> None:
+        self.signum, self.out, self.exit_code = signum, out, 128 + signum
+        self.resume_command = f"hybridvit train --resume {out}"
+        super().__init__(f"{signal.Signals(signum).name}: training stopped at epoch {epoch + 1}, step {step}/{steps}; "
+                         f"saved {out / 'last.pt'}. Continue with: {self.resume_command}")
+
+
+_SAVES_IN_PROGRESS = [0]  # a second signal waits for these: a save killed halfway leaves a temporary file
+
+
+@contextlib.contextmanager
+def _saving():
+    _SAVES_IN_PROGRESS[0] += 1
+    try:
+        yield
+    finally:
+        _SAVES_IN_PROGRESS[0] -= 1
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM during training: the first one is recorded and training stops at the
+    next optimizer-step boundary, after writing last.pt (a checkpoint a resume continues exactly); a
+    second one stops at once without saving (KeyboardInterrupt), except while a checkpoint is being
+    written (it is ignored then: a save killed halfway would leave a half-written temporary file).
+    Handlers are installed only in the main thread (Python allows no other), and restored afterwards."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name} received: stopping after the current step and writing last.pt "
+                  "(send it again to stop at once without saving)", file=sys.stderr, flush=True)
+        elif not _SAVES_IN_PROGRESS[0]:
+            raise KeyboardInterrupt
+
+    def requested(self, info: D.DistInfo) -> int:
+        """The signal to stop for (0: none). Under torchrun every rank asks at the same step and they
+        agree (a signal that reached any rank stops all of them together), so that the collective
+        checkpoint never leaves a rank waiting."""
+        if info.enabled:  # one small all-reduce per step: how many ranks got SIGINT, how many SIGTERM
+            n_int, n_term = D.all_sum([float(self.signum == signal.SIGINT), float(self.signum == signal.SIGTERM)],
+                                      info)
+            return int(signal.SIGTERM) if n_term else int(signal.SIGINT) if n_int else 0
+        return self.signum or 0
+
+
+def stop_if_asked(ctx: RunContext, state: TrainState, loop: Loop, *, saved: bool = False) -> None:
+    """Raises TrainingInterrupted when a stop was requested, after writing last.pt at the current step
+    (unless `saved`: the end of an epoch has just written it)."""
+    signum = loop.stop.requested(ctx.info)
+    if not signum:
+        return
+    if not saved:
+        save_run(ctx, state, loop.model_info, [ctx.out / "last.pt"])
+    err = TrainingInterrupted(signum, ctx.out, state.epoch, state.step_in_epoch, loop.schedule.steps_per_epoch)
+    ctx.log(f"stopped by {signal.Signals(signum).name} at epoch {state.epoch + 1}, step "
+            f"{state.step_in_epoch}/{loop.schedule.steps_per_epoch}; continue with: {err.resume_command}")
+    D.barrier(ctx.info)
+    D.cleanup(ctx.info)
+    raise err
 
 
 # ------------------------------------------------------------------------------------- data
@@ -360,8 +490,9 @@ def save_run(ctx: RunContext, state: TrainState, model_info: dict[str, Any], pat
     weights, ema = ts.pop("model"), ts.pop("ema")
     ck = make_run_checkpoint(**model_info, state_dict=weights, state_dict_ema=ema, train_state=ts,
                              config=ctx.cfg.to_dict())
-    for path in paths:
-        save_checkpoint(ck, path)
+    with _saving():
+        for path in paths:
+            save_checkpoint(ck, path)
 
 
 def build_train_state(ctx: RunContext, model: nn.Module, sched: Schedule) -> TrainState:
@@ -389,6 +520,7 @@ class Loop:
     schedule: Schedule
     model_info: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedule,
@@ -488,13 +620,24 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int) 
         for g in state.optimizer.param_groups:
             g["lr"] = cur_lr
         for micro in range(cfg.accum_steps):
-            train_micro_batch(ctx, state, loop, next(it), micro == cfg.accum_steps - 1, epoch)
+            try:
+                batch = next(it)
+            except RuntimeError:
+                if not loop.stop.signum or ctx.info.enabled:
+                    raise
+                # a terminal's Ctrl-C also reaches the loader workers, which exit: stop as asked (the
+                # checkpoint is at the last optimizer step; micro-batches of this one are read again)
+                bar.close()
+                stop_if_asked(ctx, state, loop)
+            train_micro_batch(ctx, state, loop, batch, micro == cfg.accum_steps - 1, epoch)
         optimizer_step(ctx, state)
         bar.update(1)
         bar.set_postfix(loss=f"{state.running[0] / max(state.running[2], 1):.3f}", lr=f"{cur_lr:.2e}")
         if (cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
                 and state.step_in_epoch < sched.steps_per_epoch):
             save_run(ctx, state, loop.model_info, [ctx.out / "last.pt"])
+        if state.step_in_epoch < sched.steps_per_epoch:  # the last step's stop waits for end_epoch's save
+            stop_if_asked(ctx, state, loop)
     bar.close()
     return cur_lr
 
@@ -587,18 +730,23 @@ def _summary(ctx: RunContext, state: TrainState, loop: Loop, last: dict[str, Any
     }
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, given: set[str] | None = None) -> dict[str, Any]:
     """Trains `cfg.model` on `cfg.data`; returns the summary (also written to OUTPUT/summary.json) with
     the final weights under `final_state_dict`. A run that fails before its first checkpoint leaves no
-    folder behind."""
+    folder behind. SIGINT/SIGTERM write last.pt at the current step and raise TrainingInterrupted.
+
+    given: the options named on the command line, for the `--resume` policy (`resolve_config`)."""
     t_start = time.time()
-    cfg, resumed = resolve_config(cfg)
+    cfg, resumed, changes = resolve_config(cfg, given)
+    check_img_size(cfg.model, cfg.img_size)  # before any folder or data
     ctx = setup_run(cfg, resumed is not None)
     with created_run_dir(ctx.out, create=ctx.info.is_main):
         if ctx.info.is_main:
             for p in clean_stale_temp_files(ctx.out):
                 ctx.log(f"removed {p}, left by an interrupted save")
         D.barrier(ctx.info)
+        for line in changes:
+            ctx.log(f"resume: {line}")
         return _train(ctx, resumed, t_start)
 
 
@@ -618,20 +766,29 @@ def _train(ctx: RunContext, resumed: dict[str, Any] | None, t_start: float) -> d
     else:
         seed_all(cfg.seed + ctx.info.rank)  # augmentation and drop path differ per rank; weights are made
     loop = build_loop(ctx, state, data, sched, model_info)
+    with loop.stop:  # from here on SIGINT/SIGTERM stop at a step boundary, after writing last.pt
+        return _train_epochs(ctx, state, loop, resumed is not None, t_start)
+
+
+def _train_epochs(ctx: RunContext, state: TrainState, loop: Loop, resumed: bool, t_start: float
+                  ) -> dict[str, Any]:
+    cfg, model = ctx.cfg, state.model
     if ctx.info.is_main:
         _log_start(ctx, state, loop)
-    loop.rows = _metrics_so_far(ctx, resumed is not None, state.epoch)
+    loop.rows = _metrics_so_far(ctx, resumed, state.epoch)
     last: dict[str, Any] = {}
     for epoch in range(state.epoch, cfg.epochs):
         t_epoch = time.time()
         cur_lr = train_one_epoch(ctx, state, loop, epoch)
         last = end_epoch(ctx, state, loop, epoch, cur_lr, t_epoch)
+        if epoch + 1 < cfg.epochs:
+            stop_if_asked(ctx, state, loop, saved=True)
     if state.skipped:
         ctx.log(f"skipped {len(state.skipped)} unreadable image(s): " + ", ".join(state.skipped[:20])
                 + (" ..." if len(state.skipped) > 20 else ""))
     summary = _summary(ctx, state, loop, last, t_start)
     if ctx.info.is_main:
-        if not last and resumed is not None and (ctx.out / "best.pt").is_file():
+        if not last and resumed and (ctx.out / "best.pt").is_file():
             summary["note"] = "the resumed run had already finished"
         write_json_atomic(summary, ctx.out / "summary.json")
     D.barrier(ctx.info)
