@@ -15,7 +15,7 @@ from hybridvit.checkpoint import CheckpointError
 
 # one small model per family (64px images)
 TINY = {
-    "fastervit_nano": dict(depths=(1, 1, 1, 1), drop_path_rate=0.0),
+    "fastervit_nano": dict(dim=16, in_dim=8, depths=(1, 1, 1, 1), drop_path_rate=0.0),
     "crossformer_t": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), img_size=64),
     "cabvit_h_l1": dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(0, 0, 2, 2), img_size=64),
 }
@@ -122,7 +122,7 @@ def test_bad_folders_name_the_file_and_the_keys(tmp_path):
     cfg = json.loads(good_cfg)
     cfg["model_args"]["dim"] = 24
     config.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shapes differ: norm.bias: file \(256,\) vs model \(192,\)") as e:
+    with pytest.raises(CheckpointError, match=r"shapes differ: norm.bias: file \(128,\) vs model \(192,\)") as e:
         hybridvit.create_model(None, pretrained=folder)
 
     config.write_text(good_cfg)
