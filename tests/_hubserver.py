@@ -43,7 +43,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return path
 
     def _error(self, code: int, error_code: str, message: str) -> None:
-        body = ('{"error": "%s"}' % message).encode()
+        body = (f'{{"error": "{message}"}}').encode()
         self.send_response(code)
         self.send_header("X-Error-Code", error_code)
         self.send_header("X-Error-Message", message)
@@ -57,7 +57,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         data = path.read_bytes()
         self.send_response(200)
         self.send_header("X-Repo-Commit", COMMIT)
-        self.send_header("ETag", '"%s"' % hashlib.sha256(data).hexdigest())
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Content-Type", "application/octet-stream")
         self.end_headers()
