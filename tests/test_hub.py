@@ -237,3 +237,31 @@ def test_push_to_hub_uploads_the_folder(tmp_path, monkeypatch):
     assert calls[0] == ("token", "hf_x") and calls[1] == ("create_repo", "me/tiny", True, True)
     assert calls[2] == ("upload", "me/tiny", ["README.md", "config.json", "model.safetensors"])
     assert torch.equal(calls[3][1], logits(model))
+
+
+def test_trained_run_to_hub_folder(tmp_path):
+    """A `hybridvit train` run's best checkpoint -> model with the run's classes -> save_pretrained ->
+    create_model(pretrained=DIR): same logits, same classes, same preprocessing."""
+    pytest.importorskip("kornia", reason="training needs the train extra (kornia)")
+    pytest.importorskip("tqdm", reason="training needs the train extra (tqdm)")
+    from _imagedata import make_folder
+
+    from hybridvit.checkpoint import read_checkpoint_file
+    from hybridvit.train.config import make_config
+    from hybridvit.train.engine import train
+
+    root = make_folder(tmp_path / "data", n_train=8, n_val=4, size=24)
+    summary = train(make_config(None, data=str(root), output=str(tmp_path / "run"), epochs=1, model="fastervit_nano",
+                                img_size=32, batch_size=8, threads=1, progress=False, plot=False, workers=0))
+    # what hybridvit.load_model does with a run checkpoint (rebuild from model_name/model_kwargs, attach classes)
+    ck = read_checkpoint_file(summary["checkpoint"])
+    model = hybridvit.create_model(ck["model_name"], num_classes=ck["num_classes"], **ck["model_kwargs"])
+    model.load_state_dict(ck["state_dict"])
+    model.class_names = ck["class_names"]
+    folder = hybridvit.save_pretrained(model.eval(), tmp_path / "hub")
+    loaded = hybridvit.create_model(None, pretrained=folder)
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    assert loaded.class_names == ["blue", "red"] == ck["class_names"]
+    assert loaded.pretrained_cfg["input_size"] == (3, 32, 32) and loaded.model_kwargs == {"img_size": 32}
