@@ -266,7 +266,7 @@ def _check_fits(model: nn.Module, sd: dict[str, torch.Tensor], weights: Path, ar
 
 def create_from_hub(source: str, name: str | None = None, *, num_classes: int | None = None, in_chans: int = 3,
                     features_only: bool = False, out_indices: tuple[int, ...] | None = None,
-                    load_weights: bool = True, cache_dir: str | os.PathLike | None = None,
+                    cache_dir: str | os.PathLike | None = None,
                     **overrides: Any) -> nn.Module:
     """The model of a save_pretrained folder or `hf-hub:ORG/REPO`, weights loaded.
 
@@ -287,9 +287,7 @@ def create_from_hub(source: str, name: str | None = None, *, num_classes: int | 
     stored_classes = int(cfg.get("num_classes", 1000))
     n = stored_classes if num_classes is None else num_classes
     model = create_model(arch, num_classes=n, in_chans=in_chans if in_chans != 3 else stored_chans, **kwargs)
-    if load_weights:
-        sd = _check_fits(model, read_weights(weights_path), weights_path, arch)
-        model.load_state_dict(sd, strict=False)
+    model.load_state_dict(_check_fits(model, read_weights(weights_path), weights_path, arch), strict=False)
     pcfg = dict(getattr(model, "pretrained_cfg", {}))
     pcfg.update({k: tuple(v) if isinstance(v, list) and k != "label_names" else v
                  for k, v in (cfg.get("pretrained_cfg") or {}).items()})
