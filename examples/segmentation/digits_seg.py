@@ -11,7 +11,7 @@ The model: a hybridvit `features_only` backbone (maps at strides 4, 8, 16, 32) w
 pathway, a 3x3 conv per level, every level upsampled to stride 4 and summed, a 1x1 classifier and a
 bilinear upsampling to the input size.
 
-    python examples/segmentation/digits_seg.py --seconds 240      # trains, prints mIoU, saves the plot
+    python examples/segmentation/digits_seg.py --steps 1500      # trains, prints mIoU, saves the plot
 
 Needs the train extra (scikit-learn, matplotlib, pillow).
 """
@@ -93,9 +93,9 @@ class DigitsOnPhotos:
             ink = ink.clamp(0, 1)
             y, x = (int(torch.randint(self.size - s + 1, (1,), generator=g)) for _ in range(2))
             colour = torch.rand(3, 1, 1, generator=g)
-            if colour.mean() < 0.5:  # half dark ink, half bright: contrast with the photo is not a given
-                colour = colour * 0.4
             region = img[:, y:y + s, x:x + s]
+            if (colour.mean() - region.mean()).abs() < 0.3:  # ink must stand out from the photo under it:
+                colour = 0.6 + 0.4 * colour if region.mean() < 0.5 else 0.4 * colour  # bright on dark, dark on bright
             img[:, y:y + s, x:x + s] = region * (1 - ink) + colour * ink
             label[y:y + s, x:x + s][ink > 0.3] = 1 + int(self.digits[i])  # the stroke, not its faint rim
         return (img - MEAN) / STD, label
@@ -195,7 +195,8 @@ def plot(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, path: Pat
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="fastervit_nano", help="hybridvit backbone (features_only)")
-    p.add_argument("--seconds", type=float, default=240, help="training time budget")
+    p.add_argument("--steps", type=int, default=1500, help="training steps (batches)")
+    p.add_argument("--seconds", type=float, default=None, help="stop earlier after this many seconds")
     p.add_argument("--img-size", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -214,9 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     start, step, losses = time.perf_counter(), 0, []
-    while (elapsed := time.perf_counter() - start) < args.seconds:
-        for group in opt.param_groups:  # cosine decay over the time budget, short warm-up
-            group["lr"] = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * elapsed / args.seconds))
+    while step < args.steps and (args.seconds is None or time.perf_counter() - start < args.seconds):
+        elapsed = time.perf_counter() - start
+        for group in opt.param_groups:  # cosine decay, short warm-up
+            group["lr"] = args.lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         x, y = train_data.batch(args.batch_size, g)
         losses.append(train_step(model, opt, x, y))
         step += 1
