@@ -9,4 +9,4 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # The CPU build first, so that the `torch>=2.4` requirement below is already satisfied.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[train,safetensors,onnx,dev]"
+python -m pip install -q -e ".[train,safetensors,onnx,dev,hub]"

@@ -287,12 +287,20 @@ def model_from_run(run: dict[str, Any], *, ema: bool = False, source: str = "the
 
 def load_model(path: str | os.PathLike, *, ema: bool = False, device: str | torch.device | None = None
                ) -> nn.Module:
-    """A hybridvit run checkpoint (a file, or a run folder: its best.pt), ready for inference.
+    """A hybridvit run checkpoint (a file, or a run folder: its best.pt), a Hub folder written by
+    `save_pretrained`, or `hf-hub:ORG/REPO`, ready for inference.
 
     Returns the model in eval mode on `device` (default CPU) with `class_names` (list[str] or None),
     `pretrained_cfg` (input size, crop, interpolation, mean, std), `model_name` and `model_kwargs`
-    attached. `ema=True` takes the EMA weights. No code from the file runs.
+    attached. `ema=True` takes the EMA weights of a run. No code from the file runs.
     """
+    from . import hub
+
+    if str(path).startswith(hub.HF_HUB_PREFIX) or hub.is_folder(path):
+        if ema:
+            raise CheckpointError(f"{path} is a Hub folder, which holds one set of weights: leave ema out "
+                                  "(EMA weights are in a run checkpoint)")
+        return hub.load_folder(path, device=device)
     path = Path(path)
     if path.is_dir() and (path / "best.pt").is_file():
         path = path / "best.pt"

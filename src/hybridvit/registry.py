@@ -71,8 +71,8 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, *, pretrained: bool | str = False, num_classes: int = 1000, in_chans: int = 3,
-                 features_only: bool = False, out_indices: tuple[int, ...] | None = None,
+def create_model(name: str | None, *, pretrained: bool | str = False, num_classes: int | None = None,
+                 in_chans: int = 3, features_only: bool = False, out_indices: tuple[int, ...] | None = None,
                  **overrides: Any) -> nn.Module:
     """Builds a registered model.
 
@@ -80,8 +80,15 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     cache), or a path to an official or hybridvit checkpoint. With `features_only=True` the model
     returns the NCHW maps of `out_indices` (default: every stage, (0, 1, 2, 3) for the hierarchical
     models at strides 4/8/16/32; CabViT-P has one stride-16 map). Overrides replace any configuration
-    field of the variant (`drop_path_rate`, `img_size`, `depths`, ...).
+    field of the variant (`drop_path_rate`, `img_size`, `depths`, ...). A save_pretrained folder or
+    "hf-hub:ORG/REPO" (as `name` or `pretrained`) builds the architecture of its config.json (hybridvit.hub);
+    num_classes then defaults to the folder's, otherwise to 1000.
     """
+    from .hub import create_from_hub, hub_source
+    if (source := hub_source(name, pretrained)) is not None:
+        return create_from_hub(source, name, num_classes=num_classes, in_chans=in_chans,
+                               features_only=features_only, out_indices=out_indices, **overrides)
+    num_classes = 1000 if num_classes is None else num_classes
     entry = get_entry(name)
     cfg = dict(entry.config)
     cfg.update(overrides)
@@ -91,6 +98,7 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
         s = overrides["img_size"]
         model.pretrained_cfg["input_size"] = (in_chans, s, s)
     model.model_name = name
+    model.model_kwargs = dict(overrides)
     if pretrained:
         from .checkpoint import load_checkpoint, resolve_pretrained
         path = resolve_pretrained(entry, pretrained)

@@ -13,17 +13,32 @@ def load_for_command(pretrained: str | None, model_name: str | None = None, *, n
     """The model a command (eval, predict, export, bench, analyze) works on, in eval mode.
 
     pretrained: a hybridvit run checkpoint (or run folder; it knows its model, classes, size and
-    preprocessing, so `model_name` may be left out), an official checkpoint file (then `model_name` is
+    preprocessing, so `model_name` may be left out), a Hub folder written by `save_pretrained` or
+    `hf-hub:ORG/REPO` (the same), an official checkpoint file (then `model_name` is
     needed), 'true' for the published weights of `model_name`, or None for random weights.
     img_size: below the model's minimum input size, a ValueError naming it (before anything is built).
     The model carries `model_name`, `pretrained_cfg`, `model_kwargs` and `class_names` (None unless the
     checkpoint has them).
     """
+    from .. import hub
     from ..checkpoint import CheckpointError, is_run_checkpoint, model_from_run, read_checkpoint_file, read_run
     from ..registry import create_model
     from ..runtime import check_img_size
 
     overrides = {"img_size": img_size} if img_size else {}
+    if pretrained and (str(pretrained).startswith(hub.HF_HUB_PREFIX) or hub.is_folder(pretrained)):
+        if ema:
+            raise CheckpointError(f"--ema needs a hybridvit run checkpoint; {pretrained} is a Hub folder")
+        model = hub.load_folder(pretrained)
+        for what, given, have in (("model", model_name, model.model_name),
+                                  ("--num-classes", num_classes, model.num_classes)):
+            if given and given != have:
+                raise CheckpointError(f"{pretrained} holds {model.model_name} with {model.num_classes} classes, "
+                                      f"not {what} {given}: leave {what.lstrip('-')} out")
+        check_img_size(model.model_name, img_size)
+        if img_size:
+            model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, img_size, img_size))
+        return model
     if pretrained and str(pretrained).lower() != "true":
         path = Path(pretrained)
         if path.is_dir() and (path / "best.pt").is_file():

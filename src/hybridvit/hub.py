@@ -1,0 +1,317 @@
+"""Hugging Face Hub / timm folder layout: `model.safetensors` + `config.json`.
+
+`save_pretrained(model, dir)` writes the layout timm's `push_to_hf_hub` writes, so the folder (or a Hub
+repository holding it) loads with `hybridvit.create_model(pretrained=DIR)`, `create_model("hf-hub:ORG/REPO")`
+and, with timm installed, `timm.create_model("hf-hub:ORG/REPO", pretrained=True)` after `import hybridvit`::
+
+    config.json = {"architecture": "fastervit_0", "num_classes": 10, "num_features": 512,
+                   "global_pool": "avg", "model_args": {"img_size": 64}, "label_names": ["cat", ...],
+                   "pretrained_cfg": {"input_size": [3, 64, 64], "mean": [...], ...}}
+
+Weights are read and written as safetensors only: nothing on the Hub path is unpickled, and no code
+from the folder runs. Remote repositories go through the optional `huggingface_hub` package
+(`pip install 'hybridvit[hub]'`) into its standard cache (`HF_HOME`, `HF_HUB_CACHE`, `HF_HUB_OFFLINE`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+HF_HUB_PREFIX = "hf-hub:"
+_INSTALL_HUB = "pip install 'hybridvit[hub]' (the huggingface_hub package)"
+
+
+# --------------------------------------------------------------------------------------------- writing
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists, recursively (JSON has no tuples); anything else JSON cannot hold is refused."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{value!r} ({type(value).__name__}) cannot be stored in config.json")
+
+
+def hub_config(model: nn.Module, *, model_name: str | None = None,
+               class_names: list[str] | None = None) -> dict[str, Any]:
+    """The config.json of `model`: architecture, num_classes, num_features, model_args (the create_model
+    overrides that rebuild it, plus in_chans when not 3), label_names and pretrained_cfg (timm's fields)."""
+    name = model_name or getattr(model, "model_name", None)
+    if not name:
+        raise ValueError("save_pretrained needs the registered model name: build the model with "
+                         "hybridvit.create_model or pass model_name='fastervit_0' (say)")
+    args = dict(getattr(model, "model_kwargs", None) or {})
+    in_chans = int(getattr(model, "in_chans", 3))
+    if in_chans != 3:
+        args["in_chans"] = in_chans
+    classes = class_names if class_names is not None else getattr(model, "class_names", None)
+    num_classes = int(getattr(model, "num_classes", 0))
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if num_classes and len(classes) != num_classes:
+            raise ValueError(f"{len(classes)} class names for a model with {num_classes} classes")
+    pcfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", None) or {}).items()
+            # where the weights came from does not describe the folder's weights
+            if k not in ("url", "file", "hf_hub_id", "source", "state_dict", "label_names", "num_classes",
+                         "architecture", "tag")}
+    pcfg["num_classes"] = num_classes
+    try:
+        cfg = {
+            "architecture": name,
+            "num_classes": num_classes,
+            "num_features": int(getattr(model, "num_features", 0)),
+            "global_pool": "avg",
+            "model_args": _jsonable(args),
+            "pretrained_cfg": _jsonable(pcfg),
+        }
+    except TypeError as e:
+        raise ValueError(f"save_pretrained: {e}; model_kwargs and pretrained_cfg must be JSON values") from e
+    if classes is not None:
+        cfg["label_names"] = classes
+    from . import __version__
+    cfg["hybridvit_version"] = __version__
+    return cfg
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, model_name: str | None = None,
+                    class_names: list[str] | None = None) -> Path:
+    """Writes `model.safetensors` (the state dict, float tensors as they are) and `config.json` into
+    `save_directory` (created if needed) and returns the folder. Class names come from `class_names`
+    or `model.class_names`; the rebuild arguments from `model.model_kwargs` (set by create_model)."""
+    from safetensors.torch import save_file
+
+    cfg = hub_config(model, model_name=model_name, class_names=class_names)
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share memory (views, tied weights) and wants contiguous data
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+    (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    return out
+
+
+def _model_card(cfg: dict[str, Any], repo_id: str) -> str:
+    classes = cfg.get("label_names")
+    lines = ["---", "library_name: timm", "license: apache-2.0", "tags:", "- image-classification", "- timm",
+             "- hybridvit", "---", "", f"# {repo_id}", "",
+             f"A `{cfg['architecture']}` model ({cfg['num_classes']} classes) saved by hybridvit's "
+             "`save_pretrained`.", "", "```python", "import hybridvit",
+             f'model = hybridvit.create_model("hf-hub:{repo_id}").eval()', "```", ""]
+    if classes:
+        lines += ["Classes: " + ", ".join(classes[:50]) + (" ..." if len(classes) > 50 else ""), ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(model: nn.Module, repo_id: str, *, token: str | None = None, private: bool = False,
+                revision: str | None = None, commit_message: str = "Add hybridvit model",
+                model_card: bool = True) -> str:
+    """Uploads `save_pretrained`'s folder (plus a README model card) to the Hub repository `repo_id`
+    (created if missing) and returns the commit URL. Needs a token with write access: `token=`, the
+    `HF_TOKEN` variable or `hf auth login`."""
+    HfApi = _hub_api("HfApi")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, tmp)
+        if model_card:
+            cfg = json.loads((folder / CONFIG_NAME).read_text())
+            (folder / "README.md").write_text(_model_card(cfg, repo_id))
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                 revision=revision, repo_type="model")
+    return str(getattr(info, "commit_url", info))
+
+
+# --------------------------------------------------------------------------------------------- reading
+def is_folder(path: Any) -> bool:
+    """True for a directory holding config.json (a save_pretrained / Hub folder)."""
+    return isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
+
+
+def hub_source(name: str | None, pretrained: Any) -> str | None:
+    """What create_model should hand to this module: an `hf-hub:` id or a folder; None otherwise."""
+    if isinstance(name, str) and name.startswith(HF_HUB_PREFIX):
+        return name
+    if isinstance(pretrained, str) and pretrained.startswith(HF_HUB_PREFIX):
+        return pretrained
+    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
+        if not (Path(pretrained) / CONFIG_NAME).is_file():
+            raise CheckpointError(f"{os.fspath(pretrained)} is a folder without {CONFIG_NAME}: pass a folder "
+                                  "written by hybridvit.save_pretrained, or the checkpoint file itself")
+        return os.fspath(pretrained)
+    if name is None:
+        raise ValueError("create_model(None, ...) needs pretrained= a save_pretrained folder or 'hf-hub:ORG/REPO' "
+                         "(the architecture is read from its config.json); otherwise pass a model name")
+    return None
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads and checks a config.json; errors name the file and the keys that are missing or wrong."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); write the folder again with "
+                              "hybridvit.save_pretrained") from e
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(cfg).__name__}, expected an object")
+    problems = []
+    if not isinstance(cfg.get("architecture"), str):
+        problems.append("'architecture' (the model name) is missing or not a string")
+    if "num_classes" in cfg and not (isinstance(cfg["num_classes"], int) and cfg["num_classes"] >= 0):
+        problems.append(f"'num_classes' must be a non-negative integer, got {cfg['num_classes']!r}")
+    for key in ("model_args", "pretrained_cfg"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            problems.append(f"'{key}' must be an object, got {type(cfg[key]).__name__}")
+    labels = cfg.get("label_names")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(c, str) for c in labels)):
+        problems.append("'label_names' must be a list of strings")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    return cfg
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """model.safetensors -> state dict; a missing, truncated or foreign file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a hybridvit Hub folder holds {WEIGHTS_NAME} next to "
+                              f"{CONFIG_NAME} (pickle files are not read on this path)")
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                              "corrupt: download or save it again") from e
+
+
+def _hub_api(name: str) -> Any:
+    try:
+        import huggingface_hub
+    except ImportError as e:
+        raise CheckpointError(f"'hf-hub:' models need huggingface_hub: {_INSTALL_HUB}") from e
+    return getattr(huggingface_hub, name)
+
+
+def download(repo: str, filename: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """One file of `ORG/REPO[@revision]` through huggingface_hub into its cache; a local path back."""
+    hf_hub_download = _hub_api("hf_hub_download")
+    from huggingface_hub import errors
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None, cache_dir=cache_dir))
+    except errors.RepositoryNotFoundError as e:
+        raise CheckpointError(f"Hub repository {repo_id!r} not found (or private: log in with `hf auth login` "
+                              "or set HF_TOKEN)") from e
+    except errors.RevisionNotFoundError as e:
+        raise CheckpointError(f"Hub repository {repo_id!r} has no revision {revision!r}") from e
+    except errors.EntryNotFoundError as e:
+        raise CheckpointError(f"Hub repository {repo!r} has no {filename}: is it a hybridvit/timm model folder "
+                              f"(save_pretrained writes {CONFIG_NAME} and {WEIGHTS_NAME})?") from e
+    except (errors.LocalEntryNotFoundError, OSError) as e:
+        raise CheckpointError(f"could not fetch {filename} of {repo!r} ({e}). Without internet, copy the "
+                              "folder here and pass pretrained='/path/to/folder', or set HF_HUB_OFFLINE=1 "
+                              "to use the files already in the Hugging Face cache") from e
+
+
+def resolve(source: str, *, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path, str]:
+    """(config.json path, model.safetensors path, description) of a folder or an `hf-hub:` id."""
+    if source.startswith(HF_HUB_PREFIX):
+        repo = source[len(HF_HUB_PREFIX):]
+        if repo.count("/") != 1 or not all(repo.split("@")[0].split("/")):
+            raise ValueError(f"{source!r}: expected 'hf-hub:ORG/REPO' (optionally '@revision')")
+        config = download(repo, CONFIG_NAME, cache_dir=cache_dir)
+        read_config(config)  # a bad config fails before the (large) weights download
+        return config, download(repo, WEIGHTS_NAME, cache_dir=cache_dir), source
+    folder = Path(source)
+    return folder / CONFIG_NAME, folder / WEIGHTS_NAME, str(folder)
+
+
+def _check_fits(model: nn.Module, sd: dict[str, torch.Tensor], weights: Path, arch: str) -> dict[str, torch.Tensor]:
+    """The folder's weights must be exactly the model's keys and shapes; the classifier may differ
+    (another num_classes) and then stays freshly initialised."""
+    own = model.state_dict()
+    head = tuple(getattr(model, "classifier_prefixes", ("head.",)))
+    other_head = [k for k in sd if k.startswith(head) and (k not in own or own[k].shape != sd[k].shape)]
+    if other_head:
+        sd = {k: v for k, v in sd.items() if not k.startswith(head)}
+    missing = [k for k in own if k not in sd and not (other_head and k.startswith(head))]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+        parts = [f"{len(v)} {what}: {some(v)}" for what, v in
+                 (("shapes differ", shapes), ("model keys missing from the file", missing),
+                  ("keys unknown to the model", unexpected)) if v]
+        raise CheckpointError(f"{weights} does not fit {arch} as its {CONFIG_NAME} describes it: "
+                              + "; ".join(parts) + ". The weights and config.json are from different models: "
+                              "write the folder again with save_pretrained")
+    return sd
+
+
+def create_from_hub(source: str, name: str | None = None, *, num_classes: int | None = None, in_chans: int = 3,
+                    features_only: bool = False, out_indices: tuple[int, ...] | None = None,
+                    cache_dir: str | os.PathLike | None = None,
+                    **overrides: Any) -> nn.Module:
+    """The model of a save_pretrained folder or `hf-hub:ORG/REPO`, weights loaded.
+
+    The architecture and rebuild arguments come from config.json (`name`, when given, must match);
+    `overrides` replace the stored ones. `num_classes` other than the folder's gives a fresh classifier.
+    """
+    from .registry import create_model
+
+    config_path, weights_path, where = resolve(source, cache_dir=cache_dir)
+    cfg = read_config(config_path)
+    arch = cfg["architecture"]
+    if name is not None and not name.startswith(HF_HUB_PREFIX) and name != arch:
+        raise CheckpointError(f"{where} holds a {arch} model ({config_path}), not {name}: pass "
+                              f"create_model({arch!r}, ...) or create_model(None, pretrained=...)")
+    args = dict(cfg.get("model_args") or {})
+    stored_chans = int(args.pop("in_chans", 3))
+    kwargs = {**args, **overrides}
+    stored_classes = int(cfg.get("num_classes", 1000))
+    n = stored_classes if num_classes is None else num_classes
+    model = create_model(arch, num_classes=n, in_chans=in_chans if in_chans != 3 else stored_chans, **kwargs)
+    model.load_state_dict(_check_fits(model, read_weights(weights_path), weights_path, arch), strict=False)
+    pcfg = dict(getattr(model, "pretrained_cfg", {}))
+    pcfg.update({k: tuple(v) if isinstance(v, list) and k != "label_names" else v
+                 for k, v in (cfg.get("pretrained_cfg") or {}).items()})
+    if "img_size" in overrides and isinstance(overrides["img_size"], int):  # the caller's size wins
+        pcfg["input_size"] = (model.in_chans, overrides["img_size"], overrides["img_size"])
+    pcfg["num_classes"] = n
+    if source.startswith(HF_HUB_PREFIX):
+        pcfg.update(hf_hub_id=source[len(HF_HUB_PREFIX):], source="hf-hub")
+    else:
+        pcfg.update(file=str(Path(source).resolve()), source="local-dir")
+    model.pretrained_cfg = pcfg
+    labels = cfg.get("label_names")
+    model.class_names = list(labels) if labels is not None and n == stored_classes else None
+    if features_only:
+        model.set_features_only(tuple(range(len(model.stage_info))) if out_indices is None else tuple(out_indices))
+    return model
+
+
+def load_folder(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
+    """A save_pretrained folder (or `hf-hub:ORG/REPO`) ready for inference: eval mode, on `device`, with
+    `class_names`, `pretrained_cfg`, `model_name` and `model_kwargs` attached."""
+    source = os.fspath(path)
+    if not source.startswith(HF_HUB_PREFIX) and not is_folder(source):
+        raise FileNotFoundError(f"{source} is not a folder with {CONFIG_NAME} (written by "
+                                "hybridvit.save_pretrained) nor an 'hf-hub:ORG/REPO' id")
+    model = create_from_hub(source).eval()
+    return model.to(device) if device is not None else model
