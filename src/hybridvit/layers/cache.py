@@ -6,8 +6,9 @@ FasterViT's continuous position bias and absolute position MLP and CrossFormer's
 counter of every parameter of the module (`Tensor._version` grows with each in-place write), so an
 in-place weight edit in eval mode (an external EMA such as `torch.optim.swa_utils.AveragedModel` or
 timm's `ModelEma`, `load_state_dict`, `.to()`) can never be served a stale table: no `eval()` or
-refresh call is needed. Training, autograd, tracing/compilation and `set_fast_paths(False)` always
-compute. (Writes through `.data` bypass version counters, as they bypass autograd's checks.)
+refresh call is needed. Training, autograd, tracing/compilation, dispatch modes such as FLOP counters
+and `set_fast_paths(False)` always compute. (Writes through `.data` bypass version counters, as they
+bypass autograd's checks.)
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .cpu_bf16 import Bf16ByFp32Kernels
 from .fast import eager_inference
 
 _MAX_GEOMETRIES = 8  # a few input sizes in one process (multi-scale eval); beyond that, oldest first out
@@ -49,8 +52,9 @@ class CachedTable(nn.Module):
                 *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
 
     def table(self, *geometry: int) -> torch.Tensor:
-        if self.training or not eager_inference():
-            return self.compute(*geometry)
+        mode = _get_current_dispatch_mode()
+        if self.training or not eager_inference() or not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
+            return self.compute(*geometry)  # dispatch modes (FLOP counters, tracers) see every op
         ref = next(self.parameters())
         if ref.device.type == "meta" or ref.is_inference():
             return self.compute(*geometry)

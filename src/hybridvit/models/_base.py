@@ -60,7 +60,7 @@ class HybridModel(nn.Module):
     classifier_prefixes: tuple[str, ...] = ("head.",)
     head_norm: bool = False  # True: `norm` acts on the pooled vector (part of the head)
     grad_checkpointing: bool = False
-    min_input_size: int = 32  # per side; pretrained_cfg['min_input_size'] overrides it
+    min_input_size: int = 1  # per side, for models built without a registry entry (pretrained_cfg's wins)
     stage_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]
 

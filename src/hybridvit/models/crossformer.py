@@ -16,7 +16,7 @@ Attention"; "CrossFormer++: ..."):
   a stage's last.
 
 Speed (same outputs as the plain computation; `layers.fast` switches it off): the DPB is cached per
-group size in inference (`layers.cache`), the linears run oneDNN's fused GEMM epilogues (`layers.linear`)
+group size in inference (`layers.cache`), the linears run oneDNN's fused GEMM epilogues (`layers.fused_linear`)
 and in inference the residual adds join the output projections.
 
 Departures from the official code, exact at the official resolution: SDA/LDA and the group size are
@@ -317,6 +317,8 @@ class CrossFormer(HybridModel):
     normalised stride-32 map (B, 8 * embed_dim, H/32, W/32) (rule in `_base`).
     """
 
+    min_input_size = 32  # each unpadded stride-2 CEL downsampler needs a map of at least 2x2
+
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                  group_size: Sequence[int] = (7, 7, 7, 7), interval: Sequence[int] = (8, 4, 2, 1),
@@ -406,6 +408,7 @@ def _variant(name: str, cfg: dict[str, Any], top1: float, where: str) -> Variant
         name, "crossformer", CrossFormer, cfg, top1=top1,
         weights_hint=(f"the official checkpoint is published only on the links of the official repository "
                       f"({_REPO}): {where}; there is no direct download URL"),
+        # min_input_size 32: each unpadded stride-2 CEL downsampler needs a map of at least 2x2
         pretrained_cfg=pretrained_cfg(crop_pct=0.875, first_conv="stem.projs.0", license=LICENSE_MIT,
                                       origin_url=_REPO, paper_ids=paper))
 
