@@ -69,8 +69,9 @@ def test_registry_entries():
 
 def test_p_param_counts():
     # DeiT-Ti/S/B (5.72M/22.05M/86.57M) plus the CaB parts: TME convs, digest calibration, layer scales
+    # (no enhancement conv in the very last block: the classifier reads only the class token)
     counts = {n: count_params(meta_model(n)) for n in P_VARIANTS}
-    assert counts == {"cabvit_p_tiny": 5_836_648, "cabvit_p_small": 22_288_840, "cabvit_p_base": 87_043_720}
+    assert counts == {"cabvit_p_tiny": 5_834_536, "cabvit_p_small": 22_284_616, "cabvit_p_base": 87_035_272}
 
 
 def _official_offset_index(h: int, w: int) -> torch.Tensor:
@@ -163,6 +164,8 @@ def test_p_gradients_reach_digest_path():
                 assert blk.tme.merge is None
             if (s, i) != (len(m.stages) - 1, len(blocks) - 1):  # the head reads only the class token
                 assert blk.tme.enhance.conv.weight.grad.abs().sum() > 0, (s, i)
+            else:
+                assert blk.tme.enhance is None
 
 
 def test_batch_one_and_autocast(tiny_h):

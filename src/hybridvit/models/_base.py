@@ -150,8 +150,8 @@ class HybridModel(nn.Module):
         """(final, [maps]) with timm's semantics: `indices` None = every stage, an int n = the last n,
         a sequence = those stages (negatives from the end); maps are (B, C_i, H_i, W_i) raw stage outputs
         (`output_fmt='NHWC'`: (B, H_i, W_i, C_i)), the last stage's normalised when `norm`; `final`
-        equals forward_features(x) (from the last stage run, which with `stop_early` is the last
-        requested one); `intermediates_only` returns the maps alone and stops early."""
+        equals forward_features(x) (with `stop_early` before the last stage: the raw output of the last
+        requested stage); `intermediates_only` returns the maps alone and stops early."""
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.stages), indices)
@@ -168,7 +168,8 @@ class HybridModel(nn.Module):
                 maps.append(m.permute(0, 2, 3, 1) if output_fmt == "NHWC" else m)
         if intermediates_only:
             return maps
-        return self._features(self._final_norm(x), size), maps
+        # the final norm is sized for the last stage: a stop before it returns that stage's raw output
+        return self._features(self._final_norm(x) if run == last else x, size), maps
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

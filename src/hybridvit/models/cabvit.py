@@ -138,16 +138,17 @@ class TokenMergeEnhance(nn.Module):
     On the (H, W) map of the block's tokens (prefix tokens such as a class token pass unchanged):
     *merge*: 7x7 depthwise conv, stride 4 -> digest tokens (B, ceil(H/4) * ceil(W/4), C) for the later
     blocks of the stage (absent in a stage's last block, which has no later block);
-    *enhance*: 3x3 depthwise conv + BN, replacing the tokens before the FFN.
+    *enhance*: 3x3 depthwise conv + BN, replacing the tokens before the FFN (absent where nothing reads
+    the enhanced tokens: CabViT-P's very last block, whose classifier reads only the class token).
     (B, P + H*W, C) -> ((B, P + H*W, C), digest tokens or None).
     """
 
-    def __init__(self, dim: int, merge: bool, num_prefix_tokens: int = 0):
+    def __init__(self, dim: int, merge: bool, num_prefix_tokens: int = 0, enhance: bool = True):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
         self.merge = nn.Conv2d(dim, dim, DIGEST_KERNEL, DIGEST_STRIDE, DIGEST_KERNEL // 2, groups=dim,
                                bias=False) if merge else None
-        self.enhance = ConvBN(dim, dim, 3, groups=dim)
+        self.enhance = ConvBN(dim, dim, 3, groups=dim) if enhance else None
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         P = self.num_prefix_tokens
@@ -155,6 +156,8 @@ class TokenMergeEnhance(nn.Module):
         B, N, C = t.shape
         m = t.transpose(1, 2).reshape(B, C, hw[0], hw[1])
         digest = self.merge(m).flatten(2).transpose(1, 2) if self.merge is not None else None
+        if self.enhance is None:
+            return x, digest
         t = self.enhance(m).flatten(2).transpose(1, 2)
         return (torch.cat([prefix, t], 1) if P else t), digest
 
@@ -282,14 +285,14 @@ class CaBBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, index: int, merge: bool, grid0: tuple[int, int],
                  mlp_ratio: float = 4.0, layer_scale_init_value: float = 1e-6, drop_path: float = 0.0,
                  rel_pos: bool = True, num_prefix_tokens: int = 0, digest_scale_first: bool = True,
-                 ffn_double_norm: bool = True):
+                 ffn_double_norm: bool = True, enhance: bool = True):
         super().__init__()
         dgrid = digest_grid(grid0)
         self.norm1 = nn.LayerNorm(dim)
         self.digest = DigestTokens(dim, index, dgrid, digest_scale_first) if index > 0 else None
         self.attn = CaBAttention(dim, num_heads, index, dgrid, grid0 if rel_pos else None)
         self.gamma_1: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
-        self.tme = TokenMergeEnhance(dim, merge, num_prefix_tokens)
+        self.tme = TokenMergeEnhance(dim, merge, num_prefix_tokens, enhance)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp_norm = nn.LayerNorm(dim) if ffn_double_norm else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -316,10 +319,11 @@ class CaBStage(nn.Module):
     Tokens (B, P + H*W, C) -> (B, P + H*W, C)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, grid0: tuple[int, int], drop_path: list[float],
-                 **block_kwargs: Any):
+                 enhance_last: bool = True, **block_kwargs: Any):
         super().__init__()
         self.blocks = nn.ModuleList([
-            CaBBlock(dim, num_heads, i, i < depth - 1, grid0, drop_path=drop_path[i], **block_kwargs)
+            CaBBlock(dim, num_heads, i, i < depth - 1, grid0, drop_path=drop_path[i],
+                     enhance=enhance_last or i < depth - 1, **block_kwargs)
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -466,7 +470,8 @@ class CabViTP(HybridModel):
     TME convolutions (it passes through unchanged); digest tokens are normalised and then scaled by their
     calibration factors; no relative bias among the block's own tokens (DeiT's absolute position
     embedding, resized bicubically for other input sizes); a learned per-head bias for digest-token
-    logits; layer scale (init 1e-6) on both branches and one LayerNorm before the FFN.
+    logits; layer scale (init 1e-6) on both branches and one LayerNorm before the FFN; no enhancement
+    conv in the very last block (only the class token is classified, so it would have no effect).
 
     `forward_features` gives the normalised tokens (B, 1 + H*W/256, C) (class token first), which
     `forward_head` takes (like timm's ViT); `forward_intermediates` gives each stage's patch tokens as a
@@ -489,10 +494,11 @@ class CabViTP(HybridModel):
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid0[0] * self.grid0[1], embed_dim))
         dpr = [r for stage in drop_path_rates(drop_path_rate, depths) for r in stage]
         stages, cur = [], 0
-        for d in depths:
+        for i, d in enumerate(depths):
             stages.append(CaBStage(embed_dim, d, num_heads, self.grid0, dpr[cur:cur + d], mlp_ratio=mlp_ratio,
                                    layer_scale_init_value=layer_scale_init_value, rel_pos=False,
-                                   num_prefix_tokens=1, digest_scale_first=False, ffn_double_norm=False))
+                                   num_prefix_tokens=1, digest_scale_first=False, ffn_double_norm=False,
+                                   enhance_last=i < len(depths) - 1))
             cur += d
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dim)
