@@ -188,7 +188,8 @@ class HybridModel(nn.Module):
     def set_features_only(self, out_indices: Sequence[int] = (0, 1, 2, 3)) -> None:
         """Turns the classifier into a backbone returning the NCHW maps of `out_indices`; the stages after
         the last of them, the final norm and the head are removed."""
-        self.out_indices = tuple(self.prune_intermediate_layers(out_indices, prune_norm=True, prune_head=True))
+        take = self.prune_intermediate_layers(out_indices, prune_norm=True, prune_head=True)
+        self.out_indices = tuple(sorted(set(take)))  # the maps come out in stage order
         self.features_only = True
 
     @property
