@@ -52,9 +52,11 @@ class CachedTable(nn.Module):
                 *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
 
     def table(self, *geometry: int) -> torch.Tensor:
+        if self.training or not eager_inference():
+            return self.compute(*geometry)
         mode = _get_current_dispatch_mode()
-        if self.training or not eager_inference() or not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
-            return self.compute(*geometry)  # dispatch modes (FLOP counters, tracers) see every op
+        if not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
+            return self.compute(*geometry)  # dispatch modes (FLOP counters, memory tracers) see every op
         ref = next(self.parameters())
         if ref.device.type == "meta" or ref.is_inference():
             return self.compute(*geometry)

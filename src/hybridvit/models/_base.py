@@ -96,6 +96,18 @@ class HybridModel(nn.Module):
             raise ValueError(f"{self._name()} needs images of at least {min_h}x{min_w} pixels, got "
                              f"{x.shape[2]}x{x.shape[3]}; resize or pad the input")
 
+    def _input_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """Checks `x` and returns its (H, W) as ints. The one place that keeps the spatial size static
+        under torch.compile: window/group geometry (padding, window counts, carrier grids, bias tables) is
+        decided from it in Python, and symbolic sizes there make compilation impractically slow (the
+        default `dynamic=None` would turn H and W symbolic at the second input size). Each input size
+        compiles once; the batch size may stay dynamic."""
+        self.check_input(x)
+        if torch.compiler.is_compiling():
+            torch._dynamo.mark_static(x, 2)
+            torch._dynamo.mark_static(x, 3)
+        return int(x.shape[2]), int(x.shape[3])
+
     # -------------------------------------------------------------------------------- family hooks
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem(x)
@@ -123,8 +135,7 @@ class HybridModel(nn.Module):
     # -------------------------------------------------------------------------------- forward API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image (B, in_chans, H, W) -> features before pooling (see the module docstring)."""
-        self.check_input(x)
-        size = (int(x.shape[2]), int(x.shape[3]))
+        size = self._input_size(x)
         x = self._embed(x)
         for i in range(len(self.stages)):
             x = self._run_stage(i, x, size)
@@ -155,8 +166,7 @@ class HybridModel(nn.Module):
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.stages), indices)
-        self.check_input(x)
-        size = (int(x.shape[2]), int(x.shape[3]))
+        size = self._input_size(x)
         last = len(self.stages) - 1
         run = max_index if (stop_early or intermediates_only) else last
         x = self._embed(x)
