@@ -413,33 +413,29 @@ def _variant(name: str, cfg: dict[str, Any], top1: float, where: str) -> Variant
                                       origin_url=_REPO, paper_ids=paper))
 
 
-VARIANTS = [
-    _variant("crossformer_t", dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1,
-                                   **_V1), 81.5,
-             "Google Drive https://drive.google.com/file/d/1YSkU9enn-ITyrbxLH13zNcBYvWSEidfq/view "
-             "or BaiduCloud https://pan.baidu.com/s/1M45YXZgVvp6Ew9DO8UhdlA (key nkju)"),
-    _variant("crossformer_s", dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2,
-                                   **_V1), 82.5,
-             "Google Drive https://drive.google.com/file/d/1RAkigsgr33va0RZ85S2Shs2BhXYcS6U8/view "
-             "or BaiduCloud https://pan.baidu.com/s/1Xf4MXfb_soCnJFBeNDmoQQ (key fgqj)"),
-    _variant("crossformer_b", dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                                   drop_path_rate=0.3, **_V1), 83.4,
-             "Google Drive https://drive.google.com/file/d/1bK8biVCi17nz_nkt7rBfio_kywUpllSU/view "
-             "or BaiduCloud https://pan.baidu.com/s/1f5dH__UGDXb-HoOPHT5p0A (key 7md9)"),
-    _variant("crossformer_l", dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                   drop_path_rate=0.5, **_V1), 84.0,
-             "Google Drive https://drive.google.com/file/d/1zRWByVW_KIZ87NgaBkDIm60DAsGJErdG/view "
-             "or BaiduCloud https://pan.baidu.com/s/1YJLeHy_cxLBrZLklQBCA_A (key cc89)"),
-    _variant("crossformerpp_s", dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16),
-                                     drop_path_rate=0.2, **_PP), 83.2,
-             "BaiduCloud https://pan.baidu.com/s/1smc_kRoogd0Ig5vfqwuGTA?pwd=crsf (key crsf)"),
-    _variant("crossformerpp_b", dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
-                                     drop_path_rate=0.3, **_PP), 84.2,
-             "BaiduCloud https://pan.baidu.com/s/13XVP0ebtNcyRMmkl11ALYg?pwd=crsf (key crsf)"),
-    _variant("crossformerpp_l", dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                                     drop_path_rate=0.5, **_PP), 84.7,
-             "BaiduCloud https://pan.baidu.com/s/1xtPh-ndcOxRM7fPYYxIIRg?pwd=crsf (key crsf)"),
-    _variant("crossformerpp_h", dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32),
-                                     drop_path_rate=0.5, **_PP), 84.9,
-             "BaiduCloud https://pan.baidu.com/s/1xtPh-ndcOxRM7fPYYxIIRg?pwd=crsf (key crsf)"),
+def _links(drive: str | None, baidu: str, key: str) -> str:
+    """Where the official README links a checkpoint (Google Drive file id, BaiduCloud share and key;
+    the CrossFormer++ shares take the key as `pwd`)."""
+    share = f"{baidu}?pwd={key}" if drive is None else baidu
+    pan = f"BaiduCloud https://pan.baidu.com/s/{share} (key {key})"
+    return f"Google Drive https://drive.google.com/file/d/{drive}/view or {pan}" if drive else pan
+
+
+_H = (4, 8, 16, 32)
+_TABLE = [  # name, embed_dim, depths, num_heads, drop_path_rate, top-1, checkpoint links
+    ("crossformer_t", 64, (1, 1, 8, 6), (2, 4, 8, 16), 0.1, 81.5,
+     _links("1YSkU9enn-ITyrbxLH13zNcBYvWSEidfq", "1M45YXZgVvp6Ew9DO8UhdlA", "nkju")),
+    ("crossformer_s", 96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2, 82.5,
+     _links("1RAkigsgr33va0RZ85S2Shs2BhXYcS6U8", "1Xf4MXfb_soCnJFBeNDmoQQ", "fgqj")),
+    ("crossformer_b", 96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3, 83.4,
+     _links("1bK8biVCi17nz_nkt7rBfio_kywUpllSU", "1f5dH__UGDXb-HoOPHT5p0A", "7md9")),
+    ("crossformer_l", 128, (2, 2, 18, 2), _H, 0.5, 84.0,
+     _links("1zRWByVW_KIZ87NgaBkDIm60DAsGJErdG", "1YJLeHy_cxLBrZLklQBCA_A", "cc89")),
+    ("crossformerpp_s", 64, (2, 2, 18, 2), (2, 4, 8, 16), 0.2, 83.2, _links(None, "1smc_kRoogd0Ig5vfqwuGTA", "crsf")),
+    ("crossformerpp_b", 96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3, 84.2, _links(None, "13XVP0ebtNcyRMmkl11ALYg", "crsf")),
+    ("crossformerpp_l", 128, (2, 2, 18, 2), _H, 0.5, 84.7, _links(None, "1xtPh-ndcOxRM7fPYYxIIRg", "crsf")),
+    ("crossformerpp_h", 128, (6, 6, 18, 2), _H, 0.5, 84.9, _links(None, "1xtPh-ndcOxRM7fPYYxIIRg", "crsf")),
 ]
+VARIANTS = [_variant(name, dict(embed_dim=dim, depths=depths, num_heads=heads, drop_path_rate=dpr,
+                                **(_PP if name.startswith("crossformerpp") else _V1)), top1, where)
+            for name, dim, depths, heads, dpr, top1, where in _TABLE]
