@@ -9,7 +9,6 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from _imagedata import make_folder
 
 WORLD = 2

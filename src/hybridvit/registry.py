@@ -46,7 +46,8 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     pretrained: False, True (the variant's published weights, downloaded once into the torch hub
     cache), or a path to an official or hybridvit checkpoint. With `features_only=True` the model
     returns the NCHW maps of `out_indices` (default: every stage, (0, 1, 2, 3) for the hierarchical
-    models at strides 4/8/16/32; CabViT-P has one stride-16 map). Overrides replace any configuration
+    models at strides 4/8/16/32; CabViT-P: its 3 stride-16 stages); the stages after the last of them,
+    the final norm and the head are removed. Overrides replace any configuration
     field of the variant (`drop_path_rate`, `img_size`, `depths`, ...).
     """
     entry = get_entry(name)
@@ -57,6 +58,10 @@ def create_model(name: str, *, pretrained: bool | str = False, num_classes: int 
     if "img_size" in overrides and isinstance(overrides["img_size"], int):
         s = overrides["img_size"]
         model.pretrained_cfg["input_size"] = (in_chans, s, s)
+        if model.pretrained_cfg.get("pool_size"):
+            model.pretrained_cfg["pool_size"] = (-(-s // 32),) * 2
+    for key in ("input_size", "min_input_size"):  # (channels, H, W)
+        model.pretrained_cfg[key] = (in_chans, *model.pretrained_cfg[key][1:])
     model.model_name = name
     model.model_kwargs = dict(overrides)
     if pretrained:
