@@ -25,7 +25,8 @@ Speed (same outputs as the plain computation): CabViT-H runs channels_last from 
 ConvNeXt permutes and the (B, H*W, C) token views of the CaB stages are free; attention goes through
 SDPA with one additive bias gathered per block from the tiny bias tables (no cached bias that could go
 stale); without autograd the GELUs and residual adds reuse their temporaries (fresh large CPU buffers
-cost page faults); `fuse()` folds conv+BN pairs and layer scales for inference.
+cost page faults) and BatchNorm is folded into its conv on the fly; `fuse()` folds conv+BN pairs and
+layer scales for inference. `layers.fast` switches all of this off.
 """
 from __future__ import annotations
 
@@ -36,7 +37,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import DropPath, Mlp, add_residual, attend, drop_path_rates, fold_layer_scale, gelu_, scale_channels
+from ..layers import (
+    DropPath,
+    Mlp,
+    add_residual,
+    attend,
+    conv_bn,
+    drop_path_rates,
+    fold_layer_scale,
+    gelu_,
+    scale_channels,
+)
 from ..layers.fuse import fuse_sequential_conv_bn
 from ._base import HybridModel
 from ._variant import LICENSE_NONE, Variant, pretrained_cfg
@@ -75,12 +86,16 @@ def fuse_cabvit(model: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------- conv parts
 class ConvBN(nn.Sequential):
-    """Conv2d without bias followed by BatchNorm2d, (B, C, H, W) -> (B, C', H', W')."""
+    """Conv2d without bias followed by BatchNorm2d, (B, C, H, W) -> (B, C', H', W'); in eval the BN is
+    folded into the conv on the fly (`layers.fuse.conv_bn`), permanently by `fuse()`."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn(x, self.conv, self.bn)
 
 
 class Stem(nn.Module):
