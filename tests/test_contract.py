@@ -268,3 +268,13 @@ def test_default_compile_over_two_input_sizes(name):
         for size in [(64, 64), (64, 96)]:
             x = torch.randn(1, 3, *size)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+def test_fast_path_switch_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "from hybridvit.layers import fast_paths_enabled as f; print(f())"
+    out = {v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "HYBRIDVIT_FAST_PATHS": v},
+                             capture_output=True, text=True, check=True).stdout.strip() for v in ("0", "1")}
+    assert out == {"0": "False", "1": "True"}
