@@ -9,7 +9,7 @@ import torch
 from conftest import assert_matches_official_layout, load_fixture
 
 import hybridvit
-from hybridvit.layers import MASK_VALUE, CachedTable, LayerScale, attend, conv_bn, fast_paths
+from hybridvit.layers import MASK_VALUE, CachedTable, LayerScale, attend, conv_bn
 from hybridvit.models.fastervit import HierarchicalAttention
 from hybridvit.registry import count_params
 
@@ -249,19 +249,6 @@ def test_conv_bn_folding_equals_batchnorm():
             torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5, rtol=1e-5)
         bn.train()  # training: the BatchNorm module itself (batch statistics)
         torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)))
-
-
-def test_fast_paths_equal_plain_computation():
-    """Eval fast paths (cached position tables, BN folded on the fly) == the plain computation, also at a
-    padded size."""
-    model = _small_model().eval()
-    for size in [(64, 64), (72, 40)]:
-        x = torch.randn(2, 3, *size)
-        with torch.no_grad():
-            fast = model(x)
-            with fast_paths(False):
-                plain = model(x)
-        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_no_stale_tables_after_training_loading_and_casting():
