@@ -19,7 +19,8 @@ from hybridvit.registry import get_entry, list_models, meta_model
 # one per family and kind; CrossFormer and CabViT-P narrowed and shortened (every code path, less compute),
 # FasterViT with its optional parts on (carrier tokens in both HAT stages, layer scales, propagation)
 REAL = {"fastervit_nano": dict(hat=(False, False, True, True), layer_scale=0.1, layer_scale_conv=0.1,
-                               do_propagation=True), "crossformer_t": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2)),
+                               do_propagation=True),
+        "crossformer_t": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2)),
         "crossformerpp_s": dict(embed_dim=16, depths=(1, 1, 3, 1), num_heads=(1, 1, 2, 2)),
         "cabvit_h_l1": {}, "cabvit_p_tiny": dict(embed_dim=32, depths=(2, 2, 1), num_heads=2)}
 ALL = list_models()
