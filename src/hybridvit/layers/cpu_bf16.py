@@ -89,8 +89,8 @@ def use_fp32_kernels(policy: str, device_type: str, bf16: bool) -> bool:
 
 def model_policy(model: torch.nn.Module) -> str:
     """The policy for a context around `model`'s forward and backward: "native" for a compiled model (the
-    compiler makes its own kernels), otherwise the model's `cpu_bf16_kernels` attribute if a user set one,
-    else "auto"."""
+    compiler makes its own kernels), otherwise the model's `cpu_bf16_kernels` preference (hybridvit models:
+    "auto" unless set), else "auto"."""
     if hasattr(model, "_orig_mod"):
         return "native"
     return getattr(model, "cpu_bf16_kernels", "auto")

@@ -61,6 +61,9 @@ class HybridModel(nn.Module):
     head_norm: bool = False  # True: `norm` acts on the pooled vector (part of the head)
     grad_checkpointing: bool = False
     min_input_size: int = 1  # per side, for models built without a registry entry (pretrained_cfg's wins)
+    # preferred CPU bf16 kernel policy ("auto" | "native" | "fp32"): data only, read by the runtime's
+    # `layers.cpu_bf16.model_policy` when it enters the `bf16_kernels` context; the model applies nothing
+    cpu_bf16_kernels: str = "auto"
     stage_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]
 
