@@ -17,6 +17,9 @@ def test_models_table_lists_every_family(tmp_path, capsys):
     assert len([n for n in rows if n.startswith("crossformer")]) == 8
     assert rows["fastervit_0"]["top1"] == 82.1 and rows["fastervit_0"]["weights"] == "download"
     assert rows["crossformer_s"]["weights"] == "by hand" and rows["cabvit_h_l2"]["weights"] == "-"
+    # the weights' terms: FasterViT's are NVIDIA's non-commercial licence, CrossFormer's MIT
+    assert rows["fastervit_0"]["license"] == "nvidia-source-code-license-nc"
+    assert rows["crossformerpp_s"]["license"] == "mit"
     assert rows["crossformerpp_s"]["params_m"] == round(count_params(meta_model("crossformerpp_s")) / 1e6, 2)
     assert "cabvit_h_l2" in capsys.readouterr().out
 

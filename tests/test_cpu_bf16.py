@@ -11,7 +11,7 @@ from test_fastervit import fixture_model as fastervit_fixture_model
 
 from hybridvit.bench import make_step
 from hybridvit.layers import cpu_bf16
-from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, bf16_kernels, use_fp32_kernels
+from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, bf16_kernels, model_policy, use_fp32_kernels
 
 BF16 = torch.bfloat16
 
@@ -95,12 +95,10 @@ def test_every_family_under_autocast_is_as_accurate_as_native_bf16(widened):
             ref = model(x)
             outs, counts = {}, {}
             for policy in ("fp32", "native"):
-                model.cpu_bf16_kernels = policy
                 widened.clear()
-                with torch.autocast("cpu", dtype=BF16):
+                with bf16_kernels(policy, "cpu", BF16), torch.autocast("cpu", dtype=BF16):
                     outs[policy] = model(x).float()
                 counts[policy] = len(widened)
-        model.cpu_bf16_kernels = "auto"
         assert counts["fp32"] > 0 and counts["native"] == 0, family
         err = {p: (o - ref).abs().max().item() for p, o in outs.items()}
         scale = ref.abs().max().item()
@@ -108,10 +106,13 @@ def test_every_family_under_autocast_is_as_accurate_as_native_bf16(widened):
         assert err["fp32"] <= 2 * err["native"] + 2 ** -7 * scale, (family, err)
 
 
-def test_backbone_forward_takes_the_policy_too(widened):
+def test_models_carry_no_policy_of_their_own(widened):
+    """The policy is the caller's context only: a model called without it runs PyTorch's bf16 kernels."""
     model, x = _models()["cabvit_h"]
-    model.cpu_bf16_kernels = "fp32"
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        model.forward_features(x)
+    assert not widened
+    with torch.no_grad(), bf16_kernels("fp32", "cpu", BF16), torch.autocast("cpu", dtype=BF16):
         model.forward_features(x)
     assert widened
 
@@ -141,13 +142,15 @@ def test_bench_training_step_runs_in_bf16(widened):
     assert widened
 
 
-def test_compile_fullgraph_under_autocast_bypasses_the_mode():
+def test_compile_fullgraph_under_autocast_takes_no_mode():
+    """A compiled model makes its own kernels: the runtime's policy for it is "native" (no mode entered)."""
     model, x = _models()["cabvit_h"]
-    model.cpu_bf16_kernels = "fp32"
     torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
+    assert model_policy(compiled) == "native" and model_policy(model) == "auto"
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
-        out = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")(x)
-        model.cpu_bf16_kernels = "native"
+        with bf16_kernels(model_policy(compiled), "cpu", BF16):
+            out = compiled(x)
         eager = model(x)
     assert out.dtype == eager.dtype
     assert (out.float() - eager.float()).abs().max().item() <= 2 ** -6 * eager.float().abs().max().item()
@@ -159,9 +162,9 @@ def test_a_bf16_model_without_autocast_takes_the_policy(widened):
     with torch.no_grad():
         outs = {}
         for policy in ("fp32", "native"):
-            model.cpu_bf16_kernels = policy
             widened.clear()
-            outs[policy] = model(x.to(BF16)).float()
+            with bf16_kernels(policy, "cpu", BF16):
+                outs[policy] = model(x.to(BF16)).float()
             assert bool(widened) == (policy == "fp32")
     scale = outs["native"].abs().max().item()
     assert (outs["fp32"] - outs["native"]).abs().max().item() <= 0.05 * scale

@@ -9,12 +9,13 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-pytest.importorskip("kornia", reason="needs the train extra (kornia)")
-
-from _imagedata import make_folder  # noqa: E402
+from _imagedata import make_folder
 
 WORLD = 2
+
+
+def _needs_train_extra() -> None:
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
 
 
 def _free_port() -> int:
@@ -35,6 +36,7 @@ def _worker(rank: int, port: int, opts: dict, out: str) -> None:
 
 
 def test_two_process_ddp_gloo(tmp_path):
+    _needs_train_extra()
     import hybridvit
     from hybridvit.data.loader import EpochSampler, build_dataset, make_loader
     from hybridvit.data.transforms import EvalTransform
@@ -68,6 +70,7 @@ def test_ddp_survives_a_micro_batch_unreadable_on_one_rank_only(tmp_path):
     """Batch 1 per rank and an odd number of unreadable images: every epoch pairs some unreadable image
     with a readable one on the other rank. The ranks must skip that step together (DDP's gradient
     all-reduce would otherwise wait forever) and still end with identical weights."""
+    _needs_train_extra()
     from _imagedata import corrupt_jpeg
 
     root = make_folder(tmp_path / "data", n_train=4, n_val=2)
@@ -92,3 +95,35 @@ def test_ddp_survives_a_micro_batch_unreadable_on_one_rank_only(tmp_path):
         assert torch.equal(v, r1["state_dict"][k]), k
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert sorted(summary["skipped_images"]) == sorted(str(p) for p in bad)
+
+
+def _backbone_worker(rank: int, port: int, out: str) -> None:
+    """Trains a features_only backbone (stages 1-2 of 4) under plain DDP: any parameter without a gradient
+    would make the second step fail ("Expected to have finished reduction in the prior iteration")."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import hybridvit
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)  # same initial weights on both ranks
+        backbone = hybridvit.create_model("fastervit_nano", features_only=True, out_indices=(1, 2))
+        ddp = DistributedDataParallel(backbone)  # find_unused_parameters=False (the default)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        torch.manual_seed(1 + rank)  # different data per rank
+        for _ in range(3):
+            opt.zero_grad()
+            sum(f.square().mean() for f in ddp(torch.randn(2, 3, 64, 64))).backward()
+            opt.step()
+        torch.save(dict(backbone.named_parameters()), os.path.join(out, f"backbone{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_features_only_backbone_without_find_unused_parameters(tmp_path):
+    mp.spawn(_backbone_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"backbone{r}.pt", weights_only=True) for r in range(WORLD))
+    assert not any(k.startswith(("stages.3.", "norm.", "head.")) for k in r0)  # removed, not left unused
+    for k, v in r0.items():
+        assert torch.equal(v, r1[k]), k

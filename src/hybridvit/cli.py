@@ -32,7 +32,8 @@ def model_row(name: str, with_macs: bool = True) -> dict:
     model = meta_model(name)
     row = {"name": name, "family": entry.family, "params_m": round(count_params(model) / 1e6, 2),
            "gmacs": None, "img_size": model.pretrained_cfg["input_size"][-1], "top1": entry.top1,
-           "weights": "download" if entry.url else ("by hand" if entry.published else "-")}
+           "weights": "download" if entry.url else ("by hand" if entry.published else "-"),
+           "license": entry.license}
     if with_macs:  # one image at the model's input size, on the meta device (instant)
         row["gmacs"] = round(count_macs(model) / 1e9, 2)
     return row
@@ -46,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
     rows = [model_row(n, not args.no_macs) for n in names]
-    header = f"{'model':<24}{'family':<13}{'params (M)':>11}{'GMACs':>9}{'size':>6}{'top-1':>7}  weights"
+    header = f"{'model':<24}{'family':<13}{'params (M)':>11}{'GMACs':>9}{'size':>6}{'top-1':>7}  {'weights':<10}license"
     print(header)
     print("-" * len(header))
     for r in rows:
         macs = "-" if r["gmacs"] is None else f"{r['gmacs']:.2f}"
         top1 = "-" if r["top1"] is None else f"{r['top1']:.1f}"
         print(f"{r['name']:<24}{r['family']:<13}{r['params_m']:>11.2f}{macs:>9}{r['img_size']:>6}{top1:>7}"
-              f"  {r['weights']}")
+              f"  {r['weights']:<10}{r['license']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

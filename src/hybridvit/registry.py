@@ -1,69 +1,36 @@
 """Model registry: name -> builder, default configuration, published weights and preprocessing.
 
-Each family file registers its variants with `register_model`. `create_model` builds a model,
-applies configuration overrides, switches it to feature extraction, and loads weights.
+Each family file ends with its table of `Variant`s, collected in `hybridvit.models.VARIANTS`.
+`create_model` builds a model, applies configuration overrides, loads weights, and switches it to
+feature extraction.
 """
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .models import VARIANTS
+from .models._variant import IMAGENET_MEAN, IMAGENET_STD, Variant
 
+ModelEntry = Variant  # the registry's entry type (name, family, builder, config, weights, top-1, pretrained_cfg)
 
-@dataclass(frozen=True)
-class ModelEntry:
-    """What the registry knows of one variant."""
+_REGISTRY: dict[str, Variant] = dict(VARIANTS)
 
-    name: str
-    family: str
-    builder: Callable[..., nn.Module]
-    config: dict[str, Any]
-    url: str | None = None            # published checkpoint (direct download)
-    weights_hint: str | None = None   # where to get weights when there is no direct URL
-    top1: float | None = None         # published ImageNet top-1
-    published: bool = True            # False: no weights exist anywhere (weights_hint says so)
-    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, ModelEntry] = {}
-
-
-def default_pretrained_cfg(img_size: int = 224, crop_pct: float = 0.875, interpolation: str = "bicubic",
-                           mean=IMAGENET_MEAN, std=IMAGENET_STD, **extra: Any) -> dict[str, Any]:
-    return dict(input_size=(3, img_size, img_size), crop_pct=crop_pct, interpolation=interpolation,
-                mean=tuple(mean), std=tuple(std), **extra)
-
-
-def register_model(name: str, family: str, builder: Callable[..., nn.Module], config: dict[str, Any], *,
-                   url: str | None = None, weights_hint: str | None = None, top1: float | None = None,
-                   published: bool = True, pretrained_cfg: dict[str, Any] | None = None) -> None:
-    if name in _REGISTRY:
-        raise ValueError(f"model {name!r} is registered twice")
-    _REGISTRY[name] = ModelEntry(name, family, builder, dict(config), url, weights_hint, top1,
-                                 published and bool(url or weights_hint),
-                                 pretrained_cfg or default_pretrained_cfg())
-
-
-def _ensure_families_loaded() -> None:
-    from . import models  # noqa: F401  (registers every family)
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelEntry", "Variant", "list_models", "get_entry", "create_model",
+           "count_params", "meta_model"]
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching an fnmatch pattern, e.g. `list_models('fastervit_*')`."""
-    _ensure_families_loaded()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def get_entry(name: str) -> ModelEntry:
-    _ensure_families_loaded()
+def get_entry(name: str) -> Variant:
+    """The registry entry of `name` (config, weights source, top-1, `license`, pretrained_cfg)."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -79,10 +46,11 @@ def create_model(name: str | None, *, pretrained: bool | str = False, num_classe
     pretrained: False, True (the variant's published weights, downloaded once into the torch hub
     cache), or a path to an official or hybridvit checkpoint. With `features_only=True` the model
     returns the NCHW maps of `out_indices` (default: every stage, (0, 1, 2, 3) for the hierarchical
-    models at strides 4/8/16/32; CabViT-P has one stride-16 map). Overrides replace any configuration
-    field of the variant (`drop_path_rate`, `img_size`, `depths`, ...). A save_pretrained folder or
-    "hf-hub:ORG/REPO" (as `name` or `pretrained`) builds the architecture of its config.json (hybridvit.hub);
-    num_classes then defaults to the folder's, otherwise to 1000.
+    models at strides 4/8/16/32; CabViT-P: its 3 stride-16 stages); the stages after the last of them,
+    the final norm and the head are removed. Overrides replace any configuration field of the variant
+    (`drop_path_rate`, `img_size`, `depths`, ...). A save_pretrained folder or "hf-hub:ORG/REPO" (as
+    `name` or `pretrained`) builds the architecture of its config.json (hybridvit.hub); num_classes
+    then defaults to the folder's, otherwise to 1000.
     """
     from .hub import create_from_hub, hub_source
     if (source := hub_source(name, pretrained)) is not None:
@@ -97,6 +65,10 @@ def create_model(name: str | None, *, pretrained: bool | str = False, num_classe
     if "img_size" in overrides and isinstance(overrides["img_size"], int):
         s = overrides["img_size"]
         model.pretrained_cfg["input_size"] = (in_chans, s, s)
+        if model.pretrained_cfg.get("pool_size"):
+            model.pretrained_cfg["pool_size"] = (-(-s // 32),) * 2
+    for key in ("input_size", "min_input_size"):  # (channels, H, W)
+        model.pretrained_cfg[key] = (in_chans, *model.pretrained_cfg[key][1:])
     model.model_name = name
     model.model_kwargs = dict(overrides)
     if pretrained:

@@ -11,9 +11,15 @@ The numerics are those of a bf16 kernel: operands are bf16 values (widening bf16
 products are accumulated in fp32 as oneDNN and PyTorch's bf16 kernels do, and the output is rounded
 to bf16. Only the summation order may differ, as it does between any two kernels.
 
-Where the CPU has native bf16 the policy does nothing. `HybridModel.cpu_bf16_kernels` chooses per
-model: "auto" (the default: fp32 kernels only where bf16 is emulated), "native" (always PyTorch's own
-bf16 kernels), "fp32" (always the fp32 kernels, e.g. to test the path on any machine).
+The policy is an explicit context, entered by the runtime (training, evaluation, benchmarks) around a
+forward and backward, and available to library users:
+
+    with bf16_kernels("auto", "cpu", torch.bfloat16), torch.autocast("cpu", torch.bfloat16):
+        logits = model(x)
+
+"auto" (fp32 kernels only where bf16 is emulated), "native" (always PyTorch's own bf16 kernels), "fp32"
+(always the fp32 kernels, e.g. to test the path on any machine). Where the CPU has native bf16, "auto"
+does nothing.
 """
 from __future__ import annotations
 
@@ -67,13 +73,6 @@ class Bf16ByFp32Kernels(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _autocast_cpu_bf16() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    except TypeError:  # torch < 2.4 spelling
-        return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.bfloat16
-
-
 def _active() -> bool:
     return any(isinstance(m, Bf16ByFp32Kernels) for m in _python_dispatch._get_current_dispatch_mode_stack())
 
@@ -89,11 +88,12 @@ def use_fp32_kernels(policy: str, device_type: str, bf16: bool) -> bool:
 
 
 def model_policy(model: torch.nn.Module) -> str:
-    """The `cpu_bf16_kernels` policy of `model` for a context around its forward and backward: "native"
-    for a compiled model (the compiler makes its own kernels) and for models without the attribute."""
+    """The policy for a context around `model`'s forward and backward: "native" for a compiled model (the
+    compiler makes its own kernels), otherwise the model's `cpu_bf16_kernels` preference (hybridvit models:
+    "auto" unless set), else "auto"."""
     if hasattr(model, "_orig_mod"):
         return "native"
-    return getattr(model, "cpu_bf16_kernels", "native")
+    return getattr(model, "cpu_bf16_kernels", "auto")
 
 
 def bf16_kernels(policy: str, device: torch.device | str, dtype: torch.dtype | None):
@@ -102,19 +102,3 @@ def bf16_kernels(policy: str, device: torch.device | str, dtype: torch.dtype | N
     if use_fp32_kernels(policy, torch.device(device).type, dtype == torch.bfloat16):
         return Bf16ByFp32Kernels()
     return contextlib.nullcontext()
-
-
-def bf16_kernel_policy(method):
-    """Decorates a model's forward method: under CPU bf16 (autocast or a bf16 model), runs it inside
-    `Bf16ByFp32Kernels` when the model's `cpu_bf16_kernels` policy says so."""
-
-    @functools.wraps(method)
-    def wrapper(self, x, *args, **kwargs):
-        if isinstance(x, torch.Tensor) and use_fp32_kernels(
-                self.cpu_bf16_kernels, x.device.type, x.dtype == torch.bfloat16 or _autocast_cpu_bf16()):
-            with Bf16ByFp32Kernels():
-                return method(self, x, *args, **kwargs)
-        return method(self, x, *args, **kwargs)
-
-    wrapper._bf16_kernel_policy = True
-    return wrapper

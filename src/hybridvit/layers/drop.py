@@ -1,8 +1,19 @@
-"""Stochastic depth."""
+"""Stochastic depth and its schedule."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+
+def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
+    """Per-stage drop-path rates of every block, rising linearly from 0 to `rate` over all blocks (as the
+    official codes' linspace; plain floats, so it also works while building on the `meta` device)."""
+    n = sum(depths)
+    flat = [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+    return [flat[s:s + d] for s, d in zip(starts, depths)]
 
 
 class DropPath(nn.Module):

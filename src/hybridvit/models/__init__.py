@@ -1,9 +1,12 @@
-"""Model families; importing this module registers every variant."""
-import importlib
+"""The model families and the table of every registered variant (`VARIANTS`, name -> Variant)."""
+from . import cabvit, crossformer, fastervit
+from ._variant import Variant
 
-for _family in ("fastervit", "crossformer", "cabvit"):
-    try:
-        importlib.import_module(f"{__name__}.{_family}")
-    except ModuleNotFoundError as e:  # a family not written yet
-        if e.name != f"{__name__}.{_family}":
-            raise
+VARIANTS: dict[str, Variant] = {}
+for _family in (fastervit, crossformer, cabvit):
+    for _v in _family.VARIANTS:
+        if _v.name in VARIANTS:
+            raise ValueError(f"model {_v.name!r} is registered twice")
+        VARIANTS[_v.name] = _v
+
+__all__ = ["VARIANTS", "Variant"]

@@ -1,45 +1,71 @@
-"""What every hybridvit classifier shares: the timm-style interface of the design's contract."""
+"""What every hybridvit classifier shares: the timm-style interface of the design's contract, written once.
+
+A family model has `stem`-like embedding, a `stages` ModuleList (stage i at `stage_info[i]['reduction']`),
+a final `norm`, a linear `head`, and implements at most these hooks:
+
+- `_embed(x)`: image -> the first stage's input (default `self.stem(x)`);
+- `_stage(i, x, size)`: runs stage i (default `self.stages[i](x)`; `size` is the input (H, W));
+- `_to_map(x, size)`: a stage output as an NCHW map (default: it already is one);
+- `_features(x, size)`: what `forward_features` returns from the normalised last stage output (default
+  `_to_map`); `_pool(x)`: forward_head's pooling (default: mean over H, W).
+
+The rule for features (all families):
+
+- `forward_features(x)` is everything before the head's pooling: the last stage's output after the
+  model's final per-position norm, as an NCHW map (B, num_features, H/32, W/32 for the hierarchical
+  models). CabViT-H normalises the pooled vector (its official head), so its `norm` belongs to
+  `forward_head` (`head_norm = True`) and its forward_features map is not normalised. CabViT-P, a
+  class-token model, returns its normalised tokens (B, 1 + h*w, C) like timm's ViT.
+- `forward(x) == forward_head(forward_features(x))` for every model.
+- `forward_intermediates` gives the raw stage outputs as NCHW maps; `norm=True` passes the last stage's
+  through the final per-position norm. Its `final` equals `forward_features(x)`.
+- `features_only` returns `forward_intermediates(..., intermediates_only=True)` of `out_indices` with
+  the later stages, the final norm and the head removed (so DDP finds no unused parameter).
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from ..layers.cpu_bf16 import bf16_kernel_policy
 
-_POLICY_METHODS = ("forward", "forward_features", "forward_intermediates")
+def feature_take_indices(num_stages: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """timm's index rule: None -> every stage; an int n -> the last n stages; a sequence -> those stages
+    (negative counts from the end). Returns (sorted-as-given non-negative indices, largest index)."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices}: the model has {num_stages} stages, ask for 1..{num_stages}")
+        take = list(range(num_stages - indices, num_stages))
+    else:
+        bad = [i for i in indices if not -num_stages <= i < num_stages]
+        if bad or not len(indices):
+            raise ValueError(f"indices {tuple(indices)} out of range for {num_stages} stages "
+                             f"(use 0..{num_stages - 1} or negatives from the end)")
+        take = [i % num_stages for i in indices]
+    return take, max(take)
 
 
 class HybridModel(nn.Module):
-    """Base class of the family models.
-
-    A family implements `forward_features(x) -> (B, C, H, W)`, `forward_intermediates(x) -> list of
-    four NCHW maps at strides 4, 8, 16, 32`, `forward_head(x, pre_logits)` and
-    `convert_official(state_dict)`, and sets `num_features`, `head` and `stage_info` (channels and
-    stride per stage).
-
-    `cpu_bf16_kernels` ("auto", "native" or "fp32") chooses how bf16 matrix products and convolutions
-    run on CPU (autocast or a bf16 model): "auto" uses fp32 kernels on the bf16 operands where the CPU
-    has no bf16 instructions, same numerics and much faster there (see `hybridvit.layers.cpu_bf16`).
-    """
+    """Base class of the family models (see the module docstring for the rule on features)."""
 
     in_chans: int = 3
     num_classes: int = 1000
     features_only: bool = False
     out_indices: tuple[int, ...] = (0, 1, 2, 3)
     classifier_prefixes: tuple[str, ...] = ("head.",)
+    head_norm: bool = False  # True: `norm` acts on the pooled vector (part of the head)
+    grad_checkpointing: bool = False
+    min_input_size: int = 1  # per side, for models built without a registry entry (pretrained_cfg's wins)
+    # preferred CPU bf16 kernel policy ("auto" | "native" | "fp32"): data only, read by the runtime's
+    # `layers.cpu_bf16.model_policy` when it enters the `bf16_kernels` context; the model applies nothing
+    cpu_bf16_kernels: str = "auto"
     stage_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]
-    # bf16 products on CPUs without bf16 instructions: "auto" | "native" | "fp32" (see layers/cpu_bf16.py)
-    cpu_bf16_kernels: str = "auto"
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        for name in _POLICY_METHODS:
-            method = cls.__dict__.get(name)
-            if method is not None and not getattr(method, "_bf16_kernel_policy", False):
-                setattr(cls, name, bf16_kernel_policy(method))
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -52,7 +78,13 @@ class HybridModel(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    # -------------------------------------------------------------------------------- input checks
+    def _name(self) -> str:
+        return getattr(self, "model_name", type(self).__name__)
+
     def check_input(self, x: torch.Tensor) -> None:
+        """Raises a ValueError saying what to do for a non-image batch, a wrong channel count or an image
+        smaller than `pretrained_cfg['min_input_size']`."""
         if x.ndim != 4:
             raise ValueError(f"{self._name()} expects a batch of images (B, C, H, W), got shape {tuple(x.shape)}; "
                              "add a batch dimension with x.unsqueeze(0)")
@@ -61,40 +93,128 @@ class HybridModel(nn.Module):
                 f"{self._name()} was built for {self.in_chans}-channel input but got {x.shape[1]} channels "
                 f"(shape {tuple(x.shape)}). Convert the images (e.g. grayscale -> RGB with "
                 f"x.expand(-1, 3, -1, -1)) or create the model with in_chans={x.shape[1]}.")
+        cfg = getattr(self, "pretrained_cfg", None) or {}
+        min_h, min_w = cfg.get("min_input_size", (self.in_chans, self.min_input_size, self.min_input_size))[-2:]
+        if x.shape[2] < min_h or x.shape[3] < min_w:
+            raise ValueError(f"{self._name()} needs images of at least {min_h}x{min_w} pixels, got "
+                             f"{x.shape[2]}x{x.shape[3]}; resize or pad the input")
 
-    def _name(self) -> str:
-        return getattr(self, "model_name", type(self).__name__)
+    def _input_size(self, x: torch.Tensor) -> tuple[int, int]:
+        """Checks `x` and returns its (H, W) as ints. The one place that keeps the spatial size static
+        under torch.compile: window/group geometry (padding, window counts, carrier grids, bias tables) is
+        decided from it in Python, and symbolic sizes there make compilation impractically slow (the
+        default `dynamic=None` would turn H and W symbolic at the second input size). Each input size
+        compiles once; the batch size may stay dynamic."""
+        self.check_input(x)
+        if torch.compiler.is_compiling():
+            torch._dynamo.mark_static(x, 2)
+            torch._dynamo.mark_static(x, 3)
+        return int(x.shape[2]), int(x.shape[3])
+
+    # -------------------------------------------------------------------------------- family hooks
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    def _stage(self, i: int, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.stages[i](x)
+
+    def _to_map(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return x
+
+    def _features(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self._to_map(x, size)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.head_norm else self.norm(x)
+
+    def _run_stage(self, i: int, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint(self._stage, i, x, size, use_reentrant=False)
+        return self._stage(i, x, size)
+
+    # -------------------------------------------------------------------------------- forward API
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image (B, in_chans, H, W) -> features before pooling (see the module docstring)."""
+        size = self._input_size(x)
+        x = self._embed(x)
+        for i in range(len(self.stages)):
+            x = self._run_stage(i, x, size)
+        return self._features(self._final_norm(x), size)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """forward_features output -> logits (B, num_classes), or the pooled (B, num_features) with
+        pre_logits."""
+        x = self._pool(x)
+        if self.head_norm:
+            x = self.norm(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        if self.features_only:
+            return self.forward_intermediates(x, indices=self.out_indices, intermediates_only=True)
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """(final, [maps]) with timm's semantics: `indices` None = every stage, an int n = the last n,
+        a sequence = those stages (negatives from the end); maps are (B, C_i, H_i, W_i) raw stage outputs
+        (`output_fmt='NHWC'`: (B, H_i, W_i, C_i)), the last stage's normalised when `norm`; `final`
+        equals forward_features(x) (with `stop_early` before the last stage: the raw output of the last
+        requested stage); `intermediates_only` returns the maps alone and stops early."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        size = self._input_size(x)
+        last = len(self.stages) - 1
+        run = max_index if (stop_early or intermediates_only) else last
+        x = self._embed(x)
+        maps = []
+        for i in range(run + 1):
+            x = self._run_stage(i, x, size)
+            if i in take:
+                m = self._to_map(self._final_norm(x) if norm and i == last else x, size)
+                maps.append(m.permute(0, 2, 3, 1) if output_fmt == "NHWC" else m)
+        if intermediates_only:
+            return maps
+        # the final norm is sized for the last stage: a stop before it returns that stage's raw output
+        return self._features(self._final_norm(x) if run == last else x, size), maps
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Removes the stages after the last of `indices` (timm's rule), the final norm with
+        `prune_norm` and the classifier with `prune_head`. Returns the kept indices."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm and not self.head_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+            if self.head_norm:
+                self.norm = nn.Identity()
+        return take
+
+    def set_features_only(self, out_indices: Sequence[int] = (0, 1, 2, 3)) -> None:
+        """Turns the classifier into a backbone returning the NCHW maps of `out_indices`; the stages after
+        the last of them, the final norm and the head are removed."""
+        take = self.prune_intermediate_layers(out_indices, prune_norm=True, prune_head=True)
+        self.out_indices = tuple(sorted(set(take)))  # the maps come out in stage order
+        self.features_only = True
 
     @property
     def feature_info(self) -> list[dict[str, Any]]:
-        return [dict(self.stage_info[i], index=i) for i in self.out_indices]
-
-    def set_features_only(self, out_indices: tuple[int, ...] = (0, 1, 2, 3)) -> None:
-        """Turns the classifier into a backbone returning the maps of `out_indices` (strides 4..32)."""
-        n = len(self.stage_info)
-        bad = [i for i in out_indices if not -n <= i < n]
-        if bad:
-            raise ValueError(f"out_indices {out_indices} out of range for {n} stages")
-        self.out_indices = tuple(i % n for i in out_indices)
-        self.features_only = True
-        self.reset_classifier(0)
-
-    @bf16_kernel_policy
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """dict(num_chs, reduction, module) of each output (features_only) or of every stage."""
         if self.features_only:
-            feats = self.forward_intermediates(x)
-            return [feats[i] for i in self.out_indices]
-        return self.forward_head(self.forward_features(x))
+            return [dict(self.stage_info[i]) for i in self.out_indices]
+        return [dict(s) for s in self.stage_info]
 
-    # interface implemented by the families
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Runs each stage under torch.utils.checkpoint in training (activations recomputed in backward)."""
+        self.grad_checkpointing = enable
 
     def reset_classifier(self, num_classes: int) -> None:
         """A fresh linear classifier `head` on the pooled `num_features` (none for num_classes=0), on the

@@ -25,7 +25,8 @@ Speed (same outputs as the plain computation): CabViT-H runs channels_last from 
 ConvNeXt permutes and the (B, H*W, C) token views of the CaB stages are free; attention goes through
 SDPA with one additive bias gathered per block from the tiny bias tables (no cached bias that could go
 stale); without autograd the GELUs and residual adds reuse their temporaries (fresh large CPU buffers
-cost page faults); `fuse()` folds conv+BN pairs and layer scales for inference.
+cost page faults) and BatchNorm is folded into its conv on the fly; `fuse()` folds conv+BN pairs and
+layer scales for inference. `layers.fast` switches all of this off.
 """
 from __future__ import annotations
 
@@ -36,11 +37,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError
-from ..layers import DropPath, Mlp, attend
+from ..layers import (
+    DropPath,
+    Mlp,
+    add_residual,
+    attend,
+    conv_bn,
+    drop_path_rates,
+    fold_layer_scale,
+    gelu_,
+    scale_channels,
+)
 from ..layers.fuse import fuse_sequential_conv_bn
-from ..registry import default_pretrained_cfg, register_model
 from ._base import HybridModel
+from ._variant import LICENSE_NONE, Variant, pretrained_cfg
 
 DIGEST_KERNEL, DIGEST_STRIDE = 7, 4
 
@@ -62,46 +72,6 @@ def resize_digest_param(p: torch.Tensor, num_blocks: int, grid0: tuple[int, int]
     return p.reshape(L, num_blocks * grid[0] * grid[1])
 
 
-def _residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + y written into the branch output y (a temporary) where that gives the same result: fresh
-    large CPU allocations cost page faults comparable to the add itself."""
-    if y.dtype == x.dtype and y.shape == x.shape and not (y.requires_grad and y.is_leaf):
-        return y.add_(x)
-    return x + y
-
-
-def _gelu(x: torch.Tensor) -> torch.Tensor:
-    """Exact GELU of a temporary; in place when autograd does not need the input."""
-    return F.gelu(x) if x.requires_grad else torch.ops.aten.gelu_(x)
-
-
-class FeedForward(Mlp):
-    """The MLP (fc1 -> exact GELU -> fc2) on (..., C); without autograd the GELU runs in place on the
-    fc1 output, saving the largest temporary of the block (4C wide). `act` stays for the module tree."""
-
-    def __init__(self, in_features: int, hidden_features: int):
-        super().__init__(in_features, hidden_features)  # exact GELU, which the in-place path assumes
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        h = _gelu(h)
-        return self.drop(self.fc2(self.drop(h)))
-
-
-def _layer_scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-    """Layer scale, absent once `fuse()` folded it into the preceding linear layer."""
-    return x if gamma is None else x * gamma
-
-
-def _fold_layer_scale(linear: nn.Linear, gamma: torch.Tensor | None) -> None:
-    """Folds gamma * linear(x) into the linear layer's weight and bias (inference); returns None."""
-    if gamma is not None:
-        linear.weight.mul_(gamma[:, None])
-        if linear.bias is not None:
-            linear.bias.mul_(gamma)
-    return None
-
-
 def fuse_cabvit(model: nn.Module) -> nn.Module:
     """Inference fusion, outputs unchanged up to rounding: conv+BN pairs folded (BN becomes Identity),
     layer scales folded into the linear layer before them. Returns the model."""
@@ -116,12 +86,16 @@ def fuse_cabvit(model: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------------------- conv parts
 class ConvBN(nn.Sequential):
-    """Conv2d without bias followed by BatchNorm2d, (B, C, H, W) -> (B, C', H', W')."""
+    """Conv2d without bias followed by BatchNorm2d, (B, C, H, W) -> (B, C', H', W'); in eval the BN is
+    folded into the conv on the fly (`layers.fuse.conv_bn`), permanently by `fuse()`."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv_bn(x, self.conv, self.bn)
 
 
 class Stem(nn.Module):
@@ -133,7 +107,7 @@ class Stem(nn.Module):
         self.conv2 = ConvBN(dim // 2, dim, 3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(_gelu(self.conv1(x)))
+        return self.conv2(gelu_(self.conv1(x)))
 
 
 class PatchMerging(nn.Module):
@@ -147,7 +121,7 @@ class PatchMerging(nn.Module):
         self.conv3 = ConvBN(out_dim, out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(_gelu(self.conv2(_gelu(self.conv1(x)))))
+        return self.conv3(gelu_(self.conv2(gelu_(self.conv1(x)))))
 
 
 class ConvNeXtBlock(nn.Module):
@@ -157,18 +131,19 @@ class ConvNeXtBlock(nn.Module):
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = FeedForward(dim, 4 * dim)
+        self.mlp = Mlp(dim, 4 * dim)
         self.gamma: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last input: the permutes are views, LN and the MLP read contiguous (B, H, W, C) rows
         y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
-        return _residual(x, self.drop_path(_layer_scale(y, self.gamma).permute(0, 3, 1, 2)))
+        return add_residual(x, self.drop_path(scale_channels(y, self.gamma).permute(0, 3, 1, 2)))
 
     @torch.no_grad()
     def fuse(self) -> None:
-        self.gamma = _fold_layer_scale(self.mlp.fc2, self.gamma)
+        fold_layer_scale(self.mlp.fc2, self.gamma)
+        self.gamma = None
 
 
 # ------------------------------------------------------------------------------------------ CaB parts
@@ -178,16 +153,17 @@ class TokenMergeEnhance(nn.Module):
     On the (H, W) map of the block's tokens (prefix tokens such as a class token pass unchanged):
     *merge*: 7x7 depthwise conv, stride 4 -> digest tokens (B, ceil(H/4) * ceil(W/4), C) for the later
     blocks of the stage (absent in a stage's last block, which has no later block);
-    *enhance*: 3x3 depthwise conv + BN, replacing the tokens before the FFN.
+    *enhance*: 3x3 depthwise conv + BN, replacing the tokens before the FFN (absent where nothing reads
+    the enhanced tokens: CabViT-P's very last block, whose classifier reads only the class token).
     (B, P + H*W, C) -> ((B, P + H*W, C), digest tokens or None).
     """
 
-    def __init__(self, dim: int, merge: bool, num_prefix_tokens: int = 0):
+    def __init__(self, dim: int, merge: bool, num_prefix_tokens: int = 0, enhance: bool = True):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
         self.merge = nn.Conv2d(dim, dim, DIGEST_KERNEL, DIGEST_STRIDE, DIGEST_KERNEL // 2, groups=dim,
                                bias=False) if merge else None
-        self.enhance = ConvBN(dim, dim, 3, groups=dim)
+        self.enhance = ConvBN(dim, dim, 3, groups=dim) if enhance else None
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         P = self.num_prefix_tokens
@@ -195,6 +171,8 @@ class TokenMergeEnhance(nn.Module):
         B, N, C = t.shape
         m = t.transpose(1, 2).reshape(B, C, hw[0], hw[1])
         digest = self.merge(m).flatten(2).transpose(1, 2) if self.merge is not None else None
+        if self.enhance is None:
+            return x, digest
         t = self.enhance(m).flatten(2).transpose(1, 2)
         return (torch.cat([prefix, t], 1) if P else t), digest
 
@@ -322,31 +300,32 @@ class CaBBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, index: int, merge: bool, grid0: tuple[int, int],
                  mlp_ratio: float = 4.0, layer_scale_init_value: float = 1e-6, drop_path: float = 0.0,
                  rel_pos: bool = True, num_prefix_tokens: int = 0, digest_scale_first: bool = True,
-                 ffn_double_norm: bool = True):
+                 ffn_double_norm: bool = True, enhance: bool = True):
         super().__init__()
         dgrid = digest_grid(grid0)
         self.norm1 = nn.LayerNorm(dim)
         self.digest = DigestTokens(dim, index, dgrid, digest_scale_first) if index > 0 else None
         self.attn = CaBAttention(dim, num_heads, index, dgrid, grid0 if rel_pos else None)
         self.gamma_1: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
-        self.tme = TokenMergeEnhance(dim, merge, num_prefix_tokens)
+        self.tme = TokenMergeEnhance(dim, merge, num_prefix_tokens, enhance)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp_norm = nn.LayerNorm(dim) if ffn_double_norm else nn.Identity()
-        self.mlp = FeedForward(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.gamma_2: nn.Parameter | None = nn.Parameter(torch.full((dim,), layer_scale_init_value))
         self.drop_path = DropPath(drop_path)
 
     @torch.no_grad()
     def fuse(self) -> None:
-        self.gamma_1 = _fold_layer_scale(self.attn.proj, self.gamma_1)
-        self.gamma_2 = _fold_layer_scale(self.mlp.fc2, self.gamma_2)
+        fold_layer_scale(self.attn.proj, self.gamma_1)
+        fold_layer_scale(self.mlp.fc2, self.gamma_2)
+        self.gamma_1 = self.gamma_2 = None
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int],
                 digests: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.digest(torch.cat(digests, 1), digest_grid(hw)) if self.digest is not None else None
-        x = _residual(x, self.drop_path(_layer_scale(self.attn(self.norm1(x), hw, s), self.gamma_1)))
+        x = add_residual(x, self.drop_path(scale_channels(self.attn(self.norm1(x), hw, s), self.gamma_1)))
         x, digest = self.tme(x, hw)
-        x = _residual(x, self.drop_path(_layer_scale(self.mlp(self.mlp_norm(self.norm2(x))), self.gamma_2)))
+        x = add_residual(x, self.drop_path(scale_channels(self.mlp(self.mlp_norm(self.norm2(x))), self.gamma_2)))
         return x, digest
 
 
@@ -355,10 +334,11 @@ class CaBStage(nn.Module):
     Tokens (B, P + H*W, C) -> (B, P + H*W, C)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, grid0: tuple[int, int], drop_path: list[float],
-                 **block_kwargs: Any):
+                 enhance_last: bool = True, **block_kwargs: Any):
         super().__init__()
         self.blocks = nn.ModuleList([
-            CaBBlock(dim, num_heads, i, i < depth - 1, grid0, drop_path=drop_path[i], **block_kwargs)
+            CaBBlock(dim, num_heads, i, i < depth - 1, grid0, drop_path=drop_path[i],
+                     enhance=enhance_last or i < depth - 1, **block_kwargs)
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -399,6 +379,9 @@ class HybridStage(nn.Module):
 class CabViTH(HybridModel):
     """CabViT-H: stem -> ConvNeXt stages 1-2 -> CaB stages 3-4 -> mean pool -> LN -> linear.
 
+    The LayerNorm acts on the pooled vector (official head), so it belongs to forward_head and
+    forward_features is the stage-4 map before it (rule in `_base`).
+
     Feature maps at strides 4, 8, 16, 32 with `embed_dims` channels. `img_size` is the training
     resolution that sizes the bias tables and digest parameters (other input sizes work too).
     (B, in_chans, H, W) -> (B, num_classes).
@@ -409,6 +392,7 @@ class CabViTH(HybridModel):
                  num_heads: tuple[int, ...] = (0, 0, 6, 10), mlp_ratio: float = 4.0,
                  layer_scale_init_value: float = 1e-6, drop_path_rate: float = 0.0):
         super().__init__()
+        self.head_norm = True
         if len(embed_dims) != 4 or len(depths) != 4 or len(num_heads) != 4:
             raise ValueError("CabViT-H takes 4 embed_dims, depths and num_heads")
         if num_heads[0] or num_heads[1] or not (num_heads[2] and num_heads[3]):
@@ -416,7 +400,7 @@ class CabViTH(HybridModel):
         self.in_chans, self.num_classes = in_chans, num_classes
         self.num_features = embed_dims[-1]
         self.stem = Stem(in_chans, embed_dims[0])
-        dpr = _drop_path_rates(drop_path_rate, sum(depths))
+        dpr = [r for stage in drop_path_rates(drop_path_rate, depths) for r in stage]
         stages, cur = [], 0
         for i in range(4):
             grid0 = (math.ceil(img_size / 2 ** (i + 2)),) * 2
@@ -430,27 +414,10 @@ class CabViTH(HybridModel):
                            for i in range(4)]
         self.apply(_init_weights)
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.check_input(x)
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last throughout: the convs run in NHWC, and the ConvNeXt permutes and the token views
         # of the CaB stages (B, H*W, C) are free
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.norm(x.mean((2, 3)))
-        return x if pre_logits else self.head(x)
+        return self.stem(x.contiguous(memory_format=torch.channels_last))
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official_cabvit_h(state_dict)
@@ -461,11 +428,6 @@ class CabViTH(HybridModel):
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"attention_biases", "digest_bias"}
-
-
-def _drop_path_rates(rate: float, n: int) -> list[float]:
-    """Stochastic depth rising linearly from 0 to `rate` over n blocks (no tensors: works on `meta`)."""
-    return [rate * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -523,13 +485,16 @@ class CabViTP(HybridModel):
     TME convolutions (it passes through unchanged); digest tokens are normalised and then scaled by their
     calibration factors; no relative bias among the block's own tokens (DeiT's absolute position
     embedding, resized bicubically for other input sizes); a learned per-head bias for digest-token
-    logits; layer scale (init 1e-6) on both branches and one LayerNorm before the FFN.
+    logits; layer scale (init 1e-6) on both branches and one LayerNorm before the FFN; no enhancement
+    conv in the very last block (only the class token is classified, so it would have no effect).
 
-    `forward_features` gives the (B, C, H/16, W/16) map of the patch tokens; the classifier reads the
-    class token from `forward_tokens` (B, 1 + H*W/256, C), which `forward_head` takes.
+    `forward_features` gives the normalised tokens (B, 1 + H*W/256, C) (class token first), which
+    `forward_head` takes (like timm's ViT); `forward_intermediates` gives each stage's patch tokens as a
+    (B, C, H/16, W/16) map.
     """
 
     num_prefix_tokens = 1
+    min_input_size = 16
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 192, depths: tuple[int, ...] = (4, 4, 4), num_heads: int = 3,
@@ -542,17 +507,19 @@ class CabViTP(HybridModel):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid0[0] * self.grid0[1], embed_dim))
-        dpr = _drop_path_rates(drop_path_rate, sum(depths))
+        dpr = [r for stage in drop_path_rates(drop_path_rate, depths) for r in stage]
         stages, cur = [], 0
-        for d in depths:
+        for i, d in enumerate(depths):
             stages.append(CaBStage(embed_dim, d, num_heads, self.grid0, dpr[cur:cur + d], mlp_ratio=mlp_ratio,
                                    layer_scale_init_value=layer_scale_init_value, rel_pos=False,
-                                   num_prefix_tokens=1, digest_scale_first=False, ffn_double_norm=False))
+                                   num_prefix_tokens=1, digest_scale_first=False, ffn_double_norm=False,
+                                   enhance_last=i < len(depths) - 1))
             cur += d
         self.stages = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.stage_info = [dict(num_chs=embed_dim, reduction=patch_size, module="norm")]
+        self.stage_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"stages.{i}")
+                           for i in range(len(depths))]
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -565,43 +532,31 @@ class CabViTP(HybridModel):
         pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False)
         return torch.cat([cls, pos.flatten(2).transpose(1, 2)], 1)
 
-    def forward_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, C_in, H, W) -> normalised tokens (B, 1 + h*w, C) (class token first) and the grid (h, w)."""
-        self.check_input(x)
+    def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size[0] // self.patch_size, size[1] // self.patch_size
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> tokens (B, 1 + h*w, C), class token first, with position embedding."""
         x = self.patch_embed(x)
         B, C, h, w = x.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)
-        x = x + self._pos_embed((h, w))
-        for stage in self.stages:
-            x = stage(x, (h, w))
-        return self.norm(x), (h, w)
+        return x + self._pos_embed((h, w))
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        t, (h, w) = self.forward_tokens(x)
-        return t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, h, w)
+    def _stage(self, i: int, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.stages[i](x, self._grid(size))
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [self.forward_features(x)]
+    def _to_map(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        h, w = self._grid(size)
+        return x[:, self.num_prefix_tokens:].transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if x.ndim != 3:
-            raise ValueError("CabViT-P classifies its class token: pass the tokens of forward_tokens(x)[0] "
-                             f"(B, 1 + N, C) to forward_head, got shape {tuple(x.shape)}")
-        x = x[:, 0]
-        return x if pre_logits else self.head(x)
+    def _features(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return x  # the normalised tokens: the classifier reads the class token
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        if self.features_only:
-            return [self.forward_features(x)]
-        return self.forward_head(self.forward_tokens(x)[0])
-
-    def set_features_only(self, out_indices: tuple[int, ...] = (0,)) -> None:
-        if any(i not in (0, -1) for i in out_indices):
-            raise ValueError(f"CabViT-P has a single feature map (stride {self.patch_size}, index 0): "
-                             f"pass out_indices=(0,), got {tuple(out_indices)}")
-        super().set_features_only((0,))
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        from ..checkpoint import CheckpointError
         raise CheckpointError("there is no official CabViT-P (the official repository only has a DeiT "
                               "placeholder): load a checkpoint saved from hybridvit's CabViT-P")
 
@@ -616,20 +571,25 @@ class CabViTP(HybridModel):
 # ------------------------------------------------------------------------------------------ variants
 _HINT = "no CabViT checkpoints are published (train one with `hybridvit train`)"
 
-_H_VARIANTS = {  # official cabvit_h_l1..l3 (reference README); params from the official code
-    "cabvit_h_l1": dict(embed_dims=(64, 128, 192, 320), depths=(2, 2, 6, 2), num_heads=(0, 0, 6, 10)),
-    "cabvit_h_l2": dict(embed_dims=(96, 192, 320, 480), depths=(2, 2, 7, 2), num_heads=(0, 0, 10, 15)),
-    "cabvit_h_l3": dict(embed_dims=(96, 192, 320, 512), depths=(3, 6, 12, 3), num_heads=(0, 0, 10, 16)),
+
+def _cfg(plain: bool) -> dict[str, Any]:
+    """Preprocessing of the DeiT/ConvNeXt pipeline the official code builds on (bicubic, crop 0.875)."""
+    return pretrained_cfg(first_conv="patch_embed" if plain else "stem.conv1.conv", reduction=None if plain else 32,
+                          min_input_size=16 if plain else 1, license=LICENSE_NONE,
+                          origin_url="https://github.com/hkzhang91/CabViT", paper_ids="arXiv:2211.07198")
+
+
+_H_VARIANTS = {  # official cabvit_h_l1..l3 (reference README); params from the official code; top-1 of l2
+    "cabvit_h_l1": (dict(embed_dims=(64, 128, 192, 320), depths=(2, 2, 6, 2), num_heads=(0, 0, 6, 10)), None),
+    "cabvit_h_l2": (dict(embed_dims=(96, 192, 320, 480), depths=(2, 2, 7, 2), num_heads=(0, 0, 10, 15)), 83.0),
+    "cabvit_h_l3": (dict(embed_dims=(96, 192, 320, 512), depths=(3, 6, 12, 3), num_heads=(0, 0, 10, 16)), None),
 }
 _P_VARIANTS = {  # DeiT-Ti/S/B widths, 12 blocks in 3 CaB stages of 4
     "cabvit_p_tiny": dict(embed_dim=192, depths=(4, 4, 4), num_heads=3),
     "cabvit_p_small": dict(embed_dim=384, depths=(4, 4, 4), num_heads=6),
     "cabvit_p_base": dict(embed_dim=768, depths=(4, 4, 4), num_heads=12),
 }
-
-for _name, _cfg in _H_VARIANTS.items():
-    register_model(_name, "cabvit", CabViTH, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT, published=False,
-                   top1=83.0 if _name == "cabvit_h_l2" else None, pretrained_cfg=default_pretrained_cfg())
-for _name, _cfg in _P_VARIANTS.items():
-    register_model(_name, "cabvit", CabViTP, dict(_cfg, drop_path_rate=0.1), weights_hint=_HINT, published=False,
-                   pretrained_cfg=default_pretrained_cfg())
+VARIANTS = [Variant(name, "cabvit", CabViTH, dict(cfg, drop_path_rate=0.1), weights_hint=_HINT, published=False,
+                    top1=top1, pretrained_cfg=_cfg(plain=False)) for name, (cfg, top1) in _H_VARIANTS.items()]
+VARIANTS += [Variant(name, "cabvit", CabViTP, dict(cfg, drop_path_rate=0.1), weights_hint=_HINT, published=False,
+                     pretrained_cfg=_cfg(plain=True)) for name, cfg in _P_VARIANTS.items()]

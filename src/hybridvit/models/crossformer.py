@@ -15,6 +15,10 @@ Attention"; "CrossFormer++: ..."):
   `AmplitudeCooling` (ACL: depthwise 3x3 conv + LayerNorm, no residual) after every third block except
   a stage's last.
 
+Speed (same outputs as the plain computation; `layers.fast` switches it off): the DPB is cached per
+group size in inference (`layers.cache`), the linears run oneDNN's fused GEMM epilogues (`layers.fused_linear`)
+and in inference the residual adds join the output projections.
+
 Departures from the official code, exact at the official resolution: SDA/LDA and the group size are
 decided from the feature size at run time (official: from the construction-time resolution), with the
 official rule: when the map's shorter side is <= G, the group is the shorter side and no LDA is used.
@@ -29,58 +33,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..layers.attention import attend
-from ..layers.drop import DropPath
-from ..layers.mlp import Mlp
-from ..registry import default_pretrained_cfg, register_model
+from ..layers import CachedTable, DropPath, Mlp, attend, drop_path_rates, linear, padding_bias_map
+from ..layers.fast import eager_fast
 from ._base import HybridModel
+from ._variant import LICENSE_MIT, Variant, pretrained_cfg
 
-# Additive bias for padded keys: exp() of it is exactly 0 in fp32, and it stays finite in fp16/bf16 so
-# that groups made only of padding (possible in LDA) give no NaN, not even in the backward pass.
-MASK_VALUE = -1e4
 GROUP_TYPES = ("constant", "linear", "linear_div", "alter", "7_14")
-
-
-# oneDNN inner product with the bias (and GELU) in the GEMM epilogue: ~25% faster than addmm (which first
-# broadcasts the bias into the output) plus a separate GELU pass, for fp32 CPU inference.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_inference(x: torch.Tensor) -> bool:
-    """True where the fused oneDNN linear applies: fp32 CPU tensors, no autograd, no autocast, eager."""
-    return (_ONEDNN_LINEAR and not torch.compiler.is_compiling()  # compiled: the compiler fuses the plain ops
-            and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            # dispatch modes (FLOP counters, memory tracers) see the plain, countable ops
-            and _get_current_dispatch_mode() is None)
-
-
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
-    """layer(x), then exact GELU if `gelu`, plus `residual` if given (its shape is the output's);
-    (..., in) -> (..., out). The fused path gives the plain ops' values up to float rounding (~1e-6)."""
-    if _onednn_inference(x):
-        x2 = x.reshape(-1, x.shape[-1])
-        if residual is not None:
-            y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(x2.shape[0], -1), layer.weight,
-                                                          layer.bias, "add")
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x2, layer.weight, layer.bias, "gelu" if gelu else "none", [],
-                                                   "none" if gelu else "")
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    y = layer(x)
-    y = F.gelu(y) if gelu else y
-    return y if residual is None else residual.reshape(y.shape) + y
-
-
-class FeedForward(Mlp):
-    """The block's MLP (fc1 -> exact GELU -> fc2, parameter names as `Mlp`) with the fused fp32 inference
-    path of `linear`; forward(x, shortcut) returns shortcut + MLP(x) (dropout must then be inactive)."""
-
-    def forward(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
-        return self.drop(linear(self.drop(linear(x, self.fc1, gelu=True)), self.fc2, residual=shortcut))
 
 
 def cel_channels(out_chans: int, num_kernels: int) -> list[int]:
@@ -112,74 +71,6 @@ class CrossScaleEmbedding(nn.Module):
         return x if self.norm_first else self.norm(x)
 
 
-class DynamicPositionBias(nn.Module):
-    """DPB: MLP over relative coordinates (dh, dw) -> per-head bias, for any group size G.
-
-    forward(G) -> (num_heads, G*G, G*G), the bias of token pairs of one GxG group (row-major).
-
-    The bias depends only on the weights and G, so in inference (eval() and no autograd) the bias of
-    the block's own `group_size` is read from the non-persistent buffer `eval_bias` instead of running
-    the MLP and the gather every call. The buffer is recomputed whenever it could go stale: on
-    `eval()` (`train(False)`), after `load_state_dict`, and after `.to()`/`.float()`/... (`_apply`) in
-    eval mode. Training, autograd-enabled calls (fine-tuning in eval mode) and other group sizes always
-    evaluate the MLP. Weights changed in place while in eval mode (e.g. an EMA copy) need `eval()` (or
-    `refresh()`) again before no-grad inference, as the training/evaluation loop does.
-    """
-
-    def __init__(self, pos_dim: int, num_heads: int, group_size: int = 7):
-        super().__init__()
-        self.group_size = group_size
-        self.proj = nn.Linear(2, pos_dim)
-        self.mlp = nn.Sequential(
-            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
-            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
-            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, num_heads))
-        n = group_size * group_size
-        # fixed shape so that buffer copies between twin models (EMA) always line up
-        self.register_buffer("eval_bias", torch.zeros(num_heads, n, n), persistent=False)
-        self.register_load_state_dict_post_hook(_refresh_after_load)
-
-    def compute(self, group_size: int) -> torch.Tensor:
-        """The bias from the MLP, (num_heads, G*G, G*G); differentiable."""
-        G = group_size
-        device, dtype = self.proj.weight.device, self.proj.weight.dtype
-        rel = torch.arange(1 - G, G, device=device, dtype=dtype)
-        table = torch.stack(torch.meshgrid(rel, rel, indexing="ij"), dim=-1).reshape(-1, 2)
-        table = self.mlp(self.proj(table))  # ((2G-1)^2, heads)
-        pos = torch.arange(G, device=device)
-        ch, cw = (t.reshape(-1) for t in torch.meshgrid(pos, pos, indexing="ij"))
-        index = (ch[:, None] - ch[None, :] + G - 1) * (2 * G - 1) + (cw[:, None] - cw[None, :] + G - 1)
-        return table[index.reshape(-1)].reshape(G * G, G * G, -1).permute(2, 0, 1).contiguous()
-
-    def forward(self, group_size: int) -> torch.Tensor:
-        if group_size == self.group_size and not self.training and not torch.is_grad_enabled():
-            return self.eval_bias
-        return self.compute(group_size)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute `eval_bias` from the current weights."""
-        if self.eval_bias.device.type != "meta":
-            self.eval_bias.copy_(self.compute(self.group_size))
-
-    def train(self, mode: bool = True) -> DynamicPositionBias:
-        super().train(mode)
-        if not mode:
-            self.refresh()
-        return self
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DynamicPositionBias:
-        super()._apply(fn, *args, **kwargs)
-        if not self.training:
-            self.refresh()
-        return self
-
-
-def _refresh_after_load(module: DynamicPositionBias, incompatible_keys: Any) -> None:
-    if not module.training:
-        module.refresh()
-
-
 def group_tokens(x: torch.Tensor, group_size: int, interval: int) -> torch.Tensor:
     """(B, Hp, Wp, C), Hp and Wp multiples of G*I -> (B * nG, G*G, C).
 
@@ -207,10 +98,7 @@ def ungroup_tokens(x: torch.Tensor, group_size: int, interval: int, Hp: int, Wp:
 def padding_bias(H: int, W: int, Hp: int, Wp: int, group_size: int, interval: int,
                  device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Additive key mask of padded tokens, (nG, 1, 1, G*G): 0 for real tokens, MASK_VALUE for padding."""
-    rows = torch.arange(Hp, device=device) < H
-    cols = torch.arange(Wp, device=device) < W
-    real = (rows[:, None] & cols[None, :]).reshape(1, Hp, Wp, 1)
-    mask = torch.zeros(real.shape, device=device, dtype=dtype).masked_fill(~real, MASK_VALUE)
+    mask = padding_bias_map(H, W, Hp, Wp, device, dtype)
     return group_tokens(mask, group_size, interval).reshape(-1, 1, 1, group_size * group_size)
 
 
@@ -272,6 +160,39 @@ class LongShortDistanceAttention(nn.Module):
         return (shortcut.reshape(out.shape) + out).reshape(B, Hp, Wp, C)
 
 
+class DynamicPositionBias(CachedTable):
+    """DPB: MLP over relative coordinates (dh, dw) -> per-head bias, for any group size G.
+
+    forward(G) -> (num_heads, G*G, G*G), the bias of token pairs of one GxG group (row-major). It depends
+    only on the weights and G: in eager no-grad inference it is computed once per G and reused, keyed on
+    the parameters' versions (`layers.cache`), so edited weights are never served a stale bias.
+    """
+
+    def __init__(self, pos_dim: int, num_heads: int, group_size: int = 7):
+        super().__init__()
+        self.group_size = group_size
+        self.proj = nn.Linear(2, pos_dim)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
+            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
+            nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, num_heads))
+
+    def compute(self, group_size: int) -> torch.Tensor:
+        """The bias from the MLP, (num_heads, G*G, G*G); differentiable."""
+        G = group_size
+        device, dtype = self.proj.weight.device, self.proj.weight.dtype
+        rel = torch.arange(1 - G, G, device=device, dtype=dtype)
+        table = torch.stack(torch.meshgrid(rel, rel, indexing="ij"), dim=-1).reshape(-1, 2)
+        table = self.mlp(self.proj(table))  # ((2G-1)^2, heads)
+        pos = torch.arange(G, device=device)
+        ch, cw = (t.reshape(-1) for t in torch.meshgrid(pos, pos, indexing="ij"))
+        index = (ch[:, None] - ch[None, :] + G - 1) * (2 * G - 1) + (cw[:, None] - cw[None, :] + G - 1)
+        return table[index.reshape(-1)].reshape(G * G, G * G, -1).permute(2, 0, 1).contiguous()
+
+    def forward(self, group_size: int) -> torch.Tensor:
+        return self.table(group_size)
+
+
 class AmplitudeCooling(nn.Module):
     """ACL (CrossFormer++): depthwise 3x3 conv then LayerNorm, no residual; (B, H, W, C) -> same."""
 
@@ -302,7 +223,7 @@ class CrossFormerBlock(nn.Module):
         self.attn = LongShortDistanceAttention(dim, num_heads, qkv_bias, attn_drop, drop, group_size)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = FeedForward(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.cooling = AmplitudeCooling(dim) if cooling else nn.Identity()
 
     def grouping(self, H: int, W: int) -> tuple[int, int]:
@@ -313,7 +234,7 @@ class CrossFormerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         G, interval = self.grouping(x.shape[1], x.shape[2])
-        if self.training:
+        if self.training or not eager_fast():
             x = x + self.drop_path(self.attn(self.norm1(x), G, interval))
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         else:  # no dropout / drop path: the residual adds can join the output projections
@@ -392,8 +313,11 @@ class CrossFormer(HybridModel):
     """CrossFormer / CrossFormer++ classifier.
 
     image (B, in_chans, H, W) -> CEL stem (stride 4) -> 4 stages (stride 4, 8, 16, 32; stages 2-4 start
-    with a CEL downsampler) -> LayerNorm -> global average pool -> linear head.
+    with a CEL downsampler) -> LayerNorm -> global average pool -> linear head. forward_features: the
+    normalised stride-32 map (B, 8 * embed_dim, H/32, W/32) (rule in `_base`).
     """
+
+    min_input_size = 32  # each unpadded stride-2 CEL downsampler needs a map of at least 2x2
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
@@ -411,40 +335,25 @@ class CrossFormer(HybridModel):
         stride = stem_kernels[0]
         side = img_size if isinstance(img_size, int) else img_size[0]
         groups = block_group_sizes(group_size, depths, side // stride, group_type)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        dpr = drop_path_rates(drop_path_rate, depths)
 
         self.stem = CrossScaleEmbedding(in_chans, embed_dim, stem_kernels, stride=stride, norm_first=False)
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
         self.stages = nn.ModuleList(
             CrossFormerStage(dims[max(i - 1, 0)], dims[i], depths[i], num_heads[i], groups[i], interval[i],
                              merge_kernels if i > 0 else None, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
-                             dpr[sum(depths[:i]):sum(depths[:i + 1])], amplitude_cooling)
+                             dpr[i], amplitude_cooling)
             for i in range(n))
         self.stage_info = [dict(num_chs=dims[i], reduction=stride * 2 ** i, module=f"stages.{i}") for i in range(n)]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
 
-    def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.check_input(x)
-        x = self.pos_drop(self.stem(x))
-        outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
-        return outs
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pos_drop(self.stem(x))  # (B, H/4, W/4, C): stages work on channels-last maps
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """NCHW maps at strides 4, 8, 16, 32 (stage outputs, before the final norm)."""
-        return [o.permute(0, 3, 1, 2) for o in self._stages(x)]
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) image -> normalised last map (B, num_features, H/32, W/32)."""
-        return self.norm(self._stages(x)[-1]).permute(0, 3, 1, 2)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.head(x)
+    def _to_map(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official(state_dict)
@@ -486,45 +395,47 @@ def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {_convert_key(k): v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in _DERIVED_BUFFERS}
 
 
-def _build(num_classes: int = 1000, in_chans: int = 3, **cfg: Any) -> CrossFormer:
-    return CrossFormer(num_classes=num_classes, in_chans=in_chans, **cfg)
-
-
 _REPO = "https://github.com/cheerss/CrossFormer"
 _V1 = dict(group_size=(7, 7, 7, 7), interval=(8, 4, 2, 1))
 _PP = dict(group_size=(4, 4, 14, 7), interval=(4, 2, 1, 1), amplitude_cooling=True)
-# name: (config, top-1, where the official README publishes the checkpoint)
-_VARIANTS: dict[str, tuple[dict[str, Any], float, str]] = {
-    "crossformer_t": (dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_V1),
-                      81.5, "Google Drive https://drive.google.com/file/d/1YSkU9enn-ITyrbxLH13zNcBYvWSEidfq/view "
-                            "or BaiduCloud https://pan.baidu.com/s/1M45YXZgVvp6Ew9DO8UhdlA (key nkju)"),
-    "crossformer_s": (dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_V1),
-                      82.5, "Google Drive https://drive.google.com/file/d/1RAkigsgr33va0RZ85S2Shs2BhXYcS6U8/view "
-                            "or BaiduCloud https://pan.baidu.com/s/1Xf4MXfb_soCnJFBeNDmoQQ (key fgqj)"),
-    "crossformer_b": (dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_V1),
-                      83.4, "Google Drive https://drive.google.com/file/d/1bK8biVCi17nz_nkt7rBfio_kywUpllSU/view "
-                            "or BaiduCloud https://pan.baidu.com/s/1f5dH__UGDXb-HoOPHT5p0A (key 7md9)"),
-    "crossformer_l": (dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5,
-                           **_V1),
-                      84.0, "Google Drive https://drive.google.com/file/d/1zRWByVW_KIZ87NgaBkDIm60DAsGJErdG/view "
-                            "or BaiduCloud https://pan.baidu.com/s/1YJLeHy_cxLBrZLklQBCA_A (key cc89)"),
-    "crossformerpp_s": (dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2,
-                             **_PP),
-                        83.2, "BaiduCloud https://pan.baidu.com/s/1smc_kRoogd0Ig5vfqwuGTA?pwd=crsf (key crsf)"),
-    "crossformerpp_b": (dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3,
-                             **_PP),
-                        84.2, "BaiduCloud https://pan.baidu.com/s/13XVP0ebtNcyRMmkl11ALYg?pwd=crsf (key crsf)"),
-    "crossformerpp_l": (dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5,
-                             **_PP),
-                        84.7, "BaiduCloud https://pan.baidu.com/s/1xtPh-ndcOxRM7fPYYxIIRg?pwd=crsf (key crsf)"),
-    "crossformerpp_h": (dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5,
-                             **_PP),
-                        84.9, "BaiduCloud https://pan.baidu.com/s/1xtPh-ndcOxRM7fPYYxIIRg?pwd=crsf (key crsf)"),
-}
 
-for _name, (_cfg, _top1, _where) in _VARIANTS.items():
-    register_model(
-        _name, "crossformer", _build, _cfg, top1=_top1,
+
+def _variant(name: str, cfg: dict[str, Any], top1: float, where: str) -> Variant:
+    """A variant whose checkpoint the official README links (`where`); official preprocessing: the Swin
+    pipeline, bicubic resize to 256/224 of the size then a 224 centre crop (crop_pct 0.875)."""
+    paper = "arXiv:2303.06908" if name.startswith("crossformerpp") else "arXiv:2108.00154"
+    return Variant(
+        name, "crossformer", CrossFormer, cfg, top1=top1,
         weights_hint=(f"the official checkpoint is published only on the links of the official repository "
-                      f"({_REPO}): {_where}; there is no direct download URL"),
-        pretrained_cfg=default_pretrained_cfg(crop_pct=0.875, interpolation="bicubic"))
+                      f"({_REPO}): {where}; there is no direct download URL"),
+        # min_input_size 32: each unpadded stride-2 CEL downsampler needs a map of at least 2x2
+        pretrained_cfg=pretrained_cfg(crop_pct=0.875, first_conv="stem.projs.0", license=LICENSE_MIT,
+                                      origin_url=_REPO, paper_ids=paper))
+
+
+def _links(drive: str | None, baidu: str, key: str) -> str:
+    """Where the official README links a checkpoint (Google Drive file id, BaiduCloud share and key;
+    the CrossFormer++ shares take the key as `pwd`)."""
+    share = f"{baidu}?pwd={key}" if drive is None else baidu
+    pan = f"BaiduCloud https://pan.baidu.com/s/{share} (key {key})"
+    return f"Google Drive https://drive.google.com/file/d/{drive}/view or {pan}" if drive else pan
+
+
+_H = (4, 8, 16, 32)
+_TABLE = [  # name, embed_dim, depths, num_heads, drop_path_rate, top-1, checkpoint links
+    ("crossformer_t", 64, (1, 1, 8, 6), (2, 4, 8, 16), 0.1, 81.5,
+     _links("1YSkU9enn-ITyrbxLH13zNcBYvWSEidfq", "1M45YXZgVvp6Ew9DO8UhdlA", "nkju")),
+    ("crossformer_s", 96, (2, 2, 6, 2), (3, 6, 12, 24), 0.2, 82.5,
+     _links("1RAkigsgr33va0RZ85S2Shs2BhXYcS6U8", "1Xf4MXfb_soCnJFBeNDmoQQ", "fgqj")),
+    ("crossformer_b", 96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3, 83.4,
+     _links("1bK8biVCi17nz_nkt7rBfio_kywUpllSU", "1f5dH__UGDXb-HoOPHT5p0A", "7md9")),
+    ("crossformer_l", 128, (2, 2, 18, 2), _H, 0.5, 84.0,
+     _links("1zRWByVW_KIZ87NgaBkDIm60DAsGJErdG", "1YJLeHy_cxLBrZLklQBCA_A", "cc89")),
+    ("crossformerpp_s", 64, (2, 2, 18, 2), (2, 4, 8, 16), 0.2, 83.2, _links(None, "1smc_kRoogd0Ig5vfqwuGTA", "crsf")),
+    ("crossformerpp_b", 96, (2, 2, 18, 2), (3, 6, 12, 24), 0.3, 84.2, _links(None, "13XVP0ebtNcyRMmkl11ALYg", "crsf")),
+    ("crossformerpp_l", 128, (2, 2, 18, 2), _H, 0.5, 84.7, _links(None, "1xtPh-ndcOxRM7fPYYxIIRg", "crsf")),
+    ("crossformerpp_h", 128, (6, 6, 18, 2), _H, 0.5, 84.9, _links(None, "1xtPh-ndcOxRM7fPYYxIIRg", "crsf")),
+]
+VARIANTS = [_variant(name, dict(embed_dim=dim, depths=depths, num_heads=heads, drop_path_rate=dpr,
+                                **(_PP if name.startswith("crossformerpp") else _V1)), top1, where)
+            for name, dim, depths, heads, dpr, top1, where in _TABLE]

@@ -12,19 +12,18 @@ keys are masked), the window shrinks to the map when the map is smaller, the car
 follows the number of windows, and the continuous position biases are evaluated for the grid in
 use. At the configured resolution all of this reduces exactly to the official computation.
 
-Speed (same outputs as the plain computation, checked by the tests):
+Speed (same outputs as the plain computation, checked by the tests; `layers.fast` switches it off):
 
 - attention through SDPA with the position bias as one additive (1, heads, N, N) mask broadcast over
   the windows of the batch;
-- the position MLPs (absolute embeddings, continuous relative biases) are tables that depend only on
-  weights and geometry: in inference (eval() and no autograd) the tables of the configured geometry
-  are read from non-persistent buffers computed when the module switches to eval() and after
-  load_state_dict; training, autograd and other geometries evaluate the MLPs;
+- the position MLPs (absolute embeddings, continuous relative biases) depend only on weights and
+  geometry: in eager no-grad inference they are computed once per geometry and reused, keyed on the
+  parameters' versions (`layers.cache`), so edited weights are never served a stale table;
 - a HAT stage partitions its map into windows once, keeps [carrier tokens + window tokens] of every
   window in one (B*nW, P + ws*ws, C) tensor through all its blocks (carriers are updated in place of
   their rows, no per-block concatenation or split) and reverses once;
-- in eval, BatchNorm is folded into the preceding convolution on the fly (one pass over the map
-  instead of two); `fuse()` makes that permanent and folds layer scales into the linear layers;
+- in eval, BatchNorm is folded into the preceding convolution on the fly (`layers.fuse.conv_bn`);
+  `fuse()` makes that permanent and folds layer scales into the layers before them;
 - maps stay channels_last between the convolutions and the window partitioning.
 """
 from __future__ import annotations
@@ -37,219 +36,65 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import DropPath, LayerNorm2d, Mlp, attend, pad_hw, window_partition, window_reverse
-from ..layers.fuse import fold_bn
-from ..registry import default_pretrained_cfg, register_model
+from ..layers import (
+    CachedTable,
+    DropPath,
+    LayerNorm2d,
+    Mlp,
+    attend,
+    conv_bn,
+    drop_path_rates,
+    fold_bn,
+    fold_layer_scale,
+    make_layer_scale,
+    pad_hw,
+    padding_bias_map,
+    window_partition,
+    window_reverse,
+)
 from ._base import HybridModel
+from ._variant import LICENSE_NVIDIA_NC, Variant, pretrained_cfg
 
 __all__ = ["FasterViT"]
 
-_HF = "https://huggingface.co/ahatamiz/FasterViT/resolve/main/"
-
-
 # ---------------------------------------------------------------------------------------------
-# Position encodings
+# Stem and convolutional stages (paper Sec. 3.1)
 # ---------------------------------------------------------------------------------------------
 
-class CoordMLP(nn.Module):
-    """2 -> 512 -> out MLP on continuous coordinates (the official `cpb_mlp`)."""
+class Stem(nn.Module):
+    """Two strided conv-BN-ReLU: (B, in_chans, H, W) -> (B, dim, H/4, W/4)."""
 
-    def __init__(self, out_features: int, hidden: int = 512):
+    def __init__(self, in_chans: int, in_dim: int, dim: int):
         super().__init__()
-        self.fc1 = nn.Linear(2, hidden)
+        self.conv1 = nn.Conv2d(in_chans, in_dim, 3, 2, 1, bias=False)
+        self.norm1 = nn.BatchNorm2d(in_dim, eps=1e-4)
+        self.conv2 = nn.Conv2d(in_dim, dim, 3, 2, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(dim, eps=1e-4)
         self.act = nn.ReLU()
-        self.fc2 = nn.Linear(hidden, out_features, bias=False)
-
-    def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(coords.to(self.fc1.weight.dtype))))
-
-
-class PositionTable(nn.Module):
-    """A position encoding that is a function of the weights and a geometry only (`compute(*geometry)`).
-
-    Inference reuse without Python-side state: `table` is a non-persistent buffer holding
-    compute(*self.geometry) (the configured geometry), recomputed whenever the module switches to
-    eval() and after load_state_dict, moved and cast with the module by .to(); its shape never
-    changes. It is read only in eval
-    mode with autograd off at that geometry; training, autograd (gradients must reach the MLP) and
-    other geometries compute. Weights edited in place while in eval mode: call eval() again.
-    """
-
-    def __init__(self, geometry: tuple[int, ...]):
-        super().__init__()
-        self.geometry = tuple(geometry)
-        self.register_buffer("table", torch.empty(0), persistent=False)
-        self.register_load_state_dict_post_hook(PositionTable._after_load)
-
-    def compute(self, *geometry: int) -> torch.Tensor:  # pragma: no cover - implemented by subclasses
-        raise NotImplementedError
-
-    def lookup(self, *geometry: int) -> torch.Tensor:
-        if not self.training and not torch.is_grad_enabled() and geometry == self.geometry:
-            return self.table
-        return self.compute(*geometry)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        self.table = self.compute(*self.geometry)
-
-    def train(self, mode: bool = True) -> PositionTable:
-        super().train(mode)
-        if not mode:
-            self.refresh()
-        return self
-
-    @staticmethod
-    def _after_load(module: nn.Module, incompatible_keys: Any) -> None:
-        if not module.training:
-            module.refresh()
-
-
-class AbsolutePositionMLP(PositionTable):
-    """Absolute position embedding of a token grid from an MLP on coordinates normalised to
-    about [-1, 1] (the official `PosEmbMLPSwinv1D`, rank 2), for any (h, w) grid.
-
-    compute(h, w, num_prefix) -> (1, P + h*w, C): grid tokens in raster order after P zero rows for
-    prefix (carrier) tokens. `grid` is the geometry cached for inference.
-    """
-
-    def __init__(self, dim: int, grid: tuple[int, int], num_prefix: int = 0):
-        super().__init__((*grid, num_prefix))
-        self.mlp = CoordMLP(dim)
-        self.refresh()  # a table of the final shape from the start: buffer copies (EMA) always match
-
-    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
-        device = self.mlp.fc1.weight.device
-
-        def axis(n: int) -> torch.Tensor:
-            return (torch.arange(n, device=device, dtype=torch.float32) - n // 2) / max(n // 2, 1)
-        coords = torch.stack(torch.meshgrid(axis(h), axis(w), indexing="ij"), dim=-1).view(1, h * w, 2)
-        pos = self.mlp(coords)
-        return F.pad(pos, (0, 0, num_prefix, 0)) if num_prefix else pos
-
-    def forward(self, x: torch.Tensor, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
-        """x (B, P + h*w, C) -> x + embedding (prefix rows unchanged)."""
-        return x + self.lookup(h, w, num_prefix).to(x.dtype)
-
-
-class ContinuousPositionBias(PositionTable):
-    """Swin-V2 style log-spaced continuous relative position bias (the official `PosEmbMLPSwinv2D`).
-
-    Relative offsets are normalised by the grid size the model was configured for (`pretrained_size`),
-    so other grid sizes reuse the same offsets and extrapolate smoothly. compute(h, w, P) is the
-    additive bias (heads, P + h*w, P + h*w) where the P prefix (carrier) tokens get zero bias.
-    """
-
-    def __init__(self, num_heads: int, pretrained_size: tuple[int, int], num_prefix: int = 0):
-        self.num_heads = num_heads
-        self.pretrained_size = pretrained_size
-        super().__init__((*pretrained_size, num_prefix))
-        self.mlp = CoordMLP(num_heads)
-        self.refresh()
-
-    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
-        device = self.mlp.fc1.weight.device
-        ph, pw = self.pretrained_size
-        dh = torch.arange(-(h - 1), h, device=device, dtype=torch.float32) / max(ph - 1, 1)
-        dw = torch.arange(-(w - 1), w, device=device, dtype=torch.float32) / max(pw - 1, 1)
-        table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1) * 8
-        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0  # log2(8) = 3
-        values = self.mlp(table).view(-1, self.num_heads)  # ((2h-1)(2w-1), heads)
-        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        ys, xs = ys.flatten(), xs.flatten()
-        index = (ys[:, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[:, None] - xs[None, :] + w - 1)
-        bias = 16 * torch.sigmoid(values[index.view(-1)].view(h * w, h * w, self.num_heads).permute(2, 0, 1))
-        if num_prefix:
-            bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
-        return bias.contiguous()
-
-    def forward(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
-        return self.lookup(h, w, num_prefix)
-
-
-# ---------------------------------------------------------------------------------------------
-# Attention and blocks
-# ---------------------------------------------------------------------------------------------
-
-class HierarchicalAttention(nn.Module):
-    """Multi-head attention over [P carrier tokens + an h x w token grid] with a continuous relative
-    position bias on the grid (paper Eq. 5-6).
-
-    Used twice in a HAT block: as window attention (grid = one window, prefix = the window's carrier
-    tokens) and as global carrier-token attention (grid = the carrier-token grid, no prefix).
-    x (B*nW, N, C) -> (B*nW, N, C); `key_mask` (nW, 1, 1, N), 0 or -inf, hides padded window tokens.
-    `grid`/`num_prefix`: the geometry whose bias is kept for inference.
-    """
-
-    def __init__(self, dim: int, num_heads: int, pretrained_size: tuple[int, int], qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, num_prefix: int = 0):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
-        self.pos_bias = ContinuousPositionBias(num_heads, pretrained_size, num_prefix)
-
-    def forward(self, x: torch.Tensor, h: int, w: int, num_prefix: int = 0,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, C = x.shape
-        nh, d = self.num_heads, self.head_dim
-        bias = self.pos_bias(h, w, num_prefix).unsqueeze(0)  # (1, heads, N, N), broadcast over B*nW
-        # strided views of the projection: SDPA reads them without copies
-        q, k, v = self.qkv(x).view(B, N, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
-        dropout_p = self.attn_drop if self.training else 0.0
-        if key_mask is None:
-            x = attend(q, k, v, bias, dropout_p=dropout_p)
-        else:
-            # per-window masks: fold the window index into the head axis so one (1, nW*heads, N, N)
-            # bias broadcasts over the batch without being copied per image
-            nw = key_mask.shape[0]
-            bias = (bias + key_mask).reshape(1, nw * nh, N, N)
-            q, k, v = (t.reshape(-1, nw * nh, N, d) for t in (q, k, v))
-            x = attend(q, k, v, bias, dropout_p=dropout_p).reshape(B, nh, N, d)
-        x = x.transpose(1, 2).reshape(B, N, C)  # exported graphs: see `attend`
-        return self.proj_drop(self.proj(x))
-
-
-class LayerScale(nn.Module):
-    """Per-channel learned scale gamma * x (the official gamma parameters)."""
-
-    def __init__(self, dim: int, init_value: float):
-        super().__init__()
-        self.gamma = nn.Parameter(init_value * torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+        # channels_last from the first conv on (a copy of the 3-channel input only): oneDNN convolutions
+        # skip their layout reorders and the HAT stages partition NHWC memory directly
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = self.act(conv_bn(x, self.conv1, self.norm1))
+        return self.act(conv_bn(x, self.conv2, self.norm2))
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        self.conv1, self.norm1 = fold_bn(self.conv1, self.norm1), nn.Identity()
+        self.conv2, self.norm2 = fold_bn(self.conv2, self.norm2), nn.Identity()
 
 
-def _layer_scale(dim: int, init_value: float | None) -> nn.Module:
-    return LayerScale(dim, init_value) if init_value is not None else nn.Identity()
+class Downsample(nn.Module):
+    """LayerNorm2d + strided 3x3 conv: (B, C, H, W) -> (B, 2C, ceil(H/2), ceil(W/2))."""
 
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = LayerNorm2d(dim, eps=1e-6)
+        self.reduction = nn.Conv2d(dim, out_dim, 3, 2, 1, bias=False)
 
-@torch.no_grad()
-def _fold_layer_scale(linear: nn.Linear, scale: nn.Module) -> nn.Module:
-    """Folds a LayerScale after `linear` into its weight and bias; returns the module replacing it."""
-    if isinstance(scale, LayerScale):
-        linear.weight.mul_(scale.gamma[:, None])
-        if linear.bias is not None:
-            linear.bias.mul_(scale.gamma)
-        return nn.Identity()
-    return scale
-
-
-def conv_bn(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor:
-    """norm(conv(x)); an eval-mode BatchNorm is folded into the conv weights on the fly (the weights are
-    tiny next to the map: one pass over the map instead of two). After `fuse()` norm is Identity."""
-    if not isinstance(norm, nn.BatchNorm2d) or norm.training or norm.running_var is None:
-        return norm(conv(x))
-    scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-    shift = norm.bias - norm.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), shift, conv.stride, conv.padding, conv.dilation,
-                    conv.groups)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduction(self.norm(x))
 
 
 class ConvBlock(nn.Module):
@@ -275,11 +120,30 @@ class ConvBlock(nn.Module):
     def fuse(self) -> None:
         self.conv1, self.norm1 = fold_bn(self.conv1, self.norm1), nn.Identity()
         self.conv2, self.norm2 = fold_bn(self.conv2, self.norm2), nn.Identity()
-        if self.gamma is not None:
-            self.conv2.weight.mul_(self.gamma.view(-1, 1, 1, 1))
-            self.conv2.bias.mul_(self.gamma)
-            self.gamma = None
+        fold_layer_scale(self.conv2, self.gamma)
+        self.gamma = None
 
+
+class ConvStage(nn.Module):
+    """[Downsample] + residual conv blocks, (B, C, H, W) -> (B, C', H', W')."""
+
+    def __init__(self, dim: int, depth: int, in_dim: int | None, drop_path: Sequence[float],
+                 layer_scale: float | None):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if in_dim is not None else None
+        self.blocks = nn.ModuleList(ConvBlock(dim, drop_path[i], layer_scale) for i in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Hierarchical attention stages (paper Sec. 3.2): carrier tokens, position encodings, HAT
+# ---------------------------------------------------------------------------------------------
 
 class CarrierTokenInit(nn.Module):
     """Carrier-token initializer (paper Eq. 3): depthwise 3x3 conv position encoding, then average
@@ -304,6 +168,121 @@ class CarrierTokenInit(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
+class CoordMLP(nn.Module):
+    """2 -> 512 -> out MLP on continuous coordinates (the official `cpb_mlp`)."""
+
+    def __init__(self, out_features: int, hidden: int = 512):
+        super().__init__()
+        self.fc1 = nn.Linear(2, hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, out_features, bias=False)
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(coords.to(self.fc1.weight.dtype))))
+
+
+class AbsolutePositionMLP(CachedTable):
+    """Absolute position embedding of a token grid from an MLP on coordinates normalised to
+    about [-1, 1] (the official `PosEmbMLPSwinv1D`, rank 2), for any (h, w) grid.
+
+    compute(h, w, num_prefix) -> (1, P + h*w, C): grid tokens in raster order after P zero rows for
+    prefix (carrier) tokens; cached per geometry in inference (`layers.cache`).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.mlp = CoordMLP(dim)
+
+    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        device = self.mlp.fc1.weight.device
+
+        def axis(n: int) -> torch.Tensor:
+            return (torch.arange(n, device=device, dtype=torch.float32) - n // 2) / max(n // 2, 1)
+        coords = torch.stack(torch.meshgrid(axis(h), axis(w), indexing="ij"), dim=-1).view(1, h * w, 2)
+        pos = self.mlp(coords)
+        return F.pad(pos, (0, 0, num_prefix, 0)) if num_prefix else pos
+
+    def forward(self, x: torch.Tensor, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        """x (B, P + h*w, C) -> x + embedding (prefix rows unchanged)."""
+        return x + self.table(h, w, num_prefix).to(x.dtype)
+
+
+class ContinuousPositionBias(CachedTable):
+    """Swin-V2 style log-spaced continuous relative position bias (the official `PosEmbMLPSwinv2D`).
+
+    Relative offsets are normalised by the grid size the model was configured for (`pretrained_size`),
+    so other grid sizes reuse the same offsets and extrapolate smoothly. compute(h, w, P) is the
+    additive bias (heads, P + h*w, P + h*w) where the P prefix (carrier) tokens get zero bias; cached per
+    geometry in inference (`layers.cache`).
+    """
+
+    def __init__(self, num_heads: int, pretrained_size: tuple[int, int]):
+        super().__init__()
+        self.num_heads = num_heads
+        self.pretrained_size = pretrained_size
+        self.mlp = CoordMLP(num_heads)
+
+    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        device = self.mlp.fc1.weight.device
+        ph, pw = self.pretrained_size
+        dh = torch.arange(-(h - 1), h, device=device, dtype=torch.float32) / max(ph - 1, 1)
+        dw = torch.arange(-(w - 1), w, device=device, dtype=torch.float32) / max(pw - 1, 1)
+        table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1) * 8
+        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0  # log2(8) = 3
+        values = self.mlp(table).view(-1, self.num_heads)  # ((2h-1)(2w-1), heads)
+        ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        index = (ys[:, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[:, None] - xs[None, :] + w - 1)
+        bias = 16 * torch.sigmoid(values[index.view(-1)].view(h * w, h * w, self.num_heads).permute(2, 0, 1))
+        if num_prefix:
+            bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
+        return bias.contiguous()
+
+    def forward(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        return self.table(h, w, num_prefix)
+
+
+class HierarchicalAttention(nn.Module):
+    """Multi-head attention over [P carrier tokens + an h x w token grid] with a continuous relative
+    position bias on the grid (paper Eq. 5-6).
+
+    Used twice in a HAT block: as window attention (grid = one window, prefix = the window's carrier
+    tokens) and as global carrier-token attention (grid = the carrier-token grid, no prefix).
+    x (B*nW, N, C) -> (B*nW, N, C); `key_mask` (nW, 1, 1, N), 0 or MASK_VALUE, hides padded window tokens.
+    """
+
+    def __init__(self, dim: int, num_heads: int, pretrained_size: tuple[int, int], qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.pos_bias = ContinuousPositionBias(num_heads, pretrained_size)
+
+    def forward(self, x: torch.Tensor, h: int, w: int, num_prefix: int = 0,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        nh, d = self.num_heads, self.head_dim
+        bias = self.pos_bias(h, w, num_prefix).unsqueeze(0)  # (1, heads, N, N), broadcast over B*nW
+        # strided views of the projection: SDPA reads them without copies
+        q, k, v = self.qkv(x).view(B, N, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if key_mask is None:
+            x = attend(q, k, v, bias, dropout_p=dropout_p)
+        else:
+            # per-window masks: fold the window index into the head axis so one (1, nW*heads, N, N)
+            # bias broadcasts over the batch without being copied per image
+            nw = key_mask.shape[0]
+            bias = (bias + key_mask).reshape(1, nw * nh, N, N)
+            q, k, v = (t.reshape(-1, nw * nh, N, d) for t in (q, k, v))
+            x = attend(q, k, v, bias, dropout_p=dropout_p).reshape(B, nh, N, d)
+        x = x.transpose(1, 2).reshape(B, N, C)  # exported graphs: see `attend`
+        return self.proj_drop(self.proj(x))
+
+
 class HATBlock(nn.Module):
     """Hierarchical attention block (paper Sec. 3.2, Fig. 3).
 
@@ -323,24 +302,22 @@ class HATBlock(nn.Module):
         self.ct_size = ct_size
         self.has_carriers = ct_grid is not None
         self.propagate = propagate and self.has_carriers
-        num_ct = ct_size ** 2 if self.has_carriers else 0
-        self.pos_embed = AbsolutePositionMLP(dim, (window_size, window_size), num_ct)
+        self.pos_embed = AbsolutePositionMLP(dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = HierarchicalAttention(dim, num_heads, (window_size, window_size), qkv_bias, attn_drop, drop,
-                                          num_prefix=num_ct)
-        self.gamma_attn = _layer_scale(dim, layer_scale)
+        self.attn = HierarchicalAttention(dim, num_heads, (window_size, window_size), qkv_bias, attn_drop, drop)
+        self.gamma_attn = make_layer_scale(dim, layer_scale)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden, drop=drop)
-        self.gamma_mlp = _layer_scale(dim, layer_scale)
+        self.gamma_mlp = make_layer_scale(dim, layer_scale)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if self.has_carriers:
-            self.ct_pos_embed = AbsolutePositionMLP(dim, (ct_grid, ct_grid))
+            self.ct_pos_embed = AbsolutePositionMLP(dim)
             self.ct_norm1 = nn.LayerNorm(dim)
             self.ct_attn = HierarchicalAttention(dim, num_heads, (ct_grid, ct_grid), qkv_bias, attn_drop, drop)
-            self.ct_gamma_attn = _layer_scale(dim, layer_scale)  # official gamma1, also scales propagation
+            self.ct_gamma_attn = make_layer_scale(dim, layer_scale)  # official gamma1, also scales propagation
             self.ct_norm2 = nn.LayerNorm(dim)
             self.ct_mlp = Mlp(dim, hidden, drop=drop)
-            self.ct_gamma_mlp = _layer_scale(dim, layer_scale)
+            self.ct_gamma_mlp = make_layer_scale(dim, layer_scale)
 
     def forward(self, x: torch.Tensor, B: int, ws: int, n_wh: int, n_ww: int,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -372,65 +349,14 @@ class HATBlock(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         """Folds the layer scales into the linear layers before them (inference)."""
-        self.gamma_attn = _fold_layer_scale(self.attn.proj, self.gamma_attn)
-        self.gamma_mlp = _fold_layer_scale(self.mlp.fc2, self.gamma_mlp)
+        pairs = [("attn", "proj", "gamma_attn"), ("mlp", "fc2", "gamma_mlp")]
         if self.has_carriers:
-            self.ct_gamma_mlp = _fold_layer_scale(self.ct_mlp.fc2, self.ct_gamma_mlp)
+            pairs.append(("ct_mlp", "fc2", "ct_gamma_mlp"))
             if not self.propagate:  # the propagating block's gamma also scales the upsampled carriers
-                self.ct_gamma_attn = _fold_layer_scale(self.ct_attn.proj, self.ct_gamma_attn)
-
-
-class Downsample(nn.Module):
-    """LayerNorm2d + strided 3x3 conv: (B, C, H, W) -> (B, 2C, ceil(H/2), ceil(W/2))."""
-
-    def __init__(self, dim: int, out_dim: int):
-        super().__init__()
-        self.norm = LayerNorm2d(dim, eps=1e-6)
-        self.reduction = nn.Conv2d(dim, out_dim, 3, 2, 1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduction(self.norm(x))
-
-
-class Stem(nn.Module):
-    """Two strided conv-BN-ReLU: (B, in_chans, H, W) -> (B, dim, H/4, W/4)."""
-
-    def __init__(self, in_chans: int, in_dim: int, dim: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_chans, in_dim, 3, 2, 1, bias=False)
-        self.norm1 = nn.BatchNorm2d(in_dim, eps=1e-4)
-        self.conv2 = nn.Conv2d(in_dim, dim, 3, 2, 1, bias=False)
-        self.norm2 = nn.BatchNorm2d(dim, eps=1e-4)
-        self.act = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channels_last from the first conv on (a copy of the 3-channel input only): oneDNN convolutions
-        # skip their layout reorders and the HAT stages partition NHWC memory directly
-        x = x.contiguous(memory_format=torch.channels_last)
-        x = self.act(conv_bn(x, self.conv1, self.norm1))
-        return self.act(conv_bn(x, self.conv2, self.norm2))
-
-    @torch.no_grad()
-    def fuse(self) -> None:
-        self.conv1, self.norm1 = fold_bn(self.conv1, self.norm1), nn.Identity()
-        self.conv2, self.norm2 = fold_bn(self.conv2, self.norm2), nn.Identity()
-
-
-class ConvStage(nn.Module):
-    """[Downsample] + residual conv blocks, (B, C, H, W) -> (B, C', H', W')."""
-
-    def __init__(self, dim: int, depth: int, in_dim: int | None, drop_path: Sequence[float],
-                 layer_scale: float | None):
-        super().__init__()
-        self.downsample = Downsample(in_dim, dim) if in_dim is not None else None
-        self.blocks = nn.ModuleList(ConvBlock(dim, drop_path[i], layer_scale) for i in range(depth))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.downsample is not None:
-            x = self.downsample(x)
-        for blk in self.blocks:
-            x = blk(x)
-        return x
+                pairs.append(("ct_attn", "proj", "ct_gamma_attn"))
+        for branch, layer, scale in pairs:
+            fold_layer_scale(getattr(getattr(self, branch), layer), getattr(self, scale))
+            setattr(self, scale, nn.Identity())
 
 
 class HATStage(nn.Module):
@@ -475,13 +401,8 @@ class HATStage(nn.Module):
             windows = torch.cat([window_partition(ct, cs).to(windows.dtype), windows], dim=1)
         key_mask = None
         if Hp != H or Wp != W:
-            valid = torch.zeros(1, Hp, Wp, 1, device=x.device, dtype=torch.bool)
-            valid[:, :H, :W] = True
-            valid = window_partition(valid, ws).squeeze(-1)  # (nW, ws*ws)
-            if num_ct:
-                valid = F.pad(valid, (num_ct, 0), value=True)
-            key_mask = torch.zeros(valid.shape, device=x.device, dtype=torch.float32)
-            key_mask = key_mask.masked_fill(~valid, float("-inf"))[:, None, None, :]
+            key_mask = window_partition(padding_bias_map(H, W, Hp, Wp, x.device), ws).squeeze(-1)  # (nW, ws*ws)
+            key_mask = F.pad(key_mask, (num_ct, 0))[:, None, None, :]  # carriers are never padding
         for blk in self.blocks:
             windows = blk(windows, B, ws, n_wh, n_ww, key_mask)
         last = self.blocks[-1] if len(self.blocks) else None
@@ -503,6 +424,7 @@ def _per_stage(value: int | Sequence[int], n: int = 4) -> list[int]:
 
 class FasterViT(HybridModel):
     """FasterViT classifier / backbone: stem -> 2 conv stages -> 2 HAT stages -> norm -> pool -> head.
+    forward_features: the normalised stride-32 map (B, 8 * dim, H/32, W/32) (rule in `_base`).
 
     Takes any input size; `img_size` is the configured (training) resolution, which fixes the
     normalisation of the carrier-token position bias (exact official behaviour at that size).
@@ -522,12 +444,11 @@ class FasterViT(HybridModel):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.stem = Stem(in_chans, in_dim, dim)
-        n_blocks = sum(depths)
-        dpr = [drop_path_rate * i / max(n_blocks - 1, 1) for i in range(n_blocks)]
+        dpr = drop_path_rates(drop_path_rate, depths)
         dims = [dim * 2 ** i for i in range(4)]
         self.stages = nn.ModuleList()
         for i in range(4):
-            dp = dpr[sum(depths[:i]):sum(depths[:i + 1])]
+            dp = dpr[i]
             prev = dims[i - 1] if i > 0 else None
             if i < 2:
                 stage = ConvStage(dims[i], depths[i], prev, dp, layer_scale_conv)
@@ -545,29 +466,6 @@ class FasterViT(HybridModel):
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"pos_embed", "pos_bias"}
-
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Maps at strides 4, 8, 16, 32: (B, C_i, ceil(H/2^(i+2)), ...); the last one normalised.
-        With features_only, stages after the last requested one are skipped."""
-        self.check_input(x)
-        x = self.stem(x)
-        last = max(self.out_indices) if self.features_only else len(self.stages) - 1
-        out = []
-        for i, stage in enumerate(self.stages[:last + 1]):
-            x = stage(x)
-            out.append(self.norm(x) if i == len(self.stages) - 1 else x)
-        return out
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.head(x)
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official(state_dict)
@@ -645,42 +543,50 @@ def convert_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 # Variants
 # ---------------------------------------------------------------------------------------------
 
-def _build(**kwargs: Any) -> FasterViT:
-    return FasterViT(**kwargs)
-
-
+_HF = "https://huggingface.co/ahatamiz/FasterViT/resolve/main/"
 _LS = dict(layer_scale=1e-5, layer_scale_conv=None, do_propagation=True)
 _BASE = dict(ct_size=2, mlp_ratio=4, window_size=[7, 7, 7, 7], hat=[False, False, True, False])
-_VARIANTS: dict[str, tuple[dict[str, Any], str | None, float | None, dict[str, Any]]] = {
-    "fastervit_0": (dict(dim=64, in_dim=64, depths=[2, 3, 6, 5], num_heads=[2, 4, 8, 16], drop_path_rate=0.2),
-                    "fastervit_0_224_1k.pth.tar", 82.1, dict(crop_pct=0.875)),
-    "fastervit_1": (dict(dim=80, in_dim=32, depths=[1, 3, 8, 5], num_heads=[2, 4, 8, 16], drop_path_rate=0.2),
-                    "fastervit_1_224_1k.pth.tar", 83.2, {}),
-    "fastervit_2": (dict(dim=96, in_dim=64, depths=[3, 3, 8, 5], num_heads=[2, 4, 8, 16], drop_path_rate=0.2),
-                    "fastervit_2_224_1k.pth.tar", 84.2, {}),
-    "fastervit_3": (dict(dim=128, in_dim=64, depths=[3, 3, 12, 5], num_heads=[2, 4, 8, 16], drop_path_rate=0.3,
-                         **_LS), "fastervit_3_224_1k.pth.tar", 84.9, {}),
-    "fastervit_4": (dict(dim=196, in_dim=64, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32], drop_path_rate=0.3,
-                         **_LS), "fastervit_4_224_1k.pth.tar", 85.4, {}),
-    "fastervit_5": (dict(dim=320, in_dim=64, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32], drop_path_rate=0.3,
-                         **_LS), "fastervit_5_224_1k.pth.tar", 85.6, {}),
-    "fastervit_6": (dict(dim=320, in_dim=64, depths=[3, 3, 16, 8], num_heads=[4, 8, 16, 32], drop_path_rate=0.5,
-                         **_LS), "fastervit_6_224_1k.pth.tar", 85.8, {}),
-}
-for _res, _w, _top1 in ((224, [7, 7, 14, 7], 86.6), (384, [7, 7, 24, 12], 87.6), (512, [7, 7, 32, 16], 87.8),
-                        (768, [7, 7, 48, 24], 87.9)):
-    _VARIANTS[f"fastervit_4_21k_{_res}"] = (
-        dict(dim=196, in_dim=64, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32], drop_path_rate=0.42,
-             window_size=_w, hat=[False] * 4, img_size=_res, **_LS),
-        f"fastervit_4_21k_{_res}_w{_w[2]}.pth.tar", _top1, dict(img_size=_res))
-# Small extra variant for small images / small data (no published weights).
-_VARIANTS["fastervit_nano"] = (dict(dim=32, in_dim=16, depths=[1, 1, 2, 2], num_heads=[1, 2, 4, 8],
-                                    drop_path_rate=0.05, img_size=64), None, None,
-                               dict(img_size=64, crop_pct=0.875))
 
-for _name, (_cfg, _file, _top1, _pre) in _VARIANTS.items():
-    _pre = dict(_pre)
-    register_model(_name, "fastervit", _build, {**_BASE, **_cfg},
-                   url=_HF + _file if _file else None, top1=_top1,
-                   pretrained_cfg=default_pretrained_cfg(img_size=_pre.pop("img_size", 224),
-                                                         crop_pct=_pre.pop("crop_pct", 1.0), **_pre))
+
+def _cfg(img_size: int = 224, crop_pct: float = 1.0, crop_mode: str = "center") -> dict[str, Any]:
+    """Preprocessing as the official `default_cfgs` publish it (bicubic, ImageNet mean/std)."""
+    # min_input_size 1: padded convolutions and windows shrinking to the map take any size
+    return pretrained_cfg(img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode, first_conv="stem.conv1",
+                          min_input_size=1,
+                          license=LICENSE_NVIDIA_NC, origin_url="https://github.com/NVlabs/FasterViT",
+                          paper_ids="arXiv:2306.06189")
+
+
+def _variant(name: str, cfg: dict[str, Any], file: str | None, top1: float | None,
+             pre: dict[str, Any]) -> Variant:
+    return Variant(name, "fastervit", FasterViT, {**_BASE, **cfg}, url=_HF + file if file else None, top1=top1,
+                   pretrained_cfg=pre)
+
+
+VARIANTS = [
+    _variant("fastervit_0", dict(dim=64, in_dim=64, depths=[2, 3, 6, 5], num_heads=[2, 4, 8, 16],
+                                 drop_path_rate=0.2), "fastervit_0_224_1k.pth.tar", 82.1, _cfg(crop_pct=0.875)),
+    _variant("fastervit_1", dict(dim=80, in_dim=32, depths=[1, 3, 8, 5], num_heads=[2, 4, 8, 16],
+                                 drop_path_rate=0.2), "fastervit_1_224_1k.pth.tar", 83.2, _cfg()),
+    _variant("fastervit_2", dict(dim=96, in_dim=64, depths=[3, 3, 8, 5], num_heads=[2, 4, 8, 16],
+                                 drop_path_rate=0.2), "fastervit_2_224_1k.pth.tar", 84.2, _cfg()),
+    _variant("fastervit_3", dict(dim=128, in_dim=64, depths=[3, 3, 12, 5], num_heads=[2, 4, 8, 16],
+                                 drop_path_rate=0.3, **_LS), "fastervit_3_224_1k.pth.tar", 84.9, _cfg()),
+    _variant("fastervit_4", dict(dim=196, in_dim=64, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32],
+                                 drop_path_rate=0.3, **_LS), "fastervit_4_224_1k.pth.tar", 85.4, _cfg()),
+    _variant("fastervit_5", dict(dim=320, in_dim=64, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32],
+                                 drop_path_rate=0.3, **_LS), "fastervit_5_224_1k.pth.tar", 85.6, _cfg()),
+    _variant("fastervit_6", dict(dim=320, in_dim=64, depths=[3, 3, 16, 8], num_heads=[4, 8, 16, 32],
+                                 drop_path_rate=0.5, **_LS), "fastervit_6_224_1k.pth.tar", 85.8, _cfg()),
+]
+# ImageNet-21K pre-trained, 1K fine-tuned: (resolution, window sizes, top-1, official crop_pct); squash crops
+for _res, _w, _top1, _crop in ((224, [7, 7, 14, 7], 86.6, 0.95), (384, [7, 7, 24, 12], 87.6, 1.0),
+                               (512, [7, 7, 32, 16], 87.8, 1.0), (768, [7, 7, 48, 24], 87.9, 0.93)):
+    VARIANTS.append(_variant(
+        f"fastervit_4_21k_{_res}", dict(dim=196, in_dim=64, depths=[3, 3, 12, 5], num_heads=[4, 8, 16, 32],
+                                        drop_path_rate=0.42, window_size=_w, hat=[False] * 4, img_size=_res, **_LS),
+        f"fastervit_4_21k_{_res}_w{_w[2]}.pth.tar", _top1, _cfg(_res, _crop, "squash")))
+# Small extra variant for small images / small data (no published weights; code licence as above).
+VARIANTS.append(_variant("fastervit_nano", dict(dim=32, in_dim=16, depths=[1, 1, 2, 2], num_heads=[1, 2, 4, 8],
+                                                drop_path_rate=0.05, img_size=64), None, None,
+                         _cfg(64, crop_pct=0.875)))

@@ -1,0 +1,78 @@
+"""Eval-time caching of tables that depend only on a module's own parameters and a geometry.
+
+FasterViT's continuous position bias and absolute position MLP and CrossFormer's dynamic position bias
+(DPB) are MLPs evaluated on fixed coordinates: in inference their output is the same for every batch.
+`CachedTable` computes it once per geometry and reuses it, keyed on the identity and the version
+counter of every parameter of the module (`Tensor._version` grows with each in-place write), so an
+in-place weight edit in eval mode (an external EMA such as `torch.optim.swa_utils.AveragedModel` or
+timm's `ModelEma`, `load_state_dict`, `.to()`) can never be served a stale table: no `eval()` or
+refresh call is needed. Training, autograd, tracing/compilation, dispatch modes such as FLOP counters
+and `set_fast_paths(False)` always compute. (Writes through `.data` bypass version counters, as they
+bypass autograd's checks.)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from .cpu_bf16 import Bf16ByFp32Kernels
+from .fast import eager_inference
+
+_MAX_GEOMETRIES = 8  # a few input sizes in one process (multi-scale eval); beyond that, oldest first out
+
+
+def _autocast_state(device_type: str) -> Any:
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    except (TypeError, RuntimeError):  # torch < 2.4 spelling
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+class CachedTable(nn.Module):
+    """A module whose `compute(*geometry)` depends only on its parameters and `geometry` (ints).
+
+    `table(*geometry)` returns compute(*geometry), from the cache in eager no-grad eval when the
+    parameters are unchanged since it was computed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tables: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+
+    def compute(self, *geometry: int) -> torch.Tensor:  # pragma: no cover - implemented by subclasses
+        raise NotImplementedError
+
+    def _key(self) -> tuple:
+        params = list(self.parameters())
+        return (_autocast_state(params[0].device.type),
+                *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+
+    def table(self, *geometry: int) -> torch.Tensor:
+        if self.training or not eager_inference():
+            return self.compute(*geometry)
+        mode = _get_current_dispatch_mode()
+        if not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
+            return self.compute(*geometry)  # dispatch modes (FLOP counters, memory tracers) see every op
+        ref = next(self.parameters())
+        if ref.device.type == "meta" or ref.is_inference():
+            return self.compute(*geometry)
+        key = self._key()
+        hit = self._tables.get(geometry)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        value = self.compute(*geometry)
+        self._tables.pop(geometry, None)
+        if len(self._tables) >= _MAX_GEOMETRIES:
+            self._tables.pop(next(iter(self._tables)))
+        self._tables[geometry] = (key, value)
+        return value
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_tables"] = {}  # pickles and deep copies start empty (their parameters are new tensors)
+        return state

@@ -1,0 +1,59 @@
+"""The one switch for every fast path (like timm's `use_fused_attn`).
+
+hybridvit computes some things faster than the plain formulas in eager inference: eval-cached
+position-bias tables, BatchNorm folded into the preceding conv on the fly, oneDNN linears with the bias,
+GELU or residual add in the GEMM epilogue, in-place activations and residual adds on temporaries. Each
+gives the plain computation's values (up to float rounding, checked by the tests). Turn all of them off
+to read, test or debug the plain path: `HYBRIDVIT_FAST_PATHS=0` in the environment, or
+`set_fast_paths(False)` / `with fast_paths(False): ...` in code.
+
+Tracing (`torch.jit.trace`, export) and compilation always take the plain path: the compiler fuses the
+plain ops itself, and a tracer must not bake a cache or a private op into its graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+_enabled = os.environ.get("HYBRIDVIT_FAST_PATHS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def fast_paths_enabled() -> bool:
+    """Whether the fast paths are switched on (the default; `HYBRIDVIT_FAST_PATHS=0` turns them off)."""
+    return _enabled
+
+
+def set_fast_paths(enable: bool) -> bool:
+    """Switches every fast path on or off; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enable)
+    return previous
+
+
+@contextlib.contextmanager
+def fast_paths(enable: bool) -> Iterator[None]:
+    """Context with the fast paths switched on or off, restored on exit."""
+    previous = set_fast_paths(enable)
+    try:
+        yield
+    finally:
+        set_fast_paths(previous)
+
+
+def is_tracing() -> bool:
+    """True under torch.jit.trace, torch.compile / torch.export (dynamo) or ONNX export."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or bool(getattr(torch.compiler, "is_exporting", lambda: False)()))
+
+
+def eager_fast() -> bool:
+    """Fast paths on and running eagerly (not traced or compiled)."""
+    return _enabled and not is_tracing()
+
+
+def eager_inference() -> bool:
+    """Fast paths on, eager, and autograd off: where results may be cached or computed in place."""
+    return eager_fast() and not torch.is_grad_enabled()

@@ -1,0 +1,283 @@
+"""The model contract every registered model keeps (after timm's tests/test_models.py).
+
+Small models of every family run for real (at 224 and at an odd 250x330, plus smaller inputs where a
+test needs several passes); every other model is checked on the `meta` device (shapes, feature_info,
+pretrained_cfg), which costs no memory or compute.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import hybridvit
+from hybridvit.layers import fast_paths
+from hybridvit.registry import get_entry, list_models, meta_model
+
+# one per family and kind; CrossFormer and CabViT-P narrowed and shortened (every code path, less compute),
+# FasterViT with its optional parts on (carrier tokens in both HAT stages, layer scales, propagation)
+REAL = {"fastervit_nano": dict(hat=(False, False, True, True), layer_scale=0.1, layer_scale_conv=0.1,
+                               do_propagation=True),
+        "crossformer_t": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2)),
+        "crossformerpp_s": dict(embed_dim=16, depths=(1, 1, 3, 1), num_heads=(1, 1, 2, 2)),
+        "cabvit_h_l1": {}, "cabvit_p_tiny": dict(embed_dim=32, depths=(2, 2, 1), num_heads=2)}
+ALL = list_models()
+ODD = (250, 330)
+TIMM_FIELDS = {"input_size", "min_input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std",
+               "first_conv", "classifier", "pool_size", "license", "origin_url", "paper_ids", "num_classes"}
+
+
+def _model(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return hybridvit.create_model(name, num_classes=kw.pop("num_classes", 7), drop_path_rate=0.0,
+                                  **{**REAL.get(name, {}), **kw})
+
+
+@pytest.fixture(scope="module", params=list(REAL))
+def real(request):
+    return request.param, _model(request.param).eval()
+
+
+def _map_size(name: str, side: int, reduction: int) -> int:
+    """Padded convolutions round up (FasterViT, CabViT-H); CrossFormer's CEL and patch embeddings floor."""
+    return side // reduction if get_entry(name).family == "crossformer" or "_p_" in name else -(-side // reduction)
+
+
+def _check_maps(name, model, maps, size, infos):
+    assert [m.shape[1] for m in maps] == [i["num_chs"] for i in infos]
+    assert [tuple(m.shape[-2:]) for m in maps] == [
+        (_map_size(name, size[0], i["reduction"]), _map_size(name, size[1], i["reduction"])) for i in infos]
+    modules = dict(model.named_modules())
+    assert all(set(i) == {"num_chs", "reduction", "module"} and i["module"] in modules for i in infos)
+
+
+# ------------------------------------------------------------------------------------------ every model
+@pytest.mark.parametrize("name", ALL)
+def test_every_model_on_meta(name):
+    """Every registered model on the meta device: pretrained_cfg fields, forward / forward_features /
+    forward_intermediates shapes at the configured size, feature_info, and features_only with the later
+    stages, the final norm and the head removed."""
+    entry = get_entry(name)
+    cfg = entry.pretrained_cfg
+    assert TIMM_FIELDS <= set(cfg), TIMM_FIELDS - set(cfg)
+    assert cfg["crop_mode"] in ("center", "squash") and 0 < cfg["crop_pct"] <= 1
+    assert cfg["input_size"][0] == cfg["min_input_size"][0] == 3 and cfg["num_classes"] == 1000
+    assert entry.license == cfg["license"] and cfg["paper_ids"].startswith("arXiv:")
+    model = meta_model(name).eval()
+    modules = dict(model.named_modules())
+    assert cfg["first_conv"] in modules and cfg["classifier"] in modules
+    assert model.pretrained_cfg == cfg and model.model_name == name
+    side = cfg["input_size"][-1]
+    with torch.device("meta"):
+        x = torch.empty(2, 3, side, side)
+    with torch.no_grad():
+        logits = model(x)
+        final, maps = model.forward_intermediates(x)
+        pooled = model.forward_head(final, pre_logits=True)
+    assert logits.shape == (2, 1000) and pooled.shape == (2, model.num_features)
+    _check_maps(name, model, maps, (side, side), model.feature_info)
+    n = len(model.stages)
+    model.set_features_only((0, n - 2))
+    assert len(model.stages) == n - 1 and not any(k.startswith(("head.", "norm.")) for k in model.state_dict())
+    with torch.no_grad():
+        _check_maps(name, model, model(x), (side, side), model.feature_info)
+
+
+# ------------------------------------------------------------------------------------ small models, real
+@pytest.mark.parametrize("size", [(224, 224), ODD])
+def test_forward_head_features_agree(real, size):
+    name, model = real
+    x = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        logits = model(x)
+        feats = model.forward_features(x)
+        final, normed = model.forward_intermediates(x, norm=True)
+        pooled = model.forward_head(feats, pre_logits=True)
+    assert logits.shape == (1, 7) and torch.isfinite(logits).all()
+    torch.testing.assert_close(model.forward_head(feats), logits, rtol=0, atol=0)
+    torch.testing.assert_close(final, feats, rtol=0, atol=0)
+    assert pooled.shape == (1, model.num_features)
+    _check_maps(name, model, normed, size, model.feature_info)
+    if feats.ndim == 4:  # NCHW models: the normalised last map is forward_features
+        torch.testing.assert_close(normed[-1], feats, rtol=0, atol=0)
+
+
+def test_forward_intermediates_indices_and_stop_early(real):
+    name, model = real
+    x = torch.randn(1, 3, 64, 96)
+    n = len(model.stages)
+    ran = []
+    hooks = [s.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, s in enumerate(model.stages)]
+    try:
+        with torch.no_grad():
+            _, every = model.forward_intermediates(x)
+            assert ran == list(range(n))
+            _, normed = model.forward_intermediates(x, norm=True)
+            assert all(torch.equal(a, b) for a, b in zip(every[:-1], normed[:-1]))  # only the last changes
+            last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)
+            neg = model.forward_intermediates(x, indices=[-1, 0], intermediates_only=True)
+            nhwc = model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)
+            ran.clear()
+            final, early = model.forward_intermediates(x, indices=[0], stop_early=True)
+            assert ran == [0]  # stages after the last requested one never ran
+    finally:
+        for h in hooks:
+            h.remove()
+    assert all(torch.equal(a, b) for a, b in zip(last2, every[-2:])) and len(last2) == 2
+    assert torch.equal(neg[0], every[0]) and torch.equal(neg[1], every[-1])  # stage order, as timm
+    assert torch.equal(nhwc[0], every[1].permute(0, 2, 3, 1))
+    assert torch.equal(early[0], every[0]) and len(early) == 1
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, indices=[n])
+    with pytest.raises(ValueError, match="output_fmt"):
+        model.forward_intermediates(x, output_fmt="NLC")
+
+
+def test_prune_intermediate_layers(real):
+    name, model = real
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        _, ref = model.forward_intermediates(x)
+    pruned = copy.deepcopy(model)
+    n = len(model.stages)
+    assert pruned.prune_intermediate_layers(indices=[-n, 1], prune_norm=True) == [0, 1]
+    assert len(pruned.stages) == 2 and isinstance(pruned.head, torch.nn.Identity)
+    assert isinstance(pruned.norm, torch.nn.Identity)
+    with torch.no_grad():
+        maps = pruned.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(maps, ref[:2]))
+
+
+def test_features_only_removes_unused_parts(real):
+    name, model = real
+    n = len(model.stages)
+    backbone = _model(name, features_only=True, out_indices=(-2, 0)).eval()
+    assert backbone.out_indices == (0, n - 2) and len(backbone.stages) == n - 1
+    assert backbone.feature_info == [model.stage_info[0], model.stage_info[n - 2]]
+    x = torch.randn(2, 3, 72, 104)
+    backbone.train()
+    outs = backbone(x)
+    _check_maps(name, backbone, outs, tuple(x.shape[-2:]), backbone.feature_info)
+    sum(o.mean() for o in outs).backward()
+    unused = [k for k, p in backbone.named_parameters() if p.grad is None]
+    assert not unused, unused  # what DDP needs to run without find_unused_parameters
+
+
+def test_reset_classifier_and_pre_logits(real):
+    name, model = real
+    m = copy.deepcopy(model)
+    x = torch.randn(2, 3, 64, 96)
+    m.reset_classifier(0)
+    with torch.no_grad():
+        pooled = m(x)
+        m.reset_classifier(3)
+        assert m(x).shape == (2, 3)
+        torch.testing.assert_close(m.forward_head(m.forward_features(x), pre_logits=True), pooled)
+    assert pooled.shape == (2, model.num_features)
+
+
+def _grads(model, x):
+    torch.manual_seed(1)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.float().square().mean().backward()
+    return out.detach(), {k: p.grad for k, p in model.named_parameters()}
+
+
+def test_backward_reaches_every_parameter_and_grad_checkpointing_agrees(real):
+    name, _ = real
+    model = _model(name).train()
+    x = torch.randn(2, 3, 64, 96)
+    out, grads = _grads(model, x)
+    missing = [k for k, g in grads.items() if g is None]
+    assert not missing, missing
+    model.set_grad_checkpointing(True)
+    out_ck, grads_ck = _grads(model, x)
+    torch.testing.assert_close(out_ck, out, rtol=1e-5, atol=1e-6)
+    for k, g in grads.items():
+        torch.testing.assert_close(grads_ck[k], g, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_fast_paths_off_equals_on(real):
+    name, model = real
+    for size in [(224, 224), (72, 104)]:
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            fast = model(x)
+            with fast_paths(False):
+                plain = model(x)
+        torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())
+
+
+def test_check_input(real):
+    name, model = real
+    min_side = model.pretrained_cfg["min_input_size"][-1]
+    with pytest.raises(ValueError, match="3-channel input but got 1 channels"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="batch of images"):
+        model(torch.randn(3, 64, 64))
+    if min_side > 1:
+        with pytest.raises(ValueError, match=f"at least {min_side}x{min_side} pixels"):
+            model(torch.randn(1, 3, min_side - 1, 64))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, min_side, min_side)).shape == (1, 7)
+
+
+# ------------------------------------------------------------------------- caches, tracing, compilation
+@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t"])
+def test_in_place_weight_edit_in_eval_is_never_stale(name):
+    """An external EMA (torch.optim.swa_utils.AveragedModel) edits the eval model's weights in place and
+    never calls eval() again: its outputs must follow at once (the cached position tables are keyed on
+    the parameters' versions)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    model = _model(name)
+    ema = AveragedModel(model).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        before = ema(x)  # fills the caches
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        ema.update_parameters(model)  # in place, eval mode untouched
+        after = ema(x)
+        with fast_paths(False):
+            plain = ema(x)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape-dependent geometry: a trace is per size
+@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t", "cabvit_h_l1", "cabvit_p_tiny"])
+def test_jit_trace_equals_eager(name):
+    model = _model(name).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t"])
+def test_default_compile_over_two_input_sizes(name):
+    """torch.compile with default arguments (dynamic=None): the second input size recompiles with H and W
+    kept static (`HybridModel._input_size`) instead of tracing the window geometry symbolically (which
+    took over 15 minutes), and both sizes give eager's outputs. The eager backend keeps CI fast (dynamo's
+    shape handling is what is tested); HV_COMPILE_BACKEND=inductor also generates the kernels (~40 s per
+    size on 2 CPU cores)."""
+    model = _model(name).eval()
+    compiled = torch.compile(model, backend=os.environ.get("HV_COMPILE_BACKEND", "eager"))
+    with torch.no_grad():
+        for size in [(64, 64), (64, 96)]:
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+def test_fast_path_switch_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "from hybridvit.layers import fast_paths_enabled as f; print(f())"
+    out = {v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "HYBRIDVIT_FAST_PATHS": v},
+                             capture_output=True, text=True, check=True).stdout.strip() for v in ("0", "1")}
+    assert out == {"0": "False", "1": "True"}
