@@ -74,7 +74,7 @@ def test_round_trip_keeps_in_chans_and_features(tmp_path):
     feats = hybridvit.create_model(None, pretrained=folder, features_only=True, out_indices=(1, 3)).eval()
     x = torch.randn(1, 1, 80, 48)
     with torch.no_grad():
-        ref = model.forward_intermediates(x)
+        ref = model.forward_intermediates(x, intermediates_only=True)
         out = feats(x)
     assert [o.shape for o in out] == [ref[1].shape, ref[3].shape]
     assert torch.equal(out[0], ref[1]) and torch.allclose(out[1], ref[3])

@@ -71,12 +71,14 @@ def profile_macs(model: nn.Module, x: torch.Tensor | Sequence[int] | None = None
     as FlopCounterMode writes them, e.g. 'FasterViT.stages.0'), for per-stage breakdowns."""
     x = _input(model, x)
     was_training = model.training
-    # eval() before counting: it refreshes cached position biases (an MLP run once per resolution,
-    # not per image), which counted inside the counter inflated crossformerpp_s from 4.42 to 4.43
+    # position-bias tables (an MLP run once per resolution, cached in inference, not per-image work) are
+    # left out of the count: counted, they made crossformerpp_s read 4.43 instead of 4.42
+    from .layers.cache import tables_outside_dispatch_modes
+
     model.eval()
     counter = flop_counter()
     try:
-        with counter, torch.no_grad():
+        with counter, torch.no_grad(), tables_outside_dispatch_modes():
             model(x)
     finally:
         model.train(was_training)

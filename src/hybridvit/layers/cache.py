@@ -12,16 +12,32 @@ bypass autograd's checks.)
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
 
 from .cpu_bf16 import Bf16ByFp32Kernels
 from .fast import eager_inference
 
 _MAX_GEOMETRIES = 8  # a few input sizes in one process (multi-scale eval); beyond that, oldest first out
+_OUTSIDE_MODES = False
+
+
+@contextlib.contextmanager
+def tables_outside_dispatch_modes() -> Iterator[None]:
+    """While active, tables are computed with the dispatch modes (a FLOP counter) switched off: counts are
+    per-image work, without the once-per-resolution tables that inference reads from the cache (on real
+    and meta tensors alike, at any batch size). Used by `hybridvit.flops`."""
+    global _OUTSIDE_MODES
+    before, _OUTSIDE_MODES = _OUTSIDE_MODES, True
+    try:
+        yield
+    finally:
+        _OUTSIDE_MODES = before
 
 
 def _autocast_state(device_type: str) -> Any:
@@ -52,6 +68,9 @@ class CachedTable(nn.Module):
                 *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
 
     def table(self, *geometry: int) -> torch.Tensor:
+        if _OUTSIDE_MODES and _get_current_dispatch_mode() is not None:
+            with _disable_current_modes():
+                return self.compute(*geometry)
         if self.training or not eager_inference():
             return self.compute(*geometry)
         mode = _get_current_dispatch_mode()
