@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast import eager_fast
+
 # torch.compiler.is_exporting appeared after torch 2.4, the oldest torch hybridvit supports
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
@@ -98,6 +100,26 @@ def capture_attention(model: nn.Module | None = None) -> Iterator[AttentionCaptu
             h.remove()
 
 
+def _low_precision_trainable_bias(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A bf16/fp16 CPU attention whose bias needs a gradient (training with a learned position bias),
+    eagerly with the fast paths on. SDPA's fused CPU kernel takes no bias gradient, so SDPA falls back
+    to its math path, which upcasts half-precision q, k, v and bias to fp32 (about half the speed)."""
+    return (bias is not None and bias.requires_grad and q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and eager_fast())
+
+
+def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     scale: float | None, dropout_p: float) -> torch.Tensor:
+    """SDPA's math path in the query dtype: softmax(q k^T * scale + bias) v, (B, h, N, d)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    # softmax in the query dtype still accumulates in fp32 inside the CPU kernel
+    weights = torch.baddbmm(bias.expand(*q.shape[:-1], k.shape[-2]).flatten(0, 1), q.flatten(0, 1),
+                            k.flatten(0, 1).transpose(-2, -1), alpha=scale).softmax(-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return (weights @ v.flatten(0, 1)).unflatten(0, q.shape[:2])
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
            scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v for q (B, h, N, d), k/v (B, h, M, d), bias broadcastable to
@@ -110,6 +132,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         return _CAPTURE.attend(q, k, v, bias, scale, dropout_p)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
+    if _low_precision_trainable_bias(q, bias):
+        return _attend_explicit(q, k, v, bias, scale, dropout_p)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     if _is_exporting():
         # the fused CPU kernel returns (B, N, heads, d) memory, its export decomposition (B, heads, N, d):
