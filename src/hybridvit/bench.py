@@ -194,7 +194,8 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
         t = statistics.median(times[i])
         r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device,
              "amp": Precision.from_amp(amp, dev).name,
-             "train": train, **({"optimizer": optimizer} if train else {}), "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
+             "train": train, **({"optimizer": optimizer} if train else {}),
+             "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
         if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/cpu_bf16.py)
