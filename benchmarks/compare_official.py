@@ -24,7 +24,7 @@ import torch
 
 import hybridvit
 from hybridvit.bench import bench_models, environment, matmul_peak_gflops, prepare
-from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, use_fp32_kernels
+from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, cpu_has_native_bf16, use_fp32_kernels
 from hybridvit.precision import Precision
 
 MODELS = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
@@ -47,6 +47,20 @@ def perturb(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def cpu_info() -> dict:
+    """The CPU's model name and its bf16/AMX flags (lscpu's view, from /proc/cpuinfo), {} off Linux."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = fields.get("flags", "").split()
+    return {"cpu_model": fields.get("model name", ""),
+            "cpu_bf16_flags": [f for f in flags if "bf16" in f or f.startswith("amx") or f == "avx512f"],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="*", default=MODELS)
@@ -65,20 +79,23 @@ def main() -> int:
     ap.add_argument("--native-bf16", action="store_true",
                     help="also time hybridvit with cpu_bf16_kernels='native' under bf16 (PyTorch's own bf16 "
                          "kernels even where they are emulated: the gain of the model code alone)")
+    ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer of the training step")
+    ap.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs (shorter runs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from official import OFFICIAL  # the official code, from HV_OFFICIAL_REFS (see module docstring)
 
     dev = torch.device(args.device)
-    out = {"environment": environment(args.device), "command": " ".join(["python"] + sys.argv),
+    out = {"environment": {**environment(args.device), **cpu_info()}, "command": " ".join(["python"] + sys.argv),
            "matmul_peak_gflops": {}, "results": []}
     def measure_peaks() -> None:
         # the best of repeated measurements (before and after every model): a noisy machine only lowers it
         for amp in args.amp:
             dtype = Precision.from_amp(amp, dev).dtype or torch.float32
             # bf16 on CPUs without native bf16 (AVX2 only) runs ~0.3 GFLOP/s: a small matrix keeps this short
-            n = 8192 if dev.type == "cuda" else (2048 if amp == "none" else 512)
+            # (with native bf16 a 512 product is too small to reach the peak)
+            n = 8192 if dev.type == "cuda" else (2048 if amp == "none" or cpu_has_native_bf16() else 512)
             peak = matmul_peak_gflops(dev, dtype, n=n)
             out["matmul_peak_gflops"][amp] = max(peak, out["matmul_peak_gflops"].get(amp, 0.0))
             if amp == "bf16" and use_fp32_kernels("auto", dev.type, True):
@@ -136,7 +153,8 @@ def main() -> int:
                     timed = [p for p in pairs if amp == "bf16" or not p[0].endswith("native_bf16")]
                     res = bench_models(timed, batch_size=args.batch_size, device=args.device,
                                        amp=None if amp == "none" else amp, train=train, repeats=args.repeats,
-                                       warmup=args.warmup)
+                                       warmup=args.warmup, optimizer=args.optimizer,
+                                       latency=not args.no_latency)
                     ref = res[0]["img_per_s"]
                     for r in res:
                         key = "bf16_fp32_kernels" if r.get("bf16_products") == "fp32 kernels" else amp
@@ -147,7 +165,8 @@ def main() -> int:
                         print(f"  {r['model']:<28} {amp:<5} train={train} compile={compiled} "
                               f"{r['img_per_s']:8.1f} img/s "
                               f"x{r['ratio_vs_official']:.2f}  {r['pct_of_matmul_peak']:.0f}% of peak  "
-                              f"b1 {r['latency_b1_ms']:.1f} ms  {r['peak_mem_per_img_mb']:.1f} MB/img", flush=True)
+                              f"b1 {r.get('latency_b1_ms', float('nan')):.1f} ms  "
+                              f"{r['peak_mem_per_img_mb']:.1f} MB/img", flush=True)
                     out["results"] += res
         Path(args.out).write_text(json.dumps(out, indent=1))
     return 0

@@ -104,14 +104,17 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, n: int = 2048, 
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp: str | None,
-              train: bool) -> Callable[[], Any]:
+              train: bool, optimizer: str = "sgd") -> Callable[[], Any]:
     precision = Precision.from_amp(amp, device)
     if not train:
         def step():
             with torch.inference_mode(), precision.autocast(model):
                 return model(x)
         return step
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {optimizer!r}")
+    opt = (torch.optim.SGD(model.parameters(), lr=1e-6) if optimizer == "sgd"
+           else torch.optim.AdamW(model.parameters(), lr=1e-6))
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
 
     def step():
@@ -165,14 +168,15 @@ def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels
 
 def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int = 16, img_size: int = 224,
                  device: str = "cpu", amp: str | None = None, train: bool = False, warmup: int = 3,
-                 repeats: int = 5, latency: bool = True, memory: bool = True) -> list[dict[str, Any]]:
+                 repeats: int = 5, latency: bool = True, memory: bool = True,
+                 optimizer: str = "sgd") -> list[dict[str, Any]]:
     """Benchmarks already-built models side by side (interleaved repeats)."""
     dev = torch.device(device)
     # plain NCHW input, as users pass it: a model that prefers channels_last converts internally
     x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
     x1 = x[:1].clone()
-    steps = [make_step(m, x, dev, amp, train) for _, m in models]
-    steps1 = [make_step(m, x1, dev, amp, train) for _, m in models] if latency else []
+    steps = [make_step(m, x, dev, amp, train, optimizer) for _, m in models]
+    steps1 = [make_step(m, x1, dev, amp, train, optimizer) for _, m in models] if latency else []
     for s in steps + steps1:
         for _ in range(warmup):
             s()
@@ -190,7 +194,8 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
         t = statistics.median(times[i])
         r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device,
              "amp": Precision.from_amp(amp, dev).name,
-             "train": train, "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
+             "train": train, **({"optimizer": optimizer} if train else {}),
+             "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
         if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/cpu_bf16.py)

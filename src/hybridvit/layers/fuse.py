@@ -16,7 +16,7 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(init_value * torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+        return scale_channels(x, self.gamma)
 
 
 def make_layer_scale(dim: int, init_value: float | None) -> nn.Module:
@@ -89,5 +89,8 @@ def fuse_sequential_conv_bn(module: nn.Module) -> int:
 
 
 def scale_channels(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-    """gamma * x over the last dimension; x itself once `fold_layer_scale` folded gamma (gamma None)."""
-    return x if gamma is None else x * gamma
+    """gamma * x over the last dimension; x itself once `fold_layer_scale` folded gamma (gamma None).
+
+    gamma is cast to x's dtype: under autocast an fp32 gamma would promote the bf16 branch, and with it
+    the whole residual stream, to fp32 (every later block then converts it back for its products)."""
+    return x if gamma is None else x * gamma.to(x.dtype)

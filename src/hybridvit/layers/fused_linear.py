@@ -1,10 +1,16 @@
 """Linear layers with the bias, exact GELU or a residual add in oneDNN's GEMM epilogue (CPU inference).
 
-`linear(x, layer, gelu, residual)` is layer(x) [-> GELU] [+ residual]. For fp32 CPU tensors without
-autograd or autocast, eagerly and with the fast paths on (`layers.fast`), it runs oneDNN's fused inner
-product (~25% faster than addmm, which first broadcasts the bias into the output, plus a separate GELU
-or add pass); values equal the plain ops up to float rounding (~1e-6). Anything else (training,
-autocast, other devices and dtypes, tracing, dispatch modes such as FLOP counters) runs the plain ops.
+`linear(x, layer, gelu, residual)` is layer(x) [-> GELU] [+ residual]. For CPU tensors without autograd,
+eagerly and with the fast paths on (`layers.fast`), it runs oneDNN's fused inner product (~25% faster
+than addmm in fp32, which first broadcasts the bias into the output, plus a separate GELU or add pass):
+- fp32 without autocast: values equal the plain ops up to float rounding (~1e-6);
+- bf16 (bf16 input, or bf16 autocast) on a CPU with native bf16 instructions: the bf16 product of the
+  plain autocast linear, with the layer's weight and bias cast to bf16 once and cached per parameter
+  version (an in-place edit recomputes them), instead of autocast casting them on every call; the GELU
+  and residual add act on the fp32 accumulator before the one rounding to bf16 (the plain path rounds
+  the product first: the values differ by bf16 rounding only).
+Anything else (training, other devices and dtypes, fp16, tracing, dispatch modes such as FLOP counters
+and the CPU bf16 policy of `cpu_bf16`) runs the plain ops.
 """
 from __future__ import annotations
 
@@ -12,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
 
+from .cpu_bf16 import cpu_has_native_bf16
 from .fast import eager_inference
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -25,24 +33,68 @@ def _autocast_cpu() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
+def _autocast_cpu_dtype() -> torch.dtype | None:
+    if not _autocast_cpu():
+        return None
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except (TypeError, AttributeError):  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
+
+
+def onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused oneDNN linear computes `x` in, None where the plain ops run: CPU, eager
+    inference, no dispatch mode (FLOP counters and memory tracers must see the plain, countable ops);
+    fp32 without autocast, or bf16 (input or autocast) where the CPU has native bf16."""
+    if not (_ONEDNN_LINEAR and x.device.type == "cpu" and eager_inference()
+            and _get_current_dispatch_mode() is None):
+        return None
+    amp = _autocast_cpu_dtype()
+    if amp is None and x.dtype == torch.float32:
+        return torch.float32
+    if ((amp == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16))
+            or (amp is None and x.dtype == torch.bfloat16)) and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
 def onednn_applies(x: torch.Tensor) -> bool:
-    """Where the fused oneDNN linear runs: fp32 CPU tensors, eager inference, no autocast, no dispatch
-    mode (FLOP counters and memory tracers must see the plain, countable ops)."""
-    return (_ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and eager_inference()
-            and not _autocast_cpu() and _get_current_dispatch_mode() is None)
+    """Whether `linear` runs `x` through the fused oneDNN linear (see `onednn_dtype`)."""
+    return onednn_dtype(x) is not None
+
+
+# parameter -> (storage, version, dtype) key and its cast copy; entries go with their parameter
+_CAST_PARAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _param_in(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t in `dtype`; a cast copy is cached per parameter, keyed on its storage and version counter (an
+    in-place write, `load_state_dict` or `.to()` gives a new key: never a stale copy)."""
+    if t is None or t.dtype == dtype:
+        return t
+    key = (t.data_ptr(), t._version, dtype)
+    hit = _CAST_PARAMS.get(t)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = t.detach().to(dtype)
+    _CAST_PARAMS[t] = (key, value)
+    return value
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """layer(x), then exact GELU if `gelu`, plus `residual` (the output's shape) if given;
     (..., in) -> (..., out)."""
-    if onednn_applies(x):
-        x2 = x.reshape(-1, x.shape[-1])
-        if residual is not None and not gelu:
-            y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(x2.shape[0], -1), layer.weight,
-                                                          layer.bias, "add")
+    dtype = onednn_dtype(x)
+    if dtype is not None:
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        weight = _param_in(layer.weight, dtype)
+        bias = _param_in(layer.bias, dtype)
+        if residual is not None and not gelu and residual.dtype == dtype:
+            y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(x2.shape[0], -1), weight,
+                                                          bias, "add")
             return y.reshape(*x.shape[:-1], y.shape[-1])
-        y = torch.ops.mkldnn._linear_pointwise(x2, layer.weight, layer.bias, "gelu" if gelu else "none", [],
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "gelu" if gelu else "none", [],
                                                "none" if gelu else "")
         y = y.reshape(*x.shape[:-1], y.shape[-1])
         return y if residual is None else add_residual(residual.reshape(y.shape), y)

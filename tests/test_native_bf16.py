@@ -1,0 +1,185 @@
+"""bf16 where the CPU has bf16 instructions: fused bf16 linears with cached weights, bf16 residual streams
+under layer scales, bf16 attention with a trainable bias (layers/fused_linear.py, fuse.py, attention.py).
+
+The fused linear's native-bf16 gate is patched open so that these run on any CPU (oneDNN emulates bf16
+where the instructions are missing: correct, only slow; the shapes here are tiny)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import load_fixture
+from test_cabvit import fixture_model as cabvit_fixture_model
+from test_crossformer import fixture_model as crossformer_fixture_model
+
+from hybridvit.layers import attention, fused_linear
+from hybridvit.layers.attention import attend
+from hybridvit.layers.fast import fast_paths
+from hybridvit.layers.fuse import LayerScale, scale_channels
+from hybridvit.layers.fused_linear import linear
+from hybridvit.models import cabvit
+
+BF16 = torch.bfloat16
+needs_onednn = pytest.mark.skipif(not fused_linear._ONEDNN_LINEAR, reason="PyTorch built without oneDNN")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    monkeypatch.setattr(fused_linear, "cpu_has_native_bf16", lambda: True)
+
+
+def _layer_and_input(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(32, 48)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(48, 32, generator=g) * 0.2)
+        layer.bias.copy_(torch.randn(48, generator=g))
+    return layer, torch.randn(2, 5, 32, generator=g)
+
+
+@needs_onednn
+@pytest.mark.parametrize("gelu,residual", [(False, False), (True, False), (False, True)])
+def test_bf16_fused_linear_equals_plain_autocast_linear(native_bf16, gelu, residual):
+    layer, x = _layer_and_input()
+    res = torch.randn(2, 5, 48).to(BF16) if residual else None
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        with fast_paths(False):
+            plain = linear(x, layer, gelu=gelu, residual=res)
+        assert fused_linear.onednn_dtype(x) == BF16
+        fused = linear(x, layer, gelu=gelu, residual=res)
+    assert fused.dtype == plain.dtype == BF16 and fused.shape == plain.shape
+    # the plain path rounds the product to bf16 before GELU / the add; the fused one after: one bf16 ulp
+    tol = 2 ** -7 * plain.float().abs().max().item()
+    assert (fused.float() - plain.float()).abs().max().item() <= tol
+    assert fused_linear._CAST_PARAMS.get(layer.weight) is not None  # the fused path ran, weight cached
+
+
+@needs_onednn
+def test_bf16_weight_copy_follows_in_place_edits(native_bf16):
+    layer, x = _layer_and_input()
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        first = linear(x, layer)
+        cached = fused_linear._CAST_PARAMS[layer.weight][1]
+        assert torch.equal(linear(x, layer), first)
+        assert fused_linear._CAST_PARAMS[layer.weight][1] is cached  # reused while unchanged
+        layer.weight.mul_(-1)  # an EMA update or load_state_dict writes in place
+        flipped = linear(x, layer)
+        with fast_paths(False):
+            plain = linear(x, layer)
+    assert fused_linear._CAST_PARAMS[layer.weight][1] is not cached
+    assert (flipped.float() - plain.float()).abs().max().item() <= 2 ** -7 * plain.float().abs().max().item()
+    assert not torch.allclose(flipped.float(), first.float())
+
+
+def test_bf16_fused_linear_only_where_exact(monkeypatch):
+    layer, x = _layer_and_input()
+    monkeypatch.setattr(fused_linear, "cpu_has_native_bf16", lambda: False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        assert fused_linear.onednn_dtype(x) is None  # emulated bf16: the CPU bf16 policy's plain ops
+    monkeypatch.setattr(fused_linear, "cpu_has_native_bf16", lambda: True)
+    with torch.autocast("cpu", dtype=BF16):
+        assert fused_linear.onednn_dtype(x) is None  # autograd: training takes the plain ops
+    with torch.no_grad():
+        assert fused_linear.onednn_dtype(x.half()) is None
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert fused_linear.onednn_dtype(x) is None
+        with fast_paths(False):
+            assert fused_linear.onednn_dtype(x) is None
+
+
+def test_layer_scale_keeps_the_branch_dtype():
+    x = torch.randn(2, 3, 8).to(BF16)
+    gamma = torch.rand(8)
+    with torch.autocast("cpu", dtype=BF16):
+        assert scale_channels(x, gamma).dtype == BF16
+    assert torch.equal(scale_channels(x.float(), gamma), x.float() * gamma)  # fp32 unchanged
+    ls = LayerScale(8, 0.5)
+    assert ls(x).dtype == BF16
+    assert torch.equal(ls(x.float()), x.float() * 0.5)
+
+
+def test_cabvit_residual_stream_stays_bf16_under_autocast():
+    model = cabvit_fixture_model(load_fixture("cabvit_h_tiny"))
+    x = load_fixture("cabvit_h_tiny")["input"]
+    dtypes = []
+
+    def record(_m, _args, out):
+        dtypes.append((out[0] if isinstance(out, tuple) else out).dtype)
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, (cabvit.ConvNeXtBlock, cabvit.CaBBlock))]
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    assert dtypes and all(d == BF16 for d in dtypes), dtypes
+    with torch.no_grad():
+        ref = model(x)
+    assert (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+def _qkv_bias(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    bias = (torch.randn(1, 2, 10, 10, generator=g) * 0.5).requires_grad_()
+    return q, k, v, bias
+
+
+def test_trainable_bias_attention_runs_in_bf16_with_the_gradients_of_sdpa():
+    q, k, v, bias = _qkv_bias(BF16)
+    assert attention._low_precision_trainable_bias(q, bias)
+    out = attend(q, k, v, bias)
+    assert out.dtype == BF16 and out.shape == q.shape
+    out.float().square().sum().backward()
+    q32, k32, v32, bias32 = (t.detach().float().requires_grad_() for t in (q, k, v, bias))
+    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=bias32)
+    ref.square().sum().backward()
+    assert (out.float() - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
+    for a, b in [(q, q32), (k, k32), (v, v32), (bias, bias32)]:
+        rel = (a.grad.float() - b.grad).norm() / b.grad.norm()
+        assert rel.item() < 0.03
+    with fast_paths(False):  # the plain path: SDPA itself
+        assert not attention._low_precision_trainable_bias(q, bias)
+    with torch.no_grad():
+        assert not attention._low_precision_trainable_bias(q, bias)
+    assert not attention._low_precision_trainable_bias(q32, bias32)
+
+
+def test_crossformer_bf16_training_step_matches_the_plain_path():
+    """A bf16 training step with the bf16 attention is as close to fp32 as SDPA's fp32 math path."""
+    model = crossformer_fixture_model("crossformerpp_tiny").train()
+    x = load_fixture("crossformerpp_tiny")["input"]
+
+    def grads(fast: bool, amp: bool) -> torch.Tensor:
+        torch.manual_seed(0)  # the same drop-path draws
+        model.zero_grad(set_to_none=True)
+        with fast_paths(fast), torch.autocast("cpu", dtype=BF16, enabled=amp):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ref = grads(True, False)
+    err = {fast: ((grads(fast, True) - ref).norm() / ref.norm()).item() for fast in (True, False)}
+    assert 0 < err[True] < 0.05 and err[True] <= 1.5 * err[False] + 1e-3, err
+
+
+def test_small_bf16_inference_attention_is_explicit_and_equals_sdpa(monkeypatch):
+    monkeypatch.setattr(attention, "cpu_has_native_bf16", lambda: True)
+    q, k, v, bias = (t.detach() for t in _qkv_bias(BF16))
+    pad = torch.zeros(3, 1, 10, 10).to(BF16)
+    pad[..., -2:] = -1e4  # padding mask columns, as the windowed families pass them
+    with torch.no_grad():
+        assert attention._small_bf16_inference(q, k)
+        for b in (None, bias.to(BF16), bias.to(BF16) + pad):
+            out = attend(q, k, v, b)
+            with fast_paths(False):  # the plain path: SDPA
+                assert not attention._small_bf16_inference(q, k)
+                ref = attend(q, k, v, b)
+            assert out.dtype == BF16 and out.shape == ref.shape
+            assert (out.float() - ref.float()).abs().max().item() <= 0.02 * ref.float().abs().max().item()
+        many = torch.randn(3, 2, 80, 8).to(BF16)
+        assert not attention._small_bf16_inference(q, many)  # many keys: SDPA's kernel is faster
+        assert not attention._small_bf16_inference(q.float(), k.float())
+    assert not attention._small_bf16_inference(q, k)  # autograd on: training takes SDPA / the rule above
+    monkeypatch.setattr(attention, "cpu_has_native_bf16", lambda: False)
+    with torch.no_grad():
+        assert not attention._small_bf16_inference(q, k)
