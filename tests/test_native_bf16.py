@@ -160,26 +160,3 @@ def test_crossformer_bf16_training_step_matches_the_plain_path():
     ref = grads(True, False)
     err = {fast: ((grads(fast, True) - ref).norm() / ref.norm()).item() for fast in (True, False)}
     assert 0 < err[True] < 0.05 and err[True] <= 1.5 * err[False] + 1e-3, err
-
-
-def test_small_bf16_inference_attention_is_explicit_and_equals_sdpa(monkeypatch):
-    monkeypatch.setattr(attention, "cpu_has_native_bf16", lambda: True)
-    q, k, v, bias = (t.detach() for t in _qkv_bias(BF16))
-    pad = torch.zeros(3, 1, 10, 10).to(BF16)
-    pad[..., -2:] = -1e4  # padding mask columns, as the windowed families pass them
-    with torch.no_grad():
-        assert attention._small_bf16_inference(q, k)
-        for b in (None, bias.to(BF16), bias.to(BF16) + pad):
-            out = attend(q, k, v, b)
-            with fast_paths(False):  # the plain path: SDPA
-                assert not attention._small_bf16_inference(q, k)
-                ref = attend(q, k, v, b)
-            assert out.dtype == BF16 and out.shape == ref.shape
-            assert (out.float() - ref.float()).abs().max().item() <= 0.02 * ref.float().abs().max().item()
-        many = torch.randn(3, 2, 80, 8).to(BF16)
-        assert not attention._small_bf16_inference(q, many)  # many keys: SDPA's kernel is faster
-        assert not attention._small_bf16_inference(q.float(), k.float())
-    assert not attention._small_bf16_inference(q, k)  # autograd on: training takes SDPA / the rule above
-    monkeypatch.setattr(attention, "cpu_has_native_bf16", lambda: False)
-    with torch.no_grad():
-        assert not attention._small_bf16_inference(q, k)

@@ -12,10 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .cpu_bf16 import cpu_has_native_bf16
-from .fast import eager_fast, eager_inference
+from .fast import eager_fast
 
 # torch.compiler.is_exporting appeared after torch 2.4, the oldest torch hybridvit supports
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
@@ -110,18 +108,6 @@ def _low_precision_trainable_bias(q: torch.Tensor, bias: torch.Tensor | None) ->
             and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and eager_fast())
 
 
-# keys up to which the explicit bf16 attention beats SDPA's fused CPU kernel in inference (measured on
-# an AVX512-BF16 CPU: 1.5-1.9x faster for windows of 49-53 tokens, 1.4x slower for 196)
-_EXPLICIT_MAX_KEYS = 64
-
-
-def _small_bf16_inference(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """bf16 CPU inference over few keys (windows, groups) where the CPU has native bf16, eagerly with the
-    fast paths on and no dispatch mode (FLOP counters, the emulated-bf16 policy of `cpu_bf16`)."""
-    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and k.shape[-2] <= _EXPLICIT_MAX_KEYS
-            and eager_inference() and _get_current_dispatch_mode() is None and cpu_has_native_bf16())
-
-
 def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      scale: float | None, dropout_p: float) -> torch.Tensor:
     """SDPA's math path in the query dtype: softmax(q k^T * scale + bias) v, (B, h, N, d)."""
@@ -151,7 +137,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         return _CAPTURE.attend(q, k, v, bias, scale, dropout_p)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
-    if _low_precision_trainable_bias(q, bias) or _small_bf16_inference(q, k):
+    if _low_precision_trainable_bias(q, bias):
         return _attend_explicit(q, k, v, bias, scale, dropout_p)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     if _is_exporting():
