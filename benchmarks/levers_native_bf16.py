@@ -6,8 +6,8 @@ library's default; the same model is timed both ways in alternating rounds:
   vs autocast's linear + separate GELU / add;
 - bf16_attention: explicit bf16 attention for a trainable bias in training (layers/attention.py) vs
   SDPA, which takes its fp32 math path there;
-- small_attention: explicit bf16 attention over few keys in eval (layers/attention.py) vs SDPA's fused
-  CPU kernel;
+(small_attention, an explicit bf16 attention over few keys in eval, was measured in
+results/cpu_nativebf16_levers*.json at 0.95-1.05x on whole models and not kept: inference stays on SDPA)
 - gamma_cast: layer scales in the branch dtype (layers/fuse.py) vs an fp32 gamma that promotes the
   residual stream to fp32.
 
@@ -33,8 +33,7 @@ from hybridvit.models import cabvit
 # lever -> (model, train, batch size)
 LEVERS = {"fused_linear": [("fastervit_0", False, 16), ("crossformerpp_s", False, 16), ("cabvit_h_l2", False, 16)],
           "bf16_attention": [("crossformerpp_s", True, 8)],
-          "gamma_cast": [("cabvit_h_l2", False, 16), ("cabvit_h_l2", True, 8)],
-          "small_attention": [("fastervit_0", False, 16), ("crossformerpp_s", False, 16), ("cabvit_h_l2", False, 16)]}
+          "gamma_cast": [("cabvit_h_l2", False, 16), ("cabvit_h_l2", True, 8)]}
 
 
 @contextlib.contextmanager
@@ -46,14 +45,13 @@ def lever_off(lever: str) -> Iterator[None]:
             yield
         finally:
             fused_linear.cpu_has_native_bf16 = saved
-    elif lever in ("bf16_attention", "small_attention"):
-        name = "_low_precision_trainable_bias" if lever == "bf16_attention" else "_small_bf16_inference"
-        saved = getattr(attention, name)
-        setattr(attention, name, lambda *a: False)
+    elif lever == "bf16_attention":
+        saved = attention._low_precision_trainable_bias
+        attention._low_precision_trainable_bias = lambda *a: False
         try:
             yield
         finally:
-            setattr(attention, name, saved)
+            attention._low_precision_trainable_bias = saved
     else:
         saved = cabvit.scale_channels
         cabvit.scale_channels = lambda x, g: x if g is None else x * g  # fp32 gamma promotes x
