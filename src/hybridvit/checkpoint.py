@@ -285,6 +285,12 @@ def model_from_run(run: dict[str, Any], *, ema: bool = False, source: str = "the
     return model.eval()
 
 
+def run_checkpoint_path(path: str | os.PathLike) -> Path:
+    """A run checkpoint file: `path` itself, or a run folder's best.pt."""
+    path = Path(path)
+    return path / "best.pt" if path.is_dir() and (path / "best.pt").is_file() else path
+
+
 def load_model(path: str | os.PathLike, *, ema: bool = False, device: str | torch.device | None = None
                ) -> nn.Module:
     """A hybridvit run checkpoint (a file, or a run folder: its best.pt), a Hub folder written by
@@ -296,14 +302,12 @@ def load_model(path: str | os.PathLike, *, ema: bool = False, device: str | torc
     """
     from . import hub
 
-    if str(path).startswith(hub.HF_HUB_PREFIX) or hub.is_folder(path):
+    if hub.is_hub_source(path):
         if ema:
             raise CheckpointError(f"{path} is a Hub folder, which holds one set of weights: leave ema out "
                                   "(EMA weights are in a run checkpoint)")
         return hub.load_folder(path, device=device)
-    path = Path(path)
-    if path.is_dir() and (path / "best.pt").is_file():
-        path = path / "best.pt"
+    path = run_checkpoint_path(path)
     run = read_run(read_checkpoint_file(path), str(path))
     model = model_from_run(run, ema=ema, source=str(path))
     return model.to(device) if device is not None else model

@@ -138,6 +138,11 @@ def is_folder(path: Any) -> bool:
     return isinstance(path, (str, os.PathLike)) and Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
 
+def is_hub_source(path: Any) -> bool:
+    """True for `hf-hub:ORG/REPO` or a save_pretrained folder: what `load_folder` reads."""
+    return (isinstance(path, str) and path.startswith(HF_HUB_PREFIX)) or is_folder(path)
+
+
 def hub_source(name: str | None, pretrained: Any) -> str | None:
     """What create_model should hand to this module: an `hf-hub:` id or a folder; None otherwise."""
     if isinstance(name, str) and name.startswith(HF_HUB_PREFIX):
@@ -310,7 +315,7 @@ def load_folder(path: str | os.PathLike, *, device: str | torch.device | None = 
     """A save_pretrained folder (or `hf-hub:ORG/REPO`) ready for inference: eval mode, on `device`, with
     `class_names`, `pretrained_cfg`, `model_name` and `model_kwargs` attached."""
     source = os.fspath(path)
-    if not source.startswith(HF_HUB_PREFIX) and not is_folder(source):
+    if not is_hub_source(source):
         raise FileNotFoundError(f"{source} is not a folder with {CONFIG_NAME} (written by "
                                 "hybridvit.save_pretrained) nor an 'hf-hub:ORG/REPO' id")
     model = create_from_hub(source).eval()

@@ -3,8 +3,6 @@
 for image files; nothing of the training extra."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
 
@@ -21,12 +19,19 @@ def load_for_command(pretrained: str | None, model_name: str | None = None, *, n
     checkpoint has them).
     """
     from .. import hub
-    from ..checkpoint import CheckpointError, is_run_checkpoint, model_from_run, read_checkpoint_file, read_run
+    from ..checkpoint import (
+        CheckpointError,
+        is_run_checkpoint,
+        model_from_run,
+        read_checkpoint_file,
+        read_run,
+        run_checkpoint_path,
+    )
     from ..registry import create_model
     from ..runtime import check_img_size
 
     overrides = {"img_size": img_size} if img_size else {}
-    if pretrained and (str(pretrained).startswith(hub.HF_HUB_PREFIX) or hub.is_folder(pretrained)):
+    if pretrained and hub.is_hub_source(pretrained):
         if ema:
             raise CheckpointError(f"--ema needs a hybridvit run checkpoint; {pretrained} is a Hub folder")
         model = hub.load_folder(pretrained)
@@ -40,9 +45,7 @@ def load_for_command(pretrained: str | None, model_name: str | None = None, *, n
             model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, img_size, img_size))
         return model
     if pretrained and str(pretrained).lower() != "true":
-        path = Path(pretrained)
-        if path.is_dir() and (path / "best.pt").is_file():
-            path = path / "best.pt"
+        path = run_checkpoint_path(pretrained)
         obj = read_checkpoint_file(path)
         if is_run_checkpoint(obj):
             run = read_run(obj, str(path))
