@@ -198,9 +198,9 @@ def test_errors_are_actionable():
         model(torch.randn(1, 3, 31, 64))  # the stride-2 downsamplers need maps of 2x2 or more
     assert model(torch.randn(1, 3, 32, 33)).shape == (1, 1000)
     with pytest.raises(CheckpointError, match=r"Google Drive.*pretrained='/path/to/file.pth'"):
-        meta_model("crossformer_s", pretrained=True)
+        hybridvit.create_model("crossformer_s", pretrained=True)
     with pytest.raises(CheckpointError, match=r"pan\.baidu\.com.*Download the file by hand"):
-        meta_model("crossformerpp_h", pretrained=True)
+        hybridvit.create_model("crossformerpp_h", pretrained=True)
 
 
 def test_registry_entries():

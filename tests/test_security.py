@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import hybridvit
-from hybridvit.checkpoint import CheckpointError, load_model, save_checkpoint
+from hybridvit import load_model
+from hybridvit.checkpoint import CheckpointError, save_checkpoint
 from hybridvit.cli import main
 
 

@@ -1,10 +1,11 @@
-"""A restricted pickle module for `torch.load`: it builds tensors, storages and containers, and turns every
-other global of the file into an inert stand-in. No code of the file ever runs.
+"""A restricted unpickler: it builds tensors, storages and containers, and turns every other global of the
+file into an inert stand-in. No code of the file ever runs.
 
-Every checkpoint reaches `torch.load(..., weights_only=False, pickle_module=<this module>)` (see
-`checkpoint.read_checkpoint_file`), for the zip format, the legacy `torch.save` format and raw pickles
-alike. Published checkpoints pickle objects next to their weights (argparse Namespaces, yacs configs,
-numpy scalars): those become `Opaque` stand-ins that keep their pickled state as data, so the files load.
+`checkpoint.read_checkpoint_file` reads the zip and legacy `torch.save` formats itself (never through
+`torch.load`, which hands TorchScript archives to `torch.jit.load`) and unpickles every pickle of the file
+with this module, giving it the storages through `persistent_load`. Published checkpoints pickle objects
+next to their weights (argparse Namespaces, yacs configs, numpy scalars): those become `Opaque` stand-ins
+that keep their pickled state as data, so the files load.
 
 The pure-Python `pickle._Unpickler` is used (the C one cannot be restricted opcode by opcode): every
 opcode that calls something (REDUCE, BUILD, NEWOBJ, INST, OBJ, APPEND, SETITEM, ADDITEMS) is checked.
@@ -49,6 +50,24 @@ def stand_in(module: str, name: str) -> type:
     if key not in _STAND_INS:
         _STAND_INS[key] = type(str(name), (Opaque,), {"__module__": str(module), "_pickle_global": key})
     return _STAND_INS[key]
+
+
+class StorageType:
+    """A typed storage class named by the file (`torch.FloatStorage`): only its dtype is used."""
+
+    def __init__(self, name: str, dtype: torch.dtype) -> None:
+        self.name, self.dtype = name, dtype
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "ComplexFloatStorage": torch.complex64, "ComplexDoubleStorage": torch.complex128,
+}
 
 
 def _storage(obj: Any) -> Any:
@@ -135,11 +154,30 @@ def _call(func: Any, args: tuple) -> Any:
 
 
 class Unpickler(Unpickler_base):
-    """pickle.Unpickler that only builds tensors, storages, containers and inert stand-ins."""
+    """pickle.Unpickler that only builds tensors, storages, containers and inert stand-ins.
+
+    persistent_load: the storage loader of the file format (`torch.save` writes storages as persistent
+    ids); without one, a persistent id is refused."""
 
     dispatch = dict(Unpickler_base.dispatch)
 
+    def __init__(self, file: Any, *, persistent_load: Any = None, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._persistent = persistent_load
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            raise RefusedError("the pickle refers to data outside itself (a persistent id), which only "
+                               "torch.save files do")
+        return self._persistent(pid)
+
     def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(name, str) and name.endswith("Storage") and name != "UntypedStorage":
+            dtype = _STORAGE_DTYPES.get(name)  # torch.save names typed storages (FloatStorage, ...)
+            if dtype is None:
+                raise RefusedError(f"unknown storage type torch.{name}")
+            return StorageType(name, dtype)
+        module = {"torch.tensor": "torch._tensor"}.get(module, module)
         key = f"{module}.{name}"
         if key in _CALLABLES:
             return _CALLABLES[key]
@@ -234,7 +272,7 @@ class Unpickler(Unpickler_base):
         return obj
 
 
-def load(file, **kwargs: Any) -> Any:
+def load(file: Any, **kwargs: Any) -> Any:
     return Unpickler(file, **kwargs).load()
 
 

@@ -152,7 +152,7 @@ def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels
             import timm
             model = timm.create_model(name_or_model[5:])
         else:
-            from .registry import create_model
+            from .loading import create_model
             model = create_model(name_or_model)
     else:
         model, label = name_or_model, type(name_or_model).__name__

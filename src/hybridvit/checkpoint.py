@@ -1,24 +1,20 @@
-"""The one owner of checkpoint files: reading any file safely (no code from it runs; see _unpickle.py),
-loading official or hybridvit weights into a model, and the hybridvit run checkpoint (schema, atomic
-save, `load_model`)."""
+"""Checkpoint files: the one safe reader (no code from a file runs; see _unpickle.py), the state dict
+inside a checkpoint, and the hybridvit run checkpoint's schema and atomic save. Turning a file into a
+model is `hybridvit.loading`'s job."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
-from torch import nn
 
 from . import _unpickle
+from .errors import CheckpointError
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read or does not fit the model."""
 
 
 def _describe_object(obj: Any) -> str:
@@ -28,8 +24,12 @@ def _describe_object(obj: Any) -> str:
 def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     """Loads a `.pth`, `.pth.tar`, `.pt` or `.safetensors` file into a dict, with actionable errors.
 
-    Pickled files (zip and legacy `torch.save` formats) go through the restricted unpickler of
-    `hybridvit._unpickle`: tensors and containers are built, any other object becomes an inert stand-in.
+    The one reader that decides what a file is. `torch.save` files (zip archives and the legacy format)
+    are read here, not by `torch.load`: the archive is listed by torch's own zip reader and by Python's,
+    and refused when the two disagree; a TorchScript archive is refused; every pickle goes through the
+    restricted unpickler (`hybridvit._unpickle`: tensors and containers are built, any other object
+    becomes an inert stand-in); a storage larger than what the file holds is refused before anything is
+    allocated. Every failure is a `CheckpointError` naming the file.
     """
     path = Path(path)
     if path.is_dir():
@@ -41,47 +41,255 @@ def read_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
     if size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy or download? Copy or download it "
                               "again.")
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(16)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
+        return _read_safetensors(path)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
         raise CheckpointError(f"{path} ({size} bytes) is not a PyTorch checkpoint: it starts neither like a "
                               "torch.save file (zip archive or pickle) nor is it named .safetensors. Is it the "
                               "right file?")
-    if head.startswith(b"PK") and _is_torchscript(path):
-        raise CheckpointError(f"{path} is a TorchScript archive (it carries code, which hybridvit never runs "
-                              "while loading): pass a checkpoint saved with torch.save(model.state_dict(), path)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_unpickle)
+        obj = _read_zip(path, size) if head.startswith(b"PK") else _read_legacy(path, size)
+    except CheckpointError:
+        raise
     except _unpickle.RefusedError as e:
         raise CheckpointError(f"{path} was refused: {e}. hybridvit builds only tensors and containers from a "
                               "file (no code from it runs); save the weights alone with "
                               "torch.save(model.state_dict(), path)") from e
-    except Exception as e:  # zipfile.BadZipFile, EOFError, RuntimeError of torch's readers
+    except MemoryError as e:
+        raise CheckpointError(f"{path} ({size} bytes) could not be read: it asks for more memory than there "
+                              "is. Is it the right file?") from e
+    except Exception as e:  # EOFError, pickle, struct and torch errors of a damaged file
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "magic number" in msg:
-            raise CheckpointError(f"{path} is a pickle file but not one written by torch.save; hybridvit reads "
-                                  "torch.save and .safetensors files (save with torch.save(state_dict, path))") from e
         raise CheckpointError(
-            f"{path} ({size} bytes) could not be read as a PyTorch checkpoint ({type(e).__name__}: {msg}). "
+            f"{path} ({size} bytes) could not be read as a PyTorch checkpoint ({type(e).__name__}: {msg[:200]}). "
             "The file is probably truncated or corrupt (an interrupted download or save?): download or copy "
             "it again.") from e
     if not isinstance(obj, dict) or isinstance(obj, _unpickle.Opaque):
-        raise CheckpointError(f"{path} holds a {_describe_object(obj)} object (left inert, nothing of it ran), "
-                              "expected a state dict or a dict with 'state_dict' or 'model'")
+        raise CheckpointError(f"{path} holds a {_describe_object(obj)} object, not a checkpoint: expected a "
+                              "state dict or a dict with 'state_dict' or 'model' (nothing of the file ran)")
     return obj
 
 
-def _is_torchscript(path: Path) -> bool:
-    """torch.load hands TorchScript archives (their code and constants) to torch.jit.load: refuse them."""
+# ------------------------------------------------------------------------- torch.save formats, read here
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+_TORCHSCRIPT_RECORDS = ("constants.pkl", "code/", "constants/", "bytecode.pkl", "extra/")
+
+
+def _refuse(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path} was refused: {why}")
+
+
+class _Bounded:
+    """A read-only view of a binary file that never reads past its end: a pickle opcode claiming a
+    huge length gets the bytes that are there (and then fails), not a huge allocation."""
+
+    def __init__(self, f: Any, size: int) -> None:
+        self._f, self._size = f, size
+
+    def _left(self) -> int:
+        return max(0, self._size - self._f.tell())
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(self._left() if n is None or n < 0 else min(n, self._left()))
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b)
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._f.readline(self._left() if limit is None or limit < 0 else min(limit, self._left()))
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+def _storage_id(saved_id: Any, expected_len: int) -> tuple:
+    if not (isinstance(saved_id, tuple) and len(saved_id) == expected_len and saved_id[0] in ("storage", b"storage")):
+        raise _unpickle.RefusedError(f"unexpected persistent id {type(saved_id).__name__} (only storages are read)")
+    return saved_id[1:]
+
+
+def _dtype_of(storage_type: Any) -> torch.dtype:
+    if storage_type is torch.UntypedStorage:
+        return torch.uint8
+    if isinstance(storage_type, _unpickle.StorageType):
+        return storage_type.dtype
+    raise _unpickle.RefusedError(f"a storage of type {storage_type!r}")
+
+
+def _nbytes(numel: Any, dtype: torch.dtype) -> int:
+    if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        raise _unpickle.RefusedError(f"a storage of {numel!r} elements")
+    return numel * torch._utils._element_size(dtype)
+
+
+def _zip_agreement(path: Path, size: int) -> tuple[Any, dict[str, int]]:
+    """torch's zip reader over `path`, and each record's size, after checking that Python's zip reader
+    sees exactly the same records, uncompressed, at the same offsets (so no parser sees another file)."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False  # a damaged archive: torch.load's error says so
+        zf = zipfile.ZipFile(path)
+        infos = zf.infolist()
+    except Exception as e:  # BadZipFile, NotImplementedError (a version field), struct and Unicode errors
+        raise CheckpointError(f"{path} ({size} bytes) is a damaged zip archive ({e}): probably a torch.save "
+                              "file that is truncated or corrupt (an interrupted download or save?). Download or "
+                              "copy it again (hybridvit refuses archives that zip readers read differently)") from e
+    try:
+        reader = torch._C.PyTorchFileReader(str(path))
+        records = list(reader.get_all_records())
+    except Exception as e:
+        raise CheckpointError(f"{path} ({size} bytes) is not a torch.save archive torch can read "
+                              f"({str(e).splitlines()[0][:160] if str(e) else type(e).__name__}): it is probably "
+                              "truncated or corrupt; download or copy it again") from e
+    names = [i.filename for i in infos]
+    prefixes = {n.split("/", 1)[0] for n in names}
+    if len(prefixes) != 1 or len(set(names)) != len(names) or any("/" not in n for n in names):
+        raise _refuse(path, "its zip entries do not form one torch.save archive (several top folders or "
+                      "repeated names, which zip readers resolve differently)")
+    prefix = prefixes.pop() + "/"
+    mine = {n[len(prefix):]: i for n, i in zip(names, infos)}
+    if set(mine) != set(records):
+        raise _refuse(path, "torch's zip reader and Python's see different files in it (a crafted archive)")
+    if any(r == t or r.startswith(t) for r in records for t in _TORCHSCRIPT_RECORDS if t.endswith("/") or r == t):
+        raise CheckpointError(f"{path} is a TorchScript archive: it carries code, which hybridvit never runs or "
+                              "loads. Refused; pass a checkpoint saved with torch.save(model.state_dict(), path)")
+    if "data.pkl" not in records:
+        raise _refuse(path, "it is a zip archive without data.pkl, so not a torch.save checkpoint")
+    sizes = {}
+    with open(path, "rb") as f:
+        for name, info in mine.items():
+            if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                raise _refuse(path, f"its record {name} is compressed (torch.save stores records as they are)")
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise _refuse(path, f"its record {name} has no local header where the directory says")
+            data_offset = info.header_offset + 30 + int.from_bytes(local[26:28], "little") \
+                + int.from_bytes(local[28:30], "little")
+            if data_offset + info.file_size > size or reader.get_record_offset(name) != data_offset:
+                raise _refuse(path, f"zip readers place its record {name} differently (a crafted archive)")
+            sizes[name] = info.file_size
+    return reader, sizes
+
+
+def _read_zip(path: Path, size: int) -> Any:
+    import io
+
+    reader, sizes = _zip_agreement(path, size)
+    byteorder = reader.get_record("byteorder") if "byteorder" in sizes else b"little"
+    if byteorder not in (b"little", b"big"):
+        raise _refuse(path, f"unknown byte order {byteorder[:16]!r}")
+    storages: dict[str, Any] = {}
+
+    def persistent_load(saved_id: Any) -> Any:
+        storage_type, key, _location, numel = _storage_id(saved_id, 5)
+        dtype = _dtype_of(storage_type)
+        key = key.decode("ascii") if isinstance(key, bytes) else key
+        if not isinstance(key, str):
+            raise _unpickle.RefusedError(f"a storage key {type(key).__name__}")
+        if key not in storages:
+            nbytes, name = _nbytes(numel, dtype), f"data/{key}"
+            if name not in sizes:
+                raise _unpickle.RefusedError(f"a storage {name} that the archive does not hold")
+            if nbytes > sizes[name]:
+                raise CheckpointError(f"{path} declares a tensor of {nbytes} bytes in a record of {sizes[name]} "
+                                      "bytes: it is truncated or corrupt (or crafted), refused before reading it")
+            untyped = reader.get_storage_from_record(name, nbytes, torch.UntypedStorage)._typed_storage()
+            untyped = untyped._untyped_storage
+            if byteorder.decode() != sys.byteorder:
+                untyped.byteswap(dtype)
+            storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        if storages[key].dtype != dtype:
+            raise _unpickle.RefusedError(f"storage {key} read with two dtypes")
+        return storages[key]
+
+    data = reader.get_record("data.pkl")
+    return _unpickle.Unpickler(io.BytesIO(data), persistent_load=persistent_load).load()
+
+
+def _read_legacy(path: Path, size: int) -> Any:
+    """The format of `torch.save(..., _use_new_zipfile_serialization=False)` (torch < 1.6): five pickles
+    (magic number, protocol, system info, the object, the storage keys), then each storage's raw bytes."""
+    storages: dict[Any, Any] = {}
+    declared = 0
+    with open(path, "rb") as raw:
+        f = _Bounded(raw, size)
+
+        def restricted(**kwargs: Any) -> Any:
+            return _unpickle.Unpickler(f, **kwargs).load()
+
+        if restricted() != _LEGACY_MAGIC:
+            raise CheckpointError(f"{path} is a pickle file but not one written by torch.save; hybridvit reads "
+                                  "torch.save and .safetensors files (save with torch.save(state_dict, path))")
+        if restricted() != _LEGACY_PROTOCOL:
+            raise _refuse(path, "its torch.save protocol version is not 1001")
+        sys_info = restricted()
+        little = not isinstance(sys_info, dict) or sys_info.get("little_endian", True) is not False
+
+        def persistent_load(saved_id: Any) -> Any:
+            nonlocal declared
+            if isinstance(saved_id, tuple) and saved_id[:1] in (("module",), (b"module",)) and len(saved_id) == 4:
+                return saved_id[1]  # the class of a pickled module: an inert stand-in already
+            storage_type, root_key, _location, numel, view = _storage_id(saved_id, 6)
+            dtype = _dtype_of(storage_type)
+            if root_key not in storages:
+                nbytes = _nbytes(numel, dtype)
+                declared += nbytes
+                if declared > size:
+                    raise CheckpointError(f"{path} declares tensors of {declared} bytes or more but holds {size} "
+                                          "bytes: it is truncated or corrupt (or crafted), refused before "
+                                          "allocating them. Download or copy it again")
+                storages[root_key] = torch.storage.TypedStorage(
+                    wrap_storage=torch.UntypedStorage(nbytes), dtype=dtype, _internal=True)
+            typed = storages[root_key]
+            if view is None:
+                return typed
+            view_key, offset, view_size = view
+            el = torch._utils._element_size(dtype)
+            if not all(isinstance(v, int) and v >= 0 for v in (offset, view_size)) or \
+                    (offset + view_size) * el > typed._untyped_storage.nbytes():
+                raise _unpickle.RefusedError("a storage view outside its storage")
+            if view_key not in storages:
+                storages[view_key] = torch.storage.TypedStorage(
+                    wrap_storage=typed._untyped_storage[offset * el:(offset + view_size) * el], dtype=dtype,
+                    _internal=True)
+            return storages[view_key]
+
+        result = restricted(persistent_load=persistent_load)
+        keys = restricted()
+        if not isinstance(keys, list):
+            raise _unpickle.RefusedError("the storage key list is not a list")
+        for key in keys:
+            if key not in storages:
+                raise _unpickle.RefusedError(f"data of an unknown storage {key!r}")
+            typed = storages[key]
+            el = torch._utils._element_size(typed.dtype)
+            head = f.read(8)
+            if len(head) != 8:
+                raise EOFError("the file ends inside the storage data")
+            numel = int.from_bytes(head, "little" if little else "big", signed=True)
+            nbytes = typed._untyped_storage.nbytes()
+            if numel * el != nbytes:
+                raise _unpickle.RefusedError(f"storage {key!r} holds {numel * el} bytes, {nbytes} declared")
+            data = f.read(nbytes)
+            if len(data) != nbytes:
+                raise EOFError("the file ends inside the storage data")
+            if nbytes:
+                typed._untyped_storage.copy_(torch.UntypedStorage.from_buffer(data, dtype=torch.uint8))
+            if not little:
+                typed._untyped_storage.byteswap(typed.dtype)
+    return result
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 27)
 
 
 def _read_safetensors(path: Path) -> dict[str, Any]:
@@ -93,7 +301,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     try:
         return dict(load_file(str(path)))
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated: "
+        raise CheckpointError(f"{path} is not a readable safetensors file ({str(e)[:200]}); it may be truncated: "
                               "download or copy it again") from e
 
 
@@ -115,71 +323,6 @@ def extract_state_dict(obj: dict[str, Any], source: str = "the checkpoint") -> d
         keys = ", ".join(map(str, list(obj)[:10])) or "none"
         raise CheckpointError(f"{source} holds no tensors (keys: {keys}): is it a model checkpoint?")
     return sd
-
-
-def _describe(keys: list[str], limit: int = 8) -> str:
-    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Any]) -> nn.Module:
-    """Loads an official checkpoint (as published) or a hybridvit one into `model`.
-
-    The layout is detected from the keys: a state dict whose keys are the model's own loads directly,
-    anything else goes through the family's official converter (`model.convert_official`). When the
-    classifier shape differs (another `num_classes`), the classifier stays freshly initialised and
-    everything else loads. Any other difference is an error naming the keys and shapes.
-    """
-    obj = read_checkpoint_file(path) if not isinstance(path, dict) else path
-    sd = extract_state_dict(obj, str(path) if not isinstance(path, dict) else "the state dict")
-    own = model.state_dict()
-    if not set(sd) <= set(own) or not sd:
-        sd = model.convert_official(sd)
-    head_prefixes = tuple(getattr(model, "classifier_prefixes", ("head.",)))
-    is_head = lambda k: k.startswith(head_prefixes)
-    # A classifier of another shape (other num_classes) or none at all stays freshly initialised.
-    for k in [k for k in sd if is_head(k) and (k not in own or own[k].shape != sd[k].shape)]:
-        del sd[k]
-    keeps_head = any(is_head(k) for k in sd)
-    missing = [k for k in own if k not in sd and (keeps_head or not is_head(k))]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        name = getattr(model, "model_name", type(model).__name__)
-        parts = []
-        if mismatched:
-            parts.append(f"{len(mismatched)} shapes differ: {_describe(mismatched)}")
-        if missing:
-            parts.append(f"{len(missing)} model keys missing from the checkpoint: {_describe(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint keys unknown to the model: {_describe(unexpected)}")
-        src = path if not isinstance(path, dict) else "the state dict"
-        raise CheckpointError(f"{src} does not fit model {name}: " + "; ".join(parts) +
-                              ". Is it a checkpoint of another variant? Pass the matching model name.")
-    model.load_state_dict(sd, strict=False)
-    return model
-
-
-def resolve_pretrained(entry: Any, pretrained: bool | str | os.PathLike) -> str:
-    """A local file for `pretrained=True` (download once into the torch hub cache) or a given path."""
-    if pretrained is True:
-        if not entry.url:
-            hint = entry.weights_hint or "no weights are published for this model"
-            raise CheckpointError(f"{entry.name}: {hint}. Download the file by hand and pass "
-                                  f"create_model({entry.name!r}, pretrained='/path/to/file.pth').")
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        cache.mkdir(parents=True, exist_ok=True)
-        target = cache / os.path.basename(urlparse(entry.url).path)
-        if not target.is_file():
-            try:
-                # writes to a temporary file in the same folder, then renames: no half files in the cache
-                torch.hub.download_url_to_file(entry.url, str(target), progress=True)
-            except Exception as e:
-                raise CheckpointError(f"could not download {entry.url} ({e}). Without internet, download the "
-                                      f"file elsewhere and pass pretrained='/path/to/{target.name}'.") from e
-        return str(target)
-    return os.fspath(pretrained)
 
 
 # ------------------------------------------------------------------------------ hybridvit run checkpoints
@@ -223,10 +366,7 @@ def read_run(obj: dict[str, Any], source: str = "the checkpoint") -> dict[str, A
         raise CheckpointError(f"{source} is a run checkpoint of format version {version}; this hybridvit reads "
                               f"versions 1 to {RUN_VERSION}: upgrade hybridvit")
     train_state = {k: obj[k] for k in _V1_TRAIN_KEYS if k in obj} if "optimizer" in obj else None
-    pcfg = obj.get("pretrained_cfg")
-    if not pcfg:
-        from .registry import get_entry
-        pcfg = dict(get_entry(obj["model_name"]).pretrained_cfg)
+    pcfg = obj.get("pretrained_cfg") or {}  # empty: the loader takes the registry's
     return _checked_run(make_run_checkpoint(
         model_name=obj["model_name"], model_kwargs=obj.get("model_kwargs") or {},
         num_classes=obj.get("num_classes") or _head_size(obj["state_dict"]), class_names=obj.get("class_names"),
@@ -243,7 +383,7 @@ def _checked_run(run: dict[str, Any], source: str) -> dict[str, Any]:
               "num_classes": ok(run.get("num_classes"), int) and run["num_classes"] >= 0,
               "class_names": ok(run.get("class_names"), list, True)
               and all(isinstance(c, str) for c in run.get("class_names") or []),
-              "pretrained_cfg": ok(run.get("pretrained_cfg"), dict) and "input_size" in run["pretrained_cfg"],
+              "pretrained_cfg": ok(run.get("pretrained_cfg"), dict),
               "state_dict": ok(run.get("state_dict"), dict),
               "state_dict_ema": ok(run.get("state_dict_ema"), dict, True),
               "train_state": ok(run.get("train_state"), dict, True), "config": ok(run.get("config"), dict, True)}
@@ -259,58 +399,6 @@ def _checked_run(run: dict[str, Any], source: str) -> dict[str, Any]:
 def _head_size(sd: dict[str, torch.Tensor]) -> int:
     w = sd.get("head.weight")
     return int(w.shape[0]) if isinstance(w, torch.Tensor) else 1000
-
-
-def model_from_run(run: dict[str, Any], *, ema: bool = False, source: str = "the checkpoint",
-                   **overrides: Any) -> nn.Module:
-    """The model of a run checkpoint (read_run layout) in eval mode, with `class_names`, `pretrained_cfg`,
-    `model_name` and `model_kwargs` attached. `overrides` change construction fields (e.g. img_size)."""
-    from .registry import create_model
-
-    kwargs = {**run["model_kwargs"], **overrides}
-    model = create_model(run["model_name"], num_classes=run["num_classes"], **kwargs)
-    weights = run["state_dict"]
-    if ema:
-        if not run.get("state_dict_ema"):
-            raise CheckpointError(f"{source} has no EMA weights (the run was trained without --model-ema)")
-        weights = run["state_dict_ema"]
-    load_checkpoint(model, {"state_dict": weights})
-    pcfg = dict(run["pretrained_cfg"])
-    if "img_size" in overrides and isinstance(overrides["img_size"], int):
-        pcfg["input_size"] = (pcfg["input_size"][0], overrides["img_size"], overrides["img_size"])
-    model.pretrained_cfg = pcfg
-    model.class_names = list(run["class_names"]) if run.get("class_names") else None
-    model.model_name = run["model_name"]
-    model.model_kwargs = kwargs
-    return model.eval()
-
-
-def run_checkpoint_path(path: str | os.PathLike) -> Path:
-    """A run checkpoint file: `path` itself, or a run folder's best.pt."""
-    path = Path(path)
-    return path / "best.pt" if path.is_dir() and (path / "best.pt").is_file() else path
-
-
-def load_model(path: str | os.PathLike, *, ema: bool = False, device: str | torch.device | None = None
-               ) -> nn.Module:
-    """A hybridvit run checkpoint (a file, or a run folder: its best.pt), a Hub folder written by
-    `save_pretrained`, or `hf-hub:ORG/REPO`, ready for inference.
-
-    Returns the model in eval mode on `device` (default CPU) with `class_names` (list[str] or None),
-    `pretrained_cfg` (input size, crop, interpolation, mean, std), `model_name` and `model_kwargs`
-    attached. `ema=True` takes the EMA weights of a run. No code from the file runs.
-    """
-    from . import hub
-
-    if hub.is_hub_source(path):
-        if ema:
-            raise CheckpointError(f"{path} is a Hub folder, which holds one set of weights: leave ema out "
-                                  "(EMA weights are in a run checkpoint)")
-        return hub.load_folder(path, device=device)
-    path = run_checkpoint_path(path)
-    run = read_run(read_checkpoint_file(path), str(path))
-    model = model_from_run(run, ema=ema, source=str(path))
-    return model.to(device) if device is not None else model
 
 
 def temp_path(path: Path) -> Path:

@@ -1,8 +1,9 @@
 """Hugging Face Hub / timm folder layout: `model.safetensors` + `config.json`.
 
 `save_pretrained(model, dir)` writes the layout timm's `push_to_hf_hub` writes, so the folder (or a Hub
-repository holding it) loads with `hybridvit.create_model(pretrained=DIR)`, `create_model("hf-hub:ORG/REPO")`
-and, with timm installed, `timm.create_model("hf-hub:ORG/REPO", pretrained=True)` after `import hybridvit`::
+repository holding it) loads, through `hybridvit.loading`, with `hybridvit.create_model(pretrained=DIR)`,
+`create_model("hf-hub:ORG/REPO")` and, with timm installed, `timm.create_model("hf-hub:ORG/REPO",
+pretrained=True)` after `import hybridvit`::
 
     config.json = {"architecture": "fastervit_0", "num_classes": 10, "num_features": 512,
                    "global_pool": "avg", "model_args": {"img_size": 64}, "label_names": ["cat", ...],
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
+from ._version import __version__
+from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -79,7 +81,6 @@ def hub_config(model: nn.Module, *, model_name: str | None = None,
         raise ValueError(f"save_pretrained: {e}; model_kwargs and pretrained_cfg must be JSON values") from e
     if classes is not None:
         cfg["label_names"] = classes
-    from . import __version__
     cfg["hybridvit_version"] = __version__
     return cfg
 
@@ -141,23 +142,6 @@ def is_folder(path: Any) -> bool:
 def is_hub_source(path: Any) -> bool:
     """True for `hf-hub:ORG/REPO` or a save_pretrained folder: what `load_folder` reads."""
     return (isinstance(path, str) and path.startswith(HF_HUB_PREFIX)) or is_folder(path)
-
-
-def hub_source(name: str | None, pretrained: Any) -> str | None:
-    """What create_model should hand to this module: an `hf-hub:` id or a folder; None otherwise."""
-    if isinstance(name, str) and name.startswith(HF_HUB_PREFIX):
-        return name
-    if isinstance(pretrained, str) and pretrained.startswith(HF_HUB_PREFIX):
-        return pretrained
-    if isinstance(pretrained, (str, os.PathLike)) and Path(pretrained).is_dir():
-        if not (Path(pretrained) / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{os.fspath(pretrained)} is a folder without {CONFIG_NAME}: pass a folder "
-                                  "written by hybridvit.save_pretrained, or the checkpoint file itself")
-        return os.fspath(pretrained)
-    if name is None:
-        raise ValueError("create_model(None, ...) needs pretrained= a save_pretrained folder or 'hf-hub:ORG/REPO' "
-                         "(the architecture is read from its config.json); otherwise pass a model name")
-    return None
 
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -243,80 +227,3 @@ def resolve(source: str, *, cache_dir: str | os.PathLike | None = None) -> tuple
         return config, download(repo, WEIGHTS_NAME, cache_dir=cache_dir), source
     folder = Path(source)
     return folder / CONFIG_NAME, folder / WEIGHTS_NAME, str(folder)
-
-
-def _check_fits(model: nn.Module, sd: dict[str, torch.Tensor], weights: Path, arch: str) -> dict[str, torch.Tensor]:
-    """The folder's weights must be exactly the model's keys and shapes; the classifier may differ
-    (another num_classes) and then stays freshly initialised."""
-    own = model.state_dict()
-    head = tuple(getattr(model, "classifier_prefixes", ("head.",)))
-    other_head = [k for k in sd if k.startswith(head) and (k not in own or own[k].shape != sd[k].shape)]
-    if other_head:
-        sd = {k: v for k, v in sd.items() if not k.startswith(head)}
-    missing = [k for k in own if k not in sd and not (other_head and k.startswith(head))]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def some(keys: list[str]) -> str:
-            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-        parts = [f"{len(v)} {what}: {some(v)}" for what, v in
-                 (("shapes differ", shapes), ("model keys missing from the file", missing),
-                  ("keys unknown to the model", unexpected)) if v]
-        raise CheckpointError(f"{weights} does not fit {arch} as its {CONFIG_NAME} describes it: "
-                              + "; ".join(parts) + ". The weights and config.json are from different models: "
-                              "write the folder again with save_pretrained")
-    return sd
-
-
-def create_from_hub(source: str, name: str | None = None, *, num_classes: int | None = None, in_chans: int = 3,
-                    features_only: bool = False, out_indices: tuple[int, ...] | None = None,
-                    cache_dir: str | os.PathLike | None = None,
-                    **overrides: Any) -> nn.Module:
-    """The model of a save_pretrained folder or `hf-hub:ORG/REPO`, weights loaded.
-
-    The architecture and rebuild arguments come from config.json (`name`, when given, must match);
-    `overrides` replace the stored ones. `num_classes` other than the folder's gives a fresh classifier.
-    """
-    from .registry import create_model
-
-    config_path, weights_path, where = resolve(source, cache_dir=cache_dir)
-    cfg = read_config(config_path)
-    arch = cfg["architecture"]
-    if name is not None and not name.startswith(HF_HUB_PREFIX) and name != arch:
-        raise CheckpointError(f"{where} holds a {arch} model ({config_path}), not {name}: pass "
-                              f"create_model({arch!r}, ...) or create_model(None, pretrained=...)")
-    args = dict(cfg.get("model_args") or {})
-    stored_chans = int(args.pop("in_chans", 3))
-    kwargs = {**args, **overrides}
-    stored_classes = int(cfg.get("num_classes", 1000))
-    n = stored_classes if num_classes is None else num_classes
-    model = create_model(arch, num_classes=n, in_chans=in_chans if in_chans != 3 else stored_chans, **kwargs)
-    model.load_state_dict(_check_fits(model, read_weights(weights_path), weights_path, arch), strict=False)
-    pcfg = dict(getattr(model, "pretrained_cfg", {}))
-    pcfg.update({k: tuple(v) if isinstance(v, list) and k != "label_names" else v
-                 for k, v in (cfg.get("pretrained_cfg") or {}).items()})
-    if "img_size" in overrides and isinstance(overrides["img_size"], int):  # the caller's size wins
-        pcfg["input_size"] = (model.in_chans, overrides["img_size"], overrides["img_size"])
-    pcfg["num_classes"] = n
-    if source.startswith(HF_HUB_PREFIX):
-        pcfg.update(hf_hub_id=source[len(HF_HUB_PREFIX):], source="hf-hub")
-    else:
-        pcfg.update(file=str(Path(source).resolve()), source="local-dir")
-    model.pretrained_cfg = pcfg
-    labels = cfg.get("label_names")
-    model.class_names = list(labels) if labels is not None and n == stored_classes else None
-    if features_only:
-        model.set_features_only(tuple(range(len(model.stage_info))) if out_indices is None else tuple(out_indices))
-    return model
-
-
-def load_folder(path: str | os.PathLike, *, device: str | torch.device | None = None) -> nn.Module:
-    """A save_pretrained folder (or `hf-hub:ORG/REPO`) ready for inference: eval mode, on `device`, with
-    `class_names`, `pretrained_cfg`, `model_name` and `model_kwargs` attached."""
-    source = os.fspath(path)
-    if not is_hub_source(source):
-        raise FileNotFoundError(f"{source} is not a folder with {CONFIG_NAME} (written by "
-                                "hybridvit.save_pretrained) nor an 'hf-hub:ORG/REPO' id")
-    model = create_from_hub(source).eval()
-    return model.to(device) if device is not None else model

@@ -1,8 +1,7 @@
-"""Model registry: name -> builder, default configuration, published weights and preprocessing.
+"""Model registry: a table of name -> builder, default configuration, published weights and preprocessing.
 
 Each family file ends with its table of `Variant`s, collected in `hybridvit.models.VARIANTS`.
-`create_model` builds a model, applies configuration overrides, loads weights, and switches it to
-feature extraction.
+`build_model` builds an entry with random weights; `hybridvit.loading.create_model` adds the weights.
 """
 from __future__ import annotations
 
@@ -14,13 +13,13 @@ import torch
 from torch import nn
 
 from .models import VARIANTS
-from .models._variant import IMAGENET_MEAN, IMAGENET_STD, Variant
+from .models._variant import IMAGENET_MEAN, IMAGENET_STD, Variant, with_input_size
 
 ModelEntry = Variant  # the registry's entry type (name, family, builder, config, weights, top-1, pretrained_cfg)
 
 _REGISTRY: dict[str, Variant] = dict(VARIANTS)
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelEntry", "Variant", "list_models", "get_entry", "create_model",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelEntry", "Variant", "list_models", "get_entry", "build_model",
            "count_params", "meta_model"]
 
 
@@ -38,47 +37,15 @@ def get_entry(name: str) -> Variant:
     return _REGISTRY[name]
 
 
-def create_model(name: str | None, *, pretrained: bool | str = False, num_classes: int | None = None,
-                 in_chans: int = 3, features_only: bool = False, out_indices: tuple[int, ...] | None = None,
-                 **overrides: Any) -> nn.Module:
-    """Builds a registered model.
-
-    pretrained: False, True (the variant's published weights, downloaded once into the torch hub
-    cache), or a path to an official or hybridvit checkpoint. With `features_only=True` the model
-    returns the NCHW maps of `out_indices` (default: every stage, (0, 1, 2, 3) for the hierarchical
-    models at strides 4/8/16/32; CabViT-P: its 3 stride-16 stages); the stages after the last of them,
-    the final norm and the head are removed. Overrides replace any configuration field of the variant
-    (`drop_path_rate`, `img_size`, `depths`, ...). A save_pretrained folder or "hf-hub:ORG/REPO" (as
-    `name` or `pretrained`) builds the architecture of its config.json (hybridvit.hub); num_classes
-    then defaults to the folder's, otherwise to 1000.
-    """
-    from .hub import create_from_hub, hub_source
-    if (source := hub_source(name, pretrained)) is not None:
-        return create_from_hub(source, name, num_classes=num_classes, in_chans=in_chans,
-                               features_only=features_only, out_indices=out_indices, **overrides)
-    num_classes = 1000 if num_classes is None else num_classes
+def build_model(name: str, *, num_classes: int = 1000, in_chans: int = 3, **overrides: Any) -> nn.Module:
+    """The registered model `name` with random weights, `overrides` replacing configuration fields of the
+    variant (`drop_path_rate`, `img_size`, `depths`, ...), and `pretrained_cfg`, `model_name` and
+    `model_kwargs` (the overrides) attached. Weights and sources: `hybridvit.loading.create_model`."""
     entry = get_entry(name)
-    cfg = dict(entry.config)
-    cfg.update(overrides)
-    model = entry.builder(num_classes=num_classes, in_chans=in_chans, **cfg)
-    model.pretrained_cfg = dict(entry.pretrained_cfg)
-    if "img_size" in overrides and isinstance(overrides["img_size"], int):
-        s = overrides["img_size"]
-        model.pretrained_cfg["input_size"] = (in_chans, s, s)
-        if model.pretrained_cfg.get("pool_size"):
-            model.pretrained_cfg["pool_size"] = (-(-s // 32),) * 2
-    for key in ("input_size", "min_input_size"):  # (channels, H, W)
-        model.pretrained_cfg[key] = (in_chans, *model.pretrained_cfg[key][1:])
+    model = entry.builder(num_classes=num_classes, in_chans=in_chans, **{**entry.config, **overrides})
+    model.pretrained_cfg = with_input_size(entry.pretrained_cfg, in_chans, overrides.get("img_size"))
     model.model_name = name
     model.model_kwargs = dict(overrides)
-    if pretrained:
-        from .checkpoint import load_checkpoint, resolve_pretrained
-        path = resolve_pretrained(entry, pretrained)
-        load_checkpoint(model, path)
-    if features_only:
-        if out_indices is None:
-            out_indices = tuple(range(len(model.stage_info)))
-        model.set_features_only(tuple(out_indices))
     return model
 
 
@@ -89,4 +56,4 @@ def count_params(model: nn.Module) -> int:
 def meta_model(name: str, **kwargs: Any) -> nn.Module:
     """The model built on the `meta` device (no memory, instant): for parameter counts and key lists."""
     with torch.device("meta"):
-        return create_model(name, **kwargs)
+        return build_model(name, **kwargs)

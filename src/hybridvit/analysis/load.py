@@ -12,13 +12,14 @@ from .plotting import AnalysisError
 def load_model(name: str | None, pretrained: str | None = None, img_size: int | None = None) -> nn.Module:
     """The model to analyse, in eval mode, with `model_name`, `pretrained_cfg` (input size, preprocessing)
     and `class_names` (a hybridvit run's classes, else None), loaded like every other command loads
-    (`hybridvit.inference.load_for_command`).
+    (`hybridvit.loading.load_for_command`).
 
     pretrained: None/'none' (random weights), 'true' (the published weights), an official checkpoint file
     (needs `name`), or a hybridvit run checkpoint or run folder (knows its model, classes and size).
     img_size: the input side to analyse at (default: the model's or the run's).
     """
-    from ..inference import load_for_command
+    from ..loading import load_for_command
+    from ..models._variant import with_input_size
 
     spec = None if pretrained is None or str(pretrained).lower() in ("none", "false", "") else str(pretrained)
     if spec is not None and spec.lower() != "true" and not Path(spec).exists():
@@ -27,8 +28,8 @@ def load_model(name: str | None, pretrained: str | None = None, img_size: int | 
     if spec is None and not name:
         raise AnalysisError("--model is needed (or --pretrained RUN); `hybridvit models` lists the models")
     model = load_for_command(spec, name)
-    if img_size:
-        model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(model.in_chans, img_size, img_size))
+    if img_size:  # the size to analyse at; the model keeps its configured size
+        model.pretrained_cfg = with_input_size(model.pretrained_cfg, model.in_chans, img_size)
     return model.eval()
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from torch import nn
 
-from ..hub import HF_HUB_PREFIX, create_from_hub
-from ..registry import create_model, get_entry, list_models
+from ..hub import HF_HUB_PREFIX
+from ..loading import create_model
+from ..registry import get_entry, list_models
 
 # timm's register_model reads the pretrained configs of the entrypoint's module from `default_cfgs`
 default_cfgs: dict[str, dict[str, Any]] = {}
@@ -75,7 +76,8 @@ def _create(name: str, timm_name: str, pretrained: bool, pretrained_cfg: Any, ov
     hub_id = cfg.get("hf_hub_id") if source == "hf-hub" else None
     folder = cfg.get("file") if source == "local-dir" else None
     if pretrained and (hub_id or folder):
-        model = create_from_hub(HF_HUB_PREFIX + hub_id if hub_id else folder, name, cache_dir=cache_dir, **kwargs)
+        model = create_model(name, pretrained=HF_HUB_PREFIX + hub_id if hub_id else folder, cache_dir=cache_dir,
+                             **kwargs)
     else:
         model = create_model(name, pretrained=bool(pretrained), **kwargs)
         if cfg.get("label_names") and model.num_classes == len(cfg["label_names"]):

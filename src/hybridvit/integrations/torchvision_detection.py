@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..registry import create_model
+from ..loading import create_model
 
 _HEAD_PARTS = ("stages", "norm", "head")
 

@@ -55,3 +55,22 @@ def pretrained_cfg(*, img_size: int = 224, crop_pct: float = 0.875, crop_mode: s
                 std=tuple(std), first_conv=first_conv, classifier=classifier,
                 pool_size=(img_size // reduction,) * 2 if reduction else None, license=license,
                 origin_url=origin_url, paper_ids=paper_ids, num_classes=num_classes)
+
+
+def with_input_size(cfg: dict[str, Any], in_chans: int | None = None,
+                    img_size: int | tuple[int, int] | list[int] | None = None) -> dict[str, Any]:
+    """`cfg` (a pretrained_cfg) for `in_chans` input channels at `img_size` (a side or (H, W); None keeps
+    the configured size): input_size, min_input_size and pool_size follow. The one place that writes them."""
+    cfg = dict(cfg)
+    chans = int(in_chans or cfg["input_size"][0])
+    h, w = cfg["input_size"][1:]
+    if isinstance(img_size, int):
+        h = w = img_size
+    elif isinstance(img_size, (tuple, list)) and len(img_size) == 2:
+        h, w = (int(s) for s in img_size)
+    if img_size is not None and cfg.get("pool_size"):
+        cfg["pool_size"] = (-(-h // 32), -(-w // 32))
+    cfg["input_size"] = (chans, h, w)
+    if cfg.get("min_input_size"):
+        cfg["min_input_size"] = (chans, *tuple(cfg["min_input_size"])[1:])
+    return cfg

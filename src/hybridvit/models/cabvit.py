@@ -556,7 +556,7 @@ class CabViTP(HybridModel):
         return x[:, 0]
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from ..checkpoint import CheckpointError
+        from ..errors import CheckpointError
         raise CheckpointError("there is no official CabViT-P (the official repository only has a DeiT "
                               "placeholder): load a checkpoint saved from hybridvit's CabViT-P")
 

@@ -97,10 +97,10 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     kw = model_kwargs(cfg)
     if cfg.drop_path_rate is not None:
         kw["drop_path_rate"] = cfg.drop_path_rate
-    pretrained: bool | str = False
-    if cfg.pretrained:
-        pretrained = True if cfg.pretrained.lower() == "true" else cfg.pretrained
-    return hybridvit.create_model(cfg.model, pretrained=pretrained, num_classes=num_classes, **kw)
+    if not cfg.pretrained:
+        return hybridvit.create_model(cfg.model, num_classes=num_classes, **kw)
+    from ..loading import FINETUNE, load_for_command
+    return load_for_command(cfg.pretrained, cfg.model, num_classes=num_classes, purpose=FINETUNE, **kw)
 
 
 def _forward_train(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
