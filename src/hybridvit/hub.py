@@ -92,6 +92,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, mode
     or `model.class_names`; the rebuild arguments from `model.model_kwargs` (set by create_model)."""
     from safetensors.torch import save_file
 
+    if getattr(model, "is_fused", False):
+        raise ValueError("save_pretrained: this model was fused for inference (model.fuse()), so its weights no "
+                         "longer match the architecture config.json describes. Save the unfused model; fuse after "
+                         "loading it (hybridvit.load_model(DIR).fuse())")
     cfg = hub_config(model, model_name=model_name, class_names=class_names)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -60,6 +60,7 @@ class HybridModel(nn.Module):
     classifier_prefixes: tuple[str, ...] = ("head.",)
     head_norm: bool = False  # True: `norm` acts on the pooled vector (part of the head)
     grad_checkpointing: bool = False
+    is_fused: bool = False  # set by fuse(): BatchNorms and layer scales folded away, inference only
     min_input_size: int = 1  # per side, for models built without a registry entry (pretrained_cfg's wins)
     # preferred CPU bf16 kernel policy ("auto" | "native" | "fp32"): data only, read by the runtime's
     # `layers.cpu_bf16.model_policy` when it enters the `bf16_kernels` context; the model applies nothing
@@ -197,6 +198,13 @@ class HybridModel(nn.Module):
             if self.head_norm:
                 self.norm = nn.Identity()
         return take
+
+    def train(self, mode: bool = True) -> HybridModel:
+        if mode and self.is_fused:
+            raise RuntimeError("this model was fused for inference (model.fuse()): its BatchNorms and layer scales "
+                               "are folded into other layers, so it cannot train. Train the unfused model and fuse "
+                               "the copy you deploy")
+        return super().train(mode)
 
     def set_features_only(self, out_indices: Sequence[int] = (0, 1, 2, 3)) -> None:
         """Turns the classifier into a backbone returning the NCHW maps of `out_indices`; the stages after

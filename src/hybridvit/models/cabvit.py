@@ -81,6 +81,7 @@ def fuse_cabvit(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, (ConvNeXtBlock, CaBBlock)):
             m.fuse()
+    model.is_fused = True
     return model
 
 

@@ -479,6 +479,7 @@ class FasterViT(HybridModel):
         for m in self.modules():
             if isinstance(m, (Stem, ConvBlock, HATBlock)):
                 m.fuse()
+        self.is_fused = True
         return self
 
 
