@@ -1,0 +1,98 @@
+"""The checkpoint reader under coverage-guided fuzzing (tests/fuzz/fuzz_checkpoint.py, atheris) for a
+bounded time: HYBRIDVIT_FUZZ_SECONDS, 60 by default (CI); set it higher to fuzz longer on demand."""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def write_seeds(corpus: Path, marker: Path) -> list[Path]:
+    """Real files of every kind the reader meets, then each truncated and with bits flipped."""
+    import warnings
+
+    from hybridvit.checkpoint import make_run_checkpoint
+
+    corpus.mkdir(parents=True, exist_ok=True)
+    sd = {"w": torch.randn(3, 2), "b": torch.arange(4), "h": torch.ones(2, dtype=torch.float16)}
+    seeds = {}
+    torch.save({"state_dict": sd, "args": argparse.Namespace(lr=0.1)}, corpus / "zip.pt")
+    torch.save({"model": sd, "epoch": 3}, corpus / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"x": _Payload(marker)}, corpus / "zip_payload.pt")
+    torch.save({"x": _Payload(marker)}, corpus / "legacy_payload.pt", _use_new_zipfile_serialization=False)
+    (corpus / "raw.pkl").write_bytes(pickle.dumps({"a": [1, 2.0, "s"], "b": (None, True)}, protocol=4))
+    (corpus / "raw_payload.pkl").write_bytes(pickle.dumps(_Payload(marker), protocol=0))
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 64}, num_classes=2,
+                                   class_names=["a", "b"], pretrained_cfg={"input_size": (3, 64, 64)},
+                                   state_dict=sd), corpus / "run.pt")
+    try:
+        from safetensors.torch import save_file
+        save_file(sd, str(corpus / "weights.safetensors"))
+    except ImportError:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(corpus / "scripted.pt"))
+    rng = random.Random(0)
+    for path in sorted(corpus.iterdir()):
+        data = path.read_bytes()
+        seeds[f"{path.name}.cut"] = data[: rng.randrange(1, len(data))]
+        flipped = bytearray(data)
+        for _ in range(4):
+            i = rng.randrange(len(flipped))
+            flipped[i] ^= 1 << rng.randrange(8)
+        seeds[f"{path.name}.flip"] = bytes(flipped)
+    for name, data in seeds.items():
+        (corpus / name).write_bytes(data)
+    return sorted(corpus.iterdir())
+
+
+def test_seed_corpus_reads_or_is_refused(tmp_path):
+    """Every seed through the reader: a dict or a CheckpointError with a message, and no code runs."""
+    from hybridvit.checkpoint import CheckpointError, read_checkpoint_file
+
+    marker = tmp_path / "marker"
+    seeds = write_seeds(tmp_path / "corpus", marker)
+    read = 0
+    for path in seeds:
+        try:
+            read += isinstance(read_checkpoint_file(path), dict)
+        except CheckpointError as e:
+            assert str(e) and str(path) in str(e)
+    assert read >= 4 and not marker.exists()
+
+
+@pytest.mark.slow
+def test_fuzz_checkpoint_reader(tmp_path):
+    pytest.importorskip("atheris", reason="the fuzzer is in the dev extra: pip install 'hybridvit[dev]'")
+    seconds = int(os.environ.get("HYBRIDVIT_FUZZ_SECONDS", "60"))
+    marker = tmp_path / "marker"
+    corpus = tmp_path / "corpus"
+    write_seeds(corpus, marker)
+    env = dict(os.environ, HYBRIDVIT_FUZZ_MARKER=str(marker))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "fuzz" / "fuzz_checkpoint.py"), str(corpus), f"-max_total_time={seconds}",
+         "-timeout=20", "-rss_limit_mb=4096", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],
+        capture_output=True, text=True, timeout=seconds + 300, env=env, cwd=tmp_path)
+    tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+    assert proc.returncode == 0, f"the fuzzer found a failing input (saved under {tmp_path}):\n{tail}"
+    runs = [line for line in proc.stderr.splitlines() if "stat::number_of_executed_units" in line]
+    assert runs and int(runs[0].split(":")[-1]) > 100, tail
+    assert not marker.exists()
