@@ -71,7 +71,7 @@ _EXTRAS = {"kornia": "'hybridvit[train]'", "tqdm": "'hybridvit[train]'", "sklear
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand listed; only `command`'s module is imported (all of them when
     `command` is None), so that a missing extra breaks only the commands that need it."""
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="hybridvit", description=__doc__)
     parser.add_argument("--version", action="version", version=f"hybridvit {__version__}")

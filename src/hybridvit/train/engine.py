@@ -93,13 +93,10 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    import hybridvit
+    from ..loading import FINETUNE, load_for_command
     kw = model_kwargs(cfg)
     if cfg.drop_path_rate is not None:
         kw["drop_path_rate"] = cfg.drop_path_rate
-    if not cfg.pretrained:
-        return hybridvit.create_model(cfg.model, num_classes=num_classes, **kw)
-    from ..loading import FINETUNE, load_for_command
     return load_for_command(cfg.pretrained, cfg.model, num_classes=num_classes, purpose=FINETUNE, **kw)
 
 

@@ -1,0 +1,149 @@
+"""One factory: every command and API loads through `hybridvit.loading`; the import graph of the package has
+no circle (imports inside functions counted) and nothing below imports what uses it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+import hybridvit
+from hybridvit import loading
+from hybridvit.cli import main
+
+SRC = Path(hybridvit.__file__).resolve().parent
+
+
+def _imports() -> dict[str, set[str]]:
+    """module -> hybridvit modules it imports anywhere in the file (top level and inside functions)."""
+    graph: dict[str, set[str]] = {}
+    modules = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in SRC.rglob("*.py")}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                if node.level:
+                    base = base[: len(base) - node.level + 1]
+                    mod = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                candidates = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules else mod for a in node.names]
+            elif isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            else:
+                continue
+            for c in candidates:
+                while c and c not in modules:
+                    c = c.rpartition(".")[0]
+                if c and c.startswith("hybridvit") and c != name:
+                    targets.add(c)
+        graph[name] = targets
+    return graph
+
+
+def test_import_graph_has_no_cycle():
+    graph = _imports()
+    # hybridvit/__init__ is the package's face: everything may be imported through it by users, nothing inside
+    for mod, targets in graph.items():
+        if mod != "hybridvit":
+            assert "hybridvit" not in targets, f"{mod} imports the package face (import the module itself)"
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == "hybridvit":
+                continue
+            if state.get(nxt) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if not state.get(nxt):
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if not state.get(node):
+            visit(node, [node])
+
+
+# what each lower layer may never import (it would be an arrow back up)
+_ABOVE = ("hybridvit.loading", "hybridvit.inference", "hybridvit.train", "hybridvit.analysis", "hybridvit.bench",
+          "hybridvit.export", "hybridvit.cli", "hybridvit.integrations")
+_LOWER = ("hybridvit.errors", "hybridvit._unpickle", "hybridvit.layers", "hybridvit.models", "hybridvit.data",
+          "hybridvit.checkpoint", "hybridvit.hub", "hybridvit.registry", "hybridvit.runtime", "hybridvit.flops")
+
+
+def test_no_import_runs_back_up():
+    for mod, targets in _imports().items():
+        if mod.startswith(_LOWER):
+            up = sorted(t for t in targets if t.startswith(_ABOVE))
+            assert not up, f"{mod} imports {up}, which use it"
+    assert _imports()["hybridvit.errors"] == set()  # the leaf every layer may import
+
+
+def test_one_place_writes_the_input_size():
+    """pretrained_cfg's input_size is written by models._variant.with_input_size only."""
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "_variant.py":
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if ('["input_size"] =' in line or "input_size=(" in line) and "min_input_size" not in line:
+                offenders.append(f"{path.relative_to(SRC)}:{i}")
+    assert not offenders
+
+
+@pytest.fixture
+def run_ckpt(tmp_path):
+    from PIL import Image
+
+    from hybridvit.checkpoint import make_run_checkpoint
+    model = hybridvit.create_model("fastervit_nano", num_classes=2)
+    path = tmp_path / "best.pt"
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
+                                   class_names=["blue", "red"], pretrained_cfg=dict(model.pretrained_cfg),
+                                   state_dict=model.state_dict()), path)
+    for cls in ("blue", "red"):
+        (tmp_path / "val" / cls).mkdir(parents=True)
+        Image.new("RGB", (40, 40), (30, 60, 200) if cls == "blue" else (200, 40, 30)).save(
+            tmp_path / "val" / cls / "a.png")
+    return path
+
+
+COMMANDS = {
+    "eval": ["eval", "--pretrained", "CKPT", "--data", "TMP/val", "--no-progress"],
+    "predict": ["predict", "--pretrained", "CKPT", "TMP/val/red/a.png"],
+    "bench": ["bench", "--pretrained", "CKPT", "-b", "1", "--warmup", "0", "--repeats", "1"],
+    "analyze": ["analyze", "amplitude", "--pretrained", "CKPT", "TMP/val", "--output", "TMP/an"],
+    "export": ["export", "--pretrained", "CKPT", "-o", "TMP/m.onnx"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_loads_through_the_one_factory(run_ckpt, tmp_path, monkeypatch, command):
+    if command == "export":
+        pytest.importorskip("onnxscript", reason="export needs the onnx extra")
+    seen = []
+    real = loading._from_source
+
+    def spy(source, *args, **kwargs):
+        seen.append(source.kind)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "_from_source", spy)
+    argv = [a.replace("CKPT", str(run_ckpt)).replace("TMP", str(tmp_path)) for a in COMMANDS[command]]
+    rc = main(argv)
+    assert "run" in seen, f"{command} did not load its model through hybridvit.loading (exit {rc})"
+
+
+def test_api_loads_through_the_one_factory(run_ckpt, monkeypatch):
+    seen = []
+    real = loading._from_source
+    monkeypatch.setattr(loading, "_from_source", lambda s, *a, **k: seen.append(s.kind) or real(s, *a, **k))
+    hybridvit.load_model(run_ckpt)
+    hybridvit.create_model("fastervit_nano", pretrained=str(run_ckpt))
+    hybridvit.create_model("fastervit_nano")
+    assert seen == ["run", "run", "none"]
