@@ -327,7 +327,7 @@ def test_the_payload_runs_under_torch_load(tmp_path):
 
 
 @pytest.mark.parametrize("variant", list(TS_VARIANTS))
-@pytest.mark.parametrize("entry", ["api_create_model", "api_load_model", "api_load_checkpoint", "eval", "export"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_torchscript_payload_never_runs(tmp_path, capsys, entry, variant):
     marker, path = tmp_path / "marker", tmp_path / "evil.pth"
     _torchscript_payload(path, marker)
@@ -427,6 +427,22 @@ def test_crafted_files_of_the_right_size_load(tmp_path):
     assert torch.equal(read_checkpoint_file(tmp_path / "l.pth")["w"], torch.ones(1))
     _zip_claiming(tmp_path / "z.pth", 4)
     assert torch.equal(read_checkpoint_file(tmp_path / "z.pth")["w"], torch.zeros(4))
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "zip"])
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_huge_tensor_claims_are_refused_through_every_entry(tmp_path, capsys, entry, fmt):
+    path = tmp_path / "huge.pth"
+    (_legacy_claiming if fmt == "legacy" else _zip_claiming)(path, 25 * 10**9)
+    if entry.startswith("api_"):
+        with pytest.raises(CheckpointError, match="before") as err:
+            ENTRY_POINTS[entry](path, tmp_path)
+        message = str(err.value)
+    else:
+        assert ENTRY_POINTS[entry](path, tmp_path) == 2
+        message = capsys.readouterr().err
+        assert message.startswith("error: ") and message.count("\n") == 1
+    assert str(path) in message and "100000000000 bytes" in message
 
 
 def test_huge_tensor_claims_are_refused_before_allocation(tmp_path):
@@ -619,3 +635,25 @@ def test_fused_model_refuses_to_save_and_to_train(tmp_path, name):
     with pytest.raises(RuntimeError, match="fused for inference.*cannot train"):
         model.train()
     model.eval()  # still allowed
+
+
+@pytest.mark.slow
+def test_resume_never_loads_what_the_stored_configuration_names(tmp_path, monkeypatch, capsys):
+    """A last.pt whose stored training configuration names `pretrained` (a file, a hub id) resumes from its
+    own weights: the named source is never resolved."""
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    from _imagedata import make_folder
+
+    from hybridvit import loading
+    root = make_folder(tmp_path / "data", n_train=4, n_val=2)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--output", str(out), "--epochs", "1", *TINY]) == 0
+    obj = torch.load(out / "last.pt", weights_only=False)
+    obj["config"]["pretrained"] = "hf-hub:evil/repo"
+    obj["config"]["epochs"] = 1
+    torch.save(obj, out / "last.pt")
+    seen = []
+    real = loading.resolve
+    monkeypatch.setattr(loading, "resolve", lambda p: seen.append(p) or real(p))
+    assert main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    assert "hf-hub:evil/repo" not in seen

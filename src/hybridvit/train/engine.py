@@ -247,6 +247,8 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None
     if "lr" in given and new["lr"] != run["config"]["lr"] and "lr_base_size" not in given:
         stored["lr_base_size"] = None  # an explicit --lr is used as given (timm's behaviour), also on resume
     stored.update({k: new[k] for k in RESUME_RUNTIME}, resume=str(path), output=str(path.parent))
+    # the resumed weights replace any starting point: a file's configuration never chooses what else loads
+    stored["pretrained"] = None
     return make_config(**stored), run, changes
 
 
