@@ -261,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_output_file(args.json, "--json")
     dev = resolve_device(args.device)
+    Precision.from_amp(args.amp, dev)  # an unknown --amp fails before anything is built
     args.device = str(dev)
     plan_threads("bench", device=dev, threads=args.threads).apply()
     first = load_for_command(args.pretrained, args.model)  # random weights without --pretrained

@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
         raise ValueError(f"--img-size takes H [W], each at least 1, got {' '.join(map(str, args.img_size))}")
+    dtype = Precision.from_amp("none" if args.amp == "auto" else args.amp, "cpu").dtype or torch.float32
     check_output_file(args.output, "--output")  # before the model is built and traced
     plan_threads("export", threads=args.threads).apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, ema=args.ema)
     check_img_size(model.model_name, args.img_size)
     size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
     size = (size[0], size[-1])
-    dtype = Precision.from_amp("none" if args.amp == "auto" else args.amp, "cpu").dtype or torch.float32
     model = model.to(dtype)
     classes = model.class_names
     what = f"{model.model_name}, input (B, {model.in_chans}, {size[0]}, {size[1]}), {model.num_classes} classes"

@@ -16,7 +16,9 @@ AMP_MEANING = ("auto: bf16 on a GPU that supports it, else fp32; none: fp32; bf1
 
 def add_amp(p: argparse.ArgumentParser, default: Any = "none", meaning: str = AMP_MEANING) -> None:
     shown = f" (default: {default})" if default is not argparse.SUPPRESS and default is not None else ""
-    p.add_argument("--amp", default=default, choices=AMP_CHOICES, help=f"precision. {meaning}{shown}")
+    # checked by Precision.from_amp (one `error:` line naming the choices), not by argparse's usage dump
+    p.add_argument("--amp", default=default, metavar="{" + ",".join(AMP_CHOICES) + "}",
+                   help=f"precision. {meaning}{shown}")
 
 
 def add_device(p: argparse.ArgumentParser, default: Any = "auto") -> None:

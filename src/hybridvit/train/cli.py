@@ -63,8 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(tp) is tuple:
             p.add_argument(flag, type=float, nargs=2, default=None, metavar=("A", "B"), help=help_text)
-        elif name == "amp":
-            p.add_argument(flag, default=None, choices=AMP_CHOICES, help=help_text)
+        elif name == "amp":  # as every command defines it (options.add_amp), default from the recipe
+            p.add_argument(flag, default=None, metavar="{" + ",".join(AMP_CHOICES) + "}", help=help_text)
         else:
             p.add_argument(flag, type=tp if tp in (int, float) else str, default=None, help=help_text)
 
