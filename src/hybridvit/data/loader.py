@@ -1,6 +1,8 @@
 """Datasets by name or folder, and the sampler/loader used by training and evaluation."""
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -142,11 +144,37 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# the iterators whose worker processes may still run
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+def stop_workers() -> None:
+    """Ends the workers of every loader iterator still alive (an epoch that a signal interrupted, whose
+    iterator the traceback kept). Workers ignore SIGTERM, so multiprocessing's exit handler, which ends
+    them with SIGTERM and then waits, would wait forever; this runs before it (atexit is last-in first-out)
+    and asks them to finish the way a finished epoch does."""
+    for it in list(_LIVE_ITERATORS):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+atexit.register(stop_workers)
+
+
 def make_loader(dataset, sampler: EpochSampler, batch_size: int, workers: int, drop_last: bool,
                 pin_memory: bool = False) -> DataLoader:
     # an own generator: creating the iterator must not consume torch's global random state,
     # which the training loop saves in checkpoints and restores on resume
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_skip, drop_last=drop_last, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(0), persistent_workers=False,
                       worker_init_fn=ignore_stop_signals if workers > 0 else None)
