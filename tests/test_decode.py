@@ -99,9 +99,12 @@ def test_every_mode_gets_the_same_prediction(tmp_path, capsys):
                                    class_names=["a", "b", "c", "d"], pretrained_cfg=model.pretrained_cfg,
                                    state_dict=model.state_dict()), ckpt)
     out = tmp_path / "pred.json"
-    assert main(["predict", "--pretrained", str(ckpt), *files.values(), "--topk", "4", "--json", str(out),
-                 "--threads", "1", "--no-progress"]) == 0
-    preds = {r["image"]: {t["class"]: t["prob"] for t in r["top"]} for r in json.loads(out.read_text())}
+    assert main(["predict", "--pretrained", str(ckpt), *files.values(), "--topk", "9", "--json", str(out),
+                 "--threads", "1", "--no-progress", "--batch-size", "3"]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["image"] for r in rows] == list(files.values())
+    assert {len(r["top"]) for r in rows} == {4}  # --topk 9 capped at the model's 4 classes
+    preds = {r["image"]: {t["class"]: t["prob"] for t in r["top"]} for r in rows}
     ref = preds[files["RGB"]]
     for mode, path in files.items():
         assert preds[path].keys() == ref.keys()

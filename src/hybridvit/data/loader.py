@@ -49,7 +49,7 @@ def build_dataset(data: str, split: str, transform: Callable | None, classes: li
 
 def first_readable(ds) -> tuple[int | None, list[str], str]:
     """Index of the first image of `ds` (an ImageFolder) that decodes, the unreadable ones before it,
-    and the last decoding error ('' when the first one decodes)."""
+    and the first one's decoding error ('' when the first image decodes)."""
     bad, reason = [], ""
     for i, (path, _) in enumerate(ds.samples):
         try:
@@ -57,7 +57,7 @@ def first_readable(ds) -> tuple[int | None, list[str], str]:
             return i, bad, reason
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             bad.append(path)
-            reason = f"{type(e).__name__}: {e}"
+            reason = reason or f"{type(e).__name__}: {e}"
     return None, bad, reason
 
 
