@@ -112,3 +112,229 @@ def test_commands_import_only_what_they_need(tmp_path):
     assert r.returncode == 2 and r.stderr == "error: PIL is not installed: pip install pillow\n"
     r = _run_without(_TRAIN_EXTRA, "train", "--epochs", "1")
     assert r.returncode == 2 and "pip install 'hybridvit[train]'" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- one command line (issue 19)
+_COMMANDS = ["train", "eval", "predict", "bench", "export", "analyze"]
+
+
+def _subparser(command: str):
+    from hybridvit.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return sub.choices[command]
+
+
+def _option(parser, flag: str):
+    return next((a for a in parser._actions if flag in a.option_strings), None)
+
+
+def _all_parsers(command: str):
+    """The parser of `command` and those of its own subcommands (analyze attention, ...)."""
+    p = _subparser(command)
+    out = [p]
+    for a in p._actions:
+        if a.dest == "analysis":
+            out += list(a.choices.values())
+    return out
+
+
+def test_shared_options_are_the_same_on_every_command():
+    from hybridvit.precision import AMP_CHOICES
+
+    amp = {c: _option(_subparser(c), "--amp") for c in _COMMANDS if c != "analyze"}
+    assert all(a is not None for a in amp.values())
+    assert {a.metavar for a in amp.values()} == {"{" + ",".join(AMP_CHOICES) + "}"}
+    for c in _COMMANDS:
+        assert _option(_subparser(c), "--threads") is not None, c
+    for c in ("train", "eval", "predict", "bench"):
+        for flag in ("--device", "--batch-size", "--img-size"):
+            assert _option(_subparser(c), flag) is not None, (c, flag)
+    for c in ("train", "eval", "predict"):
+        assert _option(_subparser(c), "--no-progress") is not None, c
+    for c in ("eval", "predict", "bench", "analyze"):
+        assert _option(_subparser(c), "--json") is not None, c
+    # the same help text wherever an option means the same
+    assert len({_option(_subparser(c), "--device").help for c in ("eval", "predict", "bench")}) == 1
+    assert len({_option(_subparser(c), "--amp").help for c in ("eval", "predict", "bench")}) == 1
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "bench", "export"])
+def test_an_unknown_amp_is_one_error_line_everywhere(command, capsys, tmp_path):
+    argv = {"eval": ["eval", "--pretrained", "x.pt"], "predict": ["predict", "--pretrained", "x.pt", "a.png"],
+            "bench": ["bench", "-m", "fastervit_nano"], "export": ["export", "-m", "fastervit_nano", "-o",
+                                                                   str(tmp_path / "m.onnx")]}[command]
+    assert main([*argv, "--amp", "fp8"]) == 2
+    assert capsys.readouterr().err == ("error: unknown precision --amp 'fp8': choose one of auto, none, bf16, "
+                                       "fp16\n")
+
+
+def test_analyze_has_one_img_size():
+    sizes = [_option(p, "--img-size") for p in _all_parsers("analyze")]
+    sizes = [a for a in sizes if a is not None]
+    assert len(sizes) >= 4 and {(a.nargs, a.type, a.help) for a in sizes} == {(None, int, sizes[0].help)}
+
+
+def test_help_texts_speak_to_users():
+    for c in _COMMANDS:
+        for p in _all_parsers(c):
+            text = p.format_help()
+            assert "runtime." not in text and "plan_threads" not in text, c
+            assert "default none" not in text and "(default none)" not in text, (c, p.prog)
+    export = _subparser("export").format_help()
+    assert "torch.export program" in export and "TorchScript" not in export
+    from hybridvit.cli import _COMMANDS as commands
+    assert "TorchScript" not in commands["export"][1]
+    train = _subparser("train").format_help()
+    assert "the model's input size" in " ".join(train.split())
+
+
+def test_top5_is_left_out_for_five_classes_or_fewer():
+    import torch
+
+    from hybridvit.inference.evaluate import evaluate
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.num_classes, self.n = n, n
+
+        def forward(self, x):
+            return torch.arange(self.n, dtype=torch.float32).expand(x.shape[0], -1)
+
+    batch = {"images": torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "targets": torch.tensor([0, 1, 2, 2]),
+             "bad": ["broken.png"]}
+    small = evaluate(Fixed(3), [batch], torch.device("cpu"))
+    assert small["top5"] is None and small["top1"] == 50.0 and small["skipped"] == ["broken.png"]
+    big = evaluate(Fixed(10), [batch], torch.device("cpu"))
+    assert big["top5"] == 0.0  # the fixed model ranks classes 9..5 first: none of the targets
+    empty = evaluate(Fixed(3), [{**batch, "images": torch.empty(0), "targets": torch.empty(0, dtype=torch.long)}],
+                     torch.device("cpu"))
+    assert empty["images"] == 0
+
+
+def test_name_suggestions_handle_case_and_look_alike_characters():
+    for typo, want in (("fastervit_O", "fastervit_0"), ("FasterViT_0", "fastervit_0"),
+                       ("crossformer-t", "crossformer_t"), ("cabvit_h_Ll", "cabvit_h_l1")):
+        with pytest.raises(ValueError) as e:
+            hybridvit.create_model(typo)
+        assert str(e.value).split("Did you mean: ")[1].startswith(want), str(e.value)
+
+
+def test_eval_of_a_folder_without_a_readable_image_is_an_error(tmp_path, capsys):
+    import torch
+    from _imagedata import make_folder
+
+    from hybridvit.checkpoint import make_run_checkpoint
+
+    pytest.importorskip("PIL", reason="needs pillow")
+    root = make_folder(tmp_path / "data", n_train=1, n_val=2)
+    model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
+    ckpt = tmp_path / "run.pt"
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
+                                   class_names=["blue", "red"], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), ckpt)
+    broken = sorted((root / "val").rglob("*.png"))
+    broken[0].write_bytes(b"not an image")
+    res = tmp_path / "eval.json"
+    argv = ["eval", "--pretrained", str(ckpt), "--data", str(root), "--no-progress", "--workers", "0"]
+    assert main([*argv, "--json", str(res)]) == 0
+    out, err = capsys.readouterr()
+    assert "(3 images, 1 unreadable skipped)" in out and "top-5" not in out
+    assert f"warning: skipped unreadable image {broken[0]}" in err
+    assert json.loads(res.read_text())["skipped_images"] == [str(broken[0])]
+    for f in broken:
+        f.write_bytes(b"not an image")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: no image of {root / 'val'} could be read (4 unreadable")
+
+
+def test_readme_troubleshooting_lines_are_what_the_commands_print(tmp_path, capsys, monkeypatch):
+    """Each message the README's troubleshooting section quotes (`…` standing for paths and names) is
+    printed by the command it describes, run here."""
+    import os
+    import re
+    import shutil
+    from pathlib import Path
+
+    import torch
+    from _imagedata import make_folder
+
+    from hybridvit import _io
+    from hybridvit.checkpoint import make_run_checkpoint
+    from hybridvit.cli import Terminated
+    from hybridvit.inference import evaluate as evaluate_mod
+
+    pytest.importorskip("PIL", reason="needs pillow")
+    pytest.importorskip("kornia", reason="the training checks need the train extra")
+    printed = []
+
+    def run(*argv: str) -> None:
+        main(list(argv))
+        out, err = capsys.readouterr()
+        printed.append(out + err)
+
+    one = make_folder(tmp_path / "one", n_train=2, n_val=1)
+    shutil.rmtree(one / "train" / "red")
+    shutil.rmtree(one / "val" / "red")
+    run("train", "--data", str(one), "--no-progress", "--output", str(tmp_path / "r1"))
+    bad = make_folder(tmp_path / "bad", n_train=2, n_val=1)
+    for f in (bad / "val").rglob("*.png"):
+        f.write_bytes(b"x")
+    run("train", "--data", str(bad), "--no-progress", "--output", str(tmp_path / "r2"))
+    unk = make_folder(tmp_path / "unk", n_train=2, n_val=1)
+    (unk / "val" / "green").mkdir()
+    (unk / "val" / "red" / "000.png").rename(unk / "val" / "green" / "000.png")
+    run("train", "--data", str(unk), "--no-progress", "--output", str(tmp_path / "r3"))
+    model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
+    ckpt = tmp_path / "run.pt"
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
+                                   class_names=["blue", "red"], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), ckpt)
+    ev = make_folder(tmp_path / "ev", n_train=1, n_val=2)
+    (ev / "val" / "red" / "000.png").write_bytes(b"x")
+    run("eval", "--pretrained", str(ckpt), "--data", str(ev), "--no-progress", "--workers", "0")
+    for f in (ev / "val").rglob("*.png"):
+        f.write_bytes(b"x")
+    run("eval", "--pretrained", str(ckpt), "--data", str(ev), "--no-progress", "--workers", "0")
+    (tmp_path / "afile").write_text("x")
+    run("export", "-m", "fastervit_nano", "-o", str(tmp_path / "afile" / "m.onnx"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: emulate a user's permission check
+        monkeypatch.setattr(_io.os, "access", lambda p, m, *a, **k: Path(p) != ro)
+    run("models", "fastervit_0", "--no-macs", "--json", str(ro / "m.json"))
+    monkeypatch.undo()
+    ro.chmod(0o755)
+    table = tmp_path / "m.json"
+    run("models", "fastervit_0", "--no-macs", "--json", str(table))
+
+    def full(path):
+        raise OSError(28, os.strerror(28))
+    monkeypatch.setattr(_io, "_open", full)
+    run("models", "fastervit_0", "--no-macs", "--json", str(table))
+    monkeypatch.undo()
+    from hybridvit.train.engine import TrainingInterrupted
+    printed.append(str(TrainingInterrupted(15, tmp_path / "run", 0, 3, 8)))
+    for exc in (KeyboardInterrupt(), Terminated(15)):
+        def stop(args, exc=exc):
+            raise exc
+        monkeypatch.setattr(evaluate_mod, "run", stop)
+        run("eval", "--pretrained", str(ckpt))
+    monkeypatch.undo()
+    run("eval", "--pretrained", str(ckpt), "--amp", "fp8")
+    run("models", "fastervit_O")
+    text = "\n".join(printed)
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    spans = [a or b for a, b in re.findall(r"``(.+?)``|`([^`]+)`", section, flags=re.S)]
+    quoted = [" ".join(s.split()) for s in spans
+              if s.startswith(("error:", "warning:", "interrupted", "stopped by", "SIGTERM:"))]
+    assert len(quoted) >= 12
+    for q in quoted:
+        pattern = "[^\n]*?".join(re.escape(piece) for piece in q.split("…"))
+        assert re.search(pattern, text), f"the README quotes {q!r}, but no command printed it:\n{text}"

@@ -115,3 +115,54 @@ def test_device_augment_and_mixup():
         xm, t = mix(plain, torch.arange(8) % 5)
         assert xm.shape == plain.shape and torch.allclose(t.sum(1), torch.ones(8))
         assert (t.max(1).values < 1).all()
+
+
+# ------------------------------------------------------------------ checks before training (issue 19)
+def _train_error(argv: list[str], capsys) -> str:
+    from hybridvit.cli import main
+
+    assert main(["train", *argv, "--no-progress", "--threads", "1", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_one_class_is_refused_before_training(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", n_train=2, n_val=1)
+    for split in ("train", "val"):
+        for f in (root / split / "red").iterdir():
+            f.unlink()
+        (root / split / "red").rmdir()
+    out = tmp_path / "runs" / "one"
+    err = _train_error(["--data", str(root), "--output", str(out)], capsys)
+    assert "1 class folder" in err and "at least 2 classes" in err and str(root / "train") in err
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no folder, not even runs/
+
+
+def test_no_readable_validation_image_is_refused_before_training(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", n_train=2, n_val=1)
+    for f in (root / "val").rglob("*.png"):
+        f.write_bytes(b"not an image")
+    err = _train_error(["--data", str(root), "--output", str(tmp_path / "run")], capsys)
+    assert f"no image of {root / 'val'} can be read" in err and "validation would score 0 %" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validation_classes_unknown_to_training_are_refused(tmp_path, capsys):
+    root = make_folder(tmp_path / "data", n_train=2, n_val=1)
+    green = root / "val" / "green"
+    green.mkdir()
+    (root / "val" / "red" / "000.png").rename(green / "000.png")
+    err = _train_error(["--data", str(root), "--output", str(tmp_path / "run")], capsys)
+    assert "green" in err and f"{root / 'train'} does not have" in err and "Training classes: blue, red" in err
+
+
+def test_data_checks_accept_a_good_folder_and_name_the_folders(tmp_path):
+    from hybridvit.data.loader import check_training_data, data_folders
+
+    root = make_folder(tmp_path / "data", n_train=2, n_val=1)
+    corrupt_jpeg(root / "val" / "red" / "aaa.jpg")  # the first file is broken, a later one is readable
+    assert check_training_data(str(root), "train", "val") == ["blue", "red"]
+    assert data_folders(str(root), "train", "val") == {"train_folder": str((root / "train").resolve()),
+                                                       "val_folder": str((root / "val").resolve())}
+    assert data_folders("digits", "train", "val") == {"train_folder": None, "val_folder": None}

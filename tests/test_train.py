@@ -229,3 +229,22 @@ def test_precision_is_built_once_from_amp(tmp_path, capsys):
     assert cli_main(["train", "--amp", "fp8", "--output", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "unknown precision --amp 'fp8': choose one of auto, none, bf16, fp16" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_skipped_images_of_training_and_validation_are_listed(tmp_path):
+    root = make_folder(tmp_path / "data", n_train=8, n_val=4, ext="jpg")
+    bad_train = corrupt_jpeg(root / "train" / "red" / "broken.jpg")
+    bad_val = corrupt_jpeg(root / "val" / "blue" / "broken.jpg")
+    out = tmp_path / "run"
+    summary = train(make_config(None, data=str(root), output=str(out), epochs=2, **TINY))
+    assert summary["skipped_images"] == sorted([str(bad_train), str(bad_val)])
+    assert json.loads((out / "summary.json").read_text())["skipped_images"] == summary["skipped_images"]
+    log = (out / "train.log").read_text()
+    assert log.count(f"skipped unreadable image {bad_val}") == 1 and str(bad_train) in log
+    assert summary["val_images"] == 9 and summary["val_top5_last"] is None  # 2 classes: no top-5
+    # the run records its data folders (absolute) for the commands that use the run later
+    config = torch.load(out / "best.pt", weights_only=True)["config"]
+    assert config["train_folder"] == str((root / "train").resolve())
+    assert config["val_folder"] == str((root / "val").resolve())
+    assert summary["config"]["val_folder"] == config["val_folder"]

@@ -7,7 +7,6 @@ that their ratios are comparable even on a noisy machine.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -219,15 +218,17 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import options
+
     p.add_argument("--model", "-m", help="registered model name (not needed with a run checkpoint)")
     p.add_argument("--pretrained", default=None, help="a hybridvit run checkpoint (its model, classes and size), "
                    "an official checkpoint with --model, or 'true' for the published weights of --model")
     p.add_argument("--compare", nargs="*", default=[], metavar="M",
                    help="other models measured in the same run (hybridvit names, or timm:<name> if timm is installed)")
-    p.add_argument("--batch-size", "-b", type=int, default=16)
-    p.add_argument("--img-size", type=int, default=None, help="default: the model's pretrained_cfg size")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
-    p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype (default: fp32)")
+    options.add_batch_size(p, 16, short=True)
+    options.add_img_size(p, whose="the checkpoint's, else the model's")
+    options.add_device(p)
+    options.add_amp(p, "none")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
     p.add_argument("--no-channels-last", action="store_true")
@@ -236,15 +237,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 products of hybridvit models on CPU: auto = fp32 kernels on bf16 operands where the "
                         "CPU has no bf16 instructions (same numerics, much faster there), native = PyTorch's bf16 "
                         "kernels always")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: every CPU this process may use, see runtime.plan_threads)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=7)
+    options.add_threads(p)
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs before measuring (default: 3)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported (default: 7)")
     p.add_argument("--peak", action="store_true", help="also measure the dense matmul peak (GFLOP/s) for reference")
-    p.add_argument("--json", metavar="OUT", help="write results, environment and command to this file")
+    options.add_json(p, "the results, the environment and the command")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._io import check_output_file, write_json
     from .inference import load_for_command
     from .runtime import check_img_size, plan_threads, resolve_device
 
@@ -257,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.json:
+        check_output_file(args.json, "--json")
     dev = resolve_device(args.device)
+    Precision.from_amp(args.amp, dev)  # an unknown --amp fails before anything is built
     args.device = str(dev)
     plan_threads("bench", device=dev, threads=args.threads).apply()
     first = load_for_command(args.pretrained, args.model)  # random weights without --pretrained
@@ -288,6 +292,5 @@ def run(args: argparse.Namespace) -> int:
         pk = out["matmul_peak_gflops"]
         print(f"matmul peak: {pk:.0f} GFLOP/s; {res[0]['model']} reaches {100 * res[0]['achieved_gflops'] / pk:.0f}%")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_json(args.json, out)
     return 0

@@ -401,33 +401,14 @@ def _head_size(sd: dict[str, torch.Tensor]) -> int:
     return int(w.shape[0]) if isinstance(w, torch.Tensor) else 1000
 
 
-def temp_path(path: Path) -> Path:
-    """The temporary file a save writes before renaming (a hidden sibling, marked with the process id)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, synced, then renamed over `path`: a crash or a
-    full disk never leaves a half-written `path`, and a failed save removes its temporary file."""
-    path = Path(path)
-    tmp = temp_path(path)
+    """torch.save through the one atomic write (`_io.atomic_write`): a crash or a full disk never leaves a
+    half-written `path` and keeps the previous one; its error is a CheckpointError."""
+    from ._io import OutputError, save_torch
+
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
-        reason = os.strerror(e.errno) if isinstance(e, OSError) and e.errno else str(e).splitlines()[0]
-        raise CheckpointError(f"could not write {path}: {reason} ({kept}). Free disk space or choose another "
-                              "output folder, then resume with --resume.") from e
-
-
-def clean_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Removes the temporary files that killed saves left in `folder` (`.NAME.tmpPID`); returns them."""
-    stale = [p for p in Path(folder).glob(".*.tmp*") if p.is_file()]
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return stale
+        save_torch(obj, path)
+    except OutputError as e:
+        raise CheckpointError(f"{e}, then resume with --resume") from e.__cause__

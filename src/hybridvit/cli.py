@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import os
 import sys
 
 # subcommand -> module providing add_arguments(parser) and run(args) -> int
@@ -13,7 +13,7 @@ _COMMANDS = {
     "eval": ("hybridvit.inference.evaluate", "Top-1/top-5 of a checkpoint on an image folder."),
     "predict": ("hybridvit.inference.predict", "Top-k classes for image files."),
     "bench": ("hybridvit.bench", "Throughput, latency, memory and FLOP/s of models."),
-    "export": ("hybridvit.export", "Export a model to ONNX or TorchScript."),
+    "export": ("hybridvit.export", "Export a model for deployment: ONNX, or a torch.export program (.pt2)."),
     "analyze": ("hybridvit.analysis", "Analyse a model (activations, attention, complexity)."),
 }
 
@@ -21,7 +21,8 @@ _COMMANDS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'fastervit_*'")
     p.add_argument("--no-macs", action="store_true", help="skip the GMACs count (faster)")
-    p.add_argument("--json", metavar="OUT", help="also write the table to this JSON file")
+    from .options import add_json
+    add_json(p, "the table")
 
 
 def model_row(name: str, with_macs: bool = True) -> dict:
@@ -40,9 +41,15 @@ def model_row(name: str, with_macs: bool = True) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._io import check_output_file, write_json
     from .registry import list_models
 
+    if args.json:
+        check_output_file(args.json, "--json")
     names = list_models(args.pattern)
+    if not names and not any(ch in args.pattern for ch in "*?["):
+        from .registry import get_entry
+        get_entry(args.pattern)  # a name, not a pattern: the error lists the close names
     if not names:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
@@ -56,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r['name']:<24}{r['family']:<13}{r['params_m']:>11.2f}{macs:>9}{r['img_size']:>6}{top1:>7}"
               f"  {r['weights']:<10}{r['license']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
     return 0
 
 
@@ -93,6 +99,8 @@ def _command_in(argv: list[str]) -> str:
 
 def _user_error(e: BaseException) -> str | None:
     """The one-line message for an error the user can act on; None for a bug (traceback)."""
+    import errno
+
     if isinstance(e, ModuleNotFoundError) and e.name:
         top = e.name.split(".")[0]
         if top in _EXTRAS:
@@ -100,14 +108,38 @@ def _user_error(e: BaseException) -> str | None:
         return None
     if isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
         return str(e)
+    # a file system refusing a write that no check foresaw (a quota, a file system turned read-only)
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                                              errno.EISDIR, errno.ENOSPC, errno.EDQUOT):
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{os.strerror(e.errno)}"
     return None
+
+
+class Terminated(BaseException):
+    """SIGTERM outside training's own handling (which writes last.pt first): stop with exit 143."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`hybridvit ...`: runs one subcommand; user errors print one `error: ...` line and return 2
-    (`hybridvit --debug ...` shows the traceback instead)."""
+    (`hybridvit --debug ...` shows the traceback instead). Ctrl-C stops with one line and exit 130, SIGTERM
+    with exit 143 (training first writes a resumable last.pt)."""
+    import signal
+    import threading
+
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv[: argv.index(_command_in(argv))] if _command_in(argv) else "--debug" in argv
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGTERM, _terminate)
     try:
         parser = build_parser(_command_in(argv))
         args = parser.parse_args(argv)
@@ -116,12 +148,26 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\ninterrupted (Ctrl-C): `hybridvit {_command_in(argv) or ''}` stopped", file=sys.stderr)
+        return 130
+    except Terminated as e:
+        if debug:
+            raise
+        print(f"\nstopped by {signal.Signals(e.signum).name}: `hybridvit {_command_in(argv) or ''}` did not finish",
+              file=sys.stderr)
+        return 128 + e.signum
     except Exception as e:
         msg = _user_error(e)
         if debug or msg is None:
             raise
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_save, atomic_write
+
 
 def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], dynamic_batch: bool = True,
                 opset: int = 18, dtype: torch.dtype = torch.float32) -> Path:
@@ -22,7 +24,7 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, i
     path = Path(path)
     prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
                              dynamic_shapes=dyn, opset_version=opset, external_data=False)
-    prog.save(str(path))
+    atomic_save(path, lambda tmp: prog.save(str(tmp)))
     return path
 
 
@@ -40,35 +42,41 @@ def check_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, in
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import options
+
     p.add_argument("--model", "-m", help="model name (not needed for a hybridvit run checkpoint)")
     p.add_argument("--pretrained", default=None, help="a hybridvit run checkpoint, an official checkpoint with "
                    "--model, or 'true' for the published weights of --model")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a hybridvit checkpoint")
-    p.add_argument("--num-classes", type=int, default=None, help="for --model without a run checkpoint (default "
-                   "1000)")
-    p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W]; default: the model's size")
+    p.add_argument("--num-classes", type=int, default=None, help="classes, for --model without a run checkpoint "
+                   "(default: 1000)")
+    options.add_img_size(p, rect=True, whose="the checkpoint's, else the model's; W defaults to H")
     p.add_argument("--format", choices=["onnx", "pt2"], default="onnx",
-                   help="onnx (checked with onnxruntime when installed) or pt2 (torch.export program)")
-    p.add_argument("--amp", default="none", choices=["none", "fp16"],
-                   help="none: fp32 graph (default); fp16: weights and input in float16 (for GPU runtimes)")
+                   help="onnx: an ONNX model (opset 18) for ONNX Runtime, OpenVINO, TensorRT..., checked against "
+                        "PyTorch with onnxruntime when it is installed; pt2: a torch.export program (ExportedProgram, "
+                        "load it with torch.export.load) for PyTorch runtimes (default: onnx)")
+    options.add_amp(p, "none", meaning="the type of the exported weights and input: none (or auto): float32; "
+                    "fp16: float16 (for GPU runtimes); bf16: bfloat16")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
-    p.add_argument("--output", "-o", required=True)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: every CPU available)")
+    p.add_argument("--output", "-o", required=True, help="the file to write (its folder is created)")
+    options.add_threads(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ._io import check_output_file
     from .inference import load_for_command
     from .precision import Precision
     from .runtime import check_img_size, plan_threads
 
     if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
         raise ValueError(f"--img-size takes H [W], each at least 1, got {' '.join(map(str, args.img_size))}")
+    dtype = Precision.from_amp("none" if args.amp == "auto" else args.amp, "cpu").dtype or torch.float32
+    check_output_file(args.output, "--output")  # before the model is built and traced
     plan_threads("export", threads=args.threads).apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, ema=args.ema)
     check_img_size(model.model_name, args.img_size)
     size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
     size = (size[0], size[-1])
-    dtype = Precision.from_amp(args.amp, "cpu").dtype or torch.float32
     model = model.to(dtype)
     classes = model.class_names
     what = f"{model.model_name}, input (B, {model.in_chans}, {size[0]}, {size[1]}), {model.num_classes} classes"
@@ -77,10 +85,14 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "pt2":
         x = torch.randn(2, model.in_chans, *size, dtype=dtype)
         dyn = None if args.static_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
-        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=dyn), args.output)
+        program = torch.export.export(model, (x,), dynamic_shapes=dyn)
+        atomic_write(args.output, lambda f: torch.export.save(program, f))
         print(f"wrote {args.output} ({what}; torch.export program, load with torch.export.load)")
         return 0
     path = export_onnx(model, args.output, size, dynamic_batch=not args.static_batch, dtype=dtype)
+    if dtype == torch.bfloat16:
+        print(f"wrote {path} ({what}; bfloat16: not checked, onnxruntime's CPU provider has no bfloat16 input)")
+        return 0
     try:
         diff = check_onnx(model, path, size, batch=1 if args.static_batch else 2, dtype=dtype)
         print(f"wrote {path} ({what}); onnxruntime vs PyTorch max abs difference {diff:.2e}")

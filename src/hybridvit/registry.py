@@ -28,10 +28,29 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
+# characters a typo swaps for look-alikes: O/o for 0, l/I/i for 1, - for _, S for 5, B for 8...
+_LOOKALIKE = str.maketrans({"o": "0", "l": "1", "i": "1", "-": "_", " ": "_", ".": "_", "s": "5", "z": "2",
+                            "b": "8", "g": "9"})
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().translate(_LOOKALIKE)
+
+
+def close_names(name: str, names: list[str], n: int = 5) -> list[str]:
+    """Up to `n` of `names` close to `name`, the closest first: those equal to it up to case and look-alike
+    characters (`fastervit_O` -> `fastervit_0`), then difflib's close matches of the lower-cased name."""
+    key = _canonical(name)
+    exact = [m for m in names if _canonical(m) == key]
+    lowered = {m.lower(): m for m in names}
+    fuzzy = [lowered[m] for m in difflib.get_close_matches(name.strip().lower(), list(lowered), n=n, cutoff=0.5)]
+    return list(dict.fromkeys(exact + fuzzy))[:n]
+
+
 def get_entry(name: str) -> Variant:
     """The registry entry of `name` (config, weights source, top-1, `license`, pretrained_cfg)."""
     if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
+        close = close_names(name, list(_REGISTRY))
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown model {name!r}.{hint} `hybridvit models` lists all {len(_REGISTRY)} models.")
     return _REGISTRY[name]

@@ -28,7 +28,12 @@ _SUBCOMMANDS = {
 }
 
 
+_SIZE_DEFAULT = "the run's, else the model's; analyses run at SIZE x SIZE"
+
+
 def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
+    from .. import options
+
     # SUPPRESS: values given before the subcommand (`analyze -m M attention`) are kept
     more = " (repeat for one line per model)" if several else ""
     p.add_argument("--model", "-m", action="append", default=argparse.SUPPRESS,
@@ -39,21 +44,20 @@ def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
                                                                 if several else ""))
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files or folders, 'digits' (default) or 'random'")
-    p.add_argument("--img-size", type=int, default=argparse.SUPPRESS,
-                   help="input side in pixels (default: the model's or the run's)")
-    p.add_argument("--num-images", type=int, default=8, help="images averaged over (default 8)")
-    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
-                   help="torch CPU threads (default: every CPU this process may use)")
+    options.add_img_size(p, default=argparse.SUPPRESS, whose=_SIZE_DEFAULT)
+    p.add_argument("--num-images", type=int, default=8, help="images averaged over (default: 8)")
+    options.add_threads(p, default=argparse.SUPPRESS)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="model name (the complexity table without a subcommand)")
     p.add_argument("--pretrained", default=None, help="checkpoint path, a hybridvit run, or 'true' for the "
                    "published weights")
-    p.add_argument("--img-size", type=int, nargs="+", default=None, help="H [W]; default: the model's size")
-    p.add_argument("--json", metavar="OUT", help="write the complexity table to this file")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: every CPU this process may use, see runtime.plan_threads)")
+    from .. import options
+
+    options.add_img_size(p, whose=_SIZE_DEFAULT)
+    options.add_json(p, "the complexity table")
+    options.add_threads(p)
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     for name, help_text in _SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -89,7 +93,7 @@ def _models_and_inputs(args: argparse.Namespace, several: bool):
         raise AnalysisError(f"give --pretrained once per --model, in order ({len(names)} models, "
                             f"{len(pretrained)} --pretrained); 'none' means random weights")
     pretrained = pretrained or [None] * len(names)
-    size = args.img_size[0] if isinstance(args.img_size, list) else args.img_size
+    size = args.img_size
     runs, shown, labels = [], None, None
     for name, pre in zip(names, pretrained):
         if name:
@@ -104,9 +108,16 @@ def _models_and_inputs(args: argparse.Namespace, several: bool):
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_dir, check_output_file
+    from ..options import check_positive
     from ..runtime import check_img_size, plan_threads
     from . import complexity
 
+    check_positive(args, "img_size", "threads", "num_images")
+    if getattr(args, "json", None):
+        check_output_file(args.json, "--json")
+    if args.analysis is not None:
+        check_output_dir(args.output, "--output", create=False)
     plan_threads("analyze", threads=args.threads).apply()
     if args.analysis is None:
         if not args.model and not args.pretrained:
@@ -117,6 +128,8 @@ def run(args: argparse.Namespace) -> int:
             args.model = args.model[0]
         if args.model:
             check_img_size(args.model, args.img_size)
+        if args.img_size:
+            args.img_size = [args.img_size, args.img_size]
         return complexity.run_table(args)
     out = Path(args.output)
     if args.analysis == "pareto":

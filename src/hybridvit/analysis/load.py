@@ -74,11 +74,10 @@ def load_images(sources: list[str], model: nn.Module, num_images: int = 8,
             raise FileNotFoundError(f"image {src!r} does not exist: pass image files, a folder, 'digits' or "
                                     "'random'")
         for f in files[:max(0, num_images - len(pil))]:
-            from PIL import Image
+            from ..data.decode import decode_image
             try:
-                with Image.open(f) as im:
-                    pil.append(im.convert("RGB"))
-            except OSError as e:
+                pil.append(decode_image(f))
+            except (OSError, SyntaxError, ValueError) as e:
                 raise AnalysisError(f"cannot read image {f}: {e}") from e
             names.append(str(f))
     pil, names = pil[:num_images], names[:num_images]

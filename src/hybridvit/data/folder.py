@@ -64,11 +64,8 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def load(self, index: int):
-        from PIL import Image
-        path = self.samples[index][0]
-        with Image.open(path) as img:
-            img.load()  # decode fully now: a truncated file fails here, not later
-            return img.convert("RGB")
+        from .decode import decode_image
+        return decode_image(self.samples[index][0])
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]

@@ -1,6 +1,8 @@
 """Datasets by name or folder, and the sampler/loader used by training and evaluation."""
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +17,17 @@ def is_digits(data: str | None) -> bool:
     return data in (None, "", DIGITS_NAME)
 
 
+def split_folder(data: str, split: str) -> Path:
+    """The class-folder tree of `split`: DATA/SPLIT, or DATA itself when it is a single class-folder
+    tree (no train/ or val/ inside) and `split` is a validation split. It may not exist."""
+    root = Path(data)
+    folder = root / split
+    if (not folder.is_dir() and split in ("val", "validation") and root.is_dir()
+            and not any((root / s).is_dir() for s in ("train", "val"))):
+        return root
+    return folder
+
+
 def build_dataset(data: str, split: str, transform: Callable | None, classes: list[str] | None = None,
                   strict: bool = False):
     """`data` is 'digits' (the embedded set) or an ImageNet-layout ROOT; `split` a sub-folder of ROOT.
@@ -26,15 +39,67 @@ def build_dataset(data: str, split: str, transform: Callable | None, classes: li
     root = Path(data)
     if not root.is_dir():
         raise DataError(f"dataset folder {str(root)!r} does not exist")
-    folder = root / split
-    if not folder.is_dir():
-        # a ROOT that is itself the class folder tree (eval on a single split)
-        subdirs = find_classes(root)
-        if split in ("val", "validation") and not any((root / s).is_dir() for s in ("train", "val")) and subdirs:
-            folder = root
-        else:
-            raise DataError(f"split folder {str(folder)!r} does not exist (expected ROOT/{split}/<class>/*)")
+    folder = split_folder(data, split)
+    if folder == root:
+        find_classes(root)  # a clear error when it holds no class folders
+    elif not folder.is_dir():
+        raise DataError(f"split folder {str(folder)!r} does not exist (expected ROOT/{split}/<class>/*)")
     return ImageFolder(folder, transform, classes=classes or find_classes(folder), strict=strict)
+
+
+def first_readable(ds) -> tuple[int | None, list[str], str]:
+    """Index of the first image of `ds` (an ImageFolder) that decodes, the unreadable ones before it,
+    and the first one's decoding error ('' when the first image decodes)."""
+    bad, reason = [], ""
+    for i, (path, _) in enumerate(ds.samples):
+        try:
+            ds.load(i)
+            return i, bad, reason
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            bad.append(path)
+            reason = reason or f"{type(e).__name__}: {e}"
+    return None, bad, reason
+
+
+def check_training_data(data: str, train_split: str, val_split: str, strict: bool = False) -> list[str]:
+    """The class names of a training run, after the checks that would otherwise give a wrong answer
+    that exits 0; each failure is a DataError with what to do:
+    - fewer than 2 class folders in the training split (a classifier of one class learns nothing);
+    - validation class folders that training does not have (their images could never be right);
+    - no readable image in the validation split (it would score 0 %) or the training split.
+    A missing or empty folder fails here too (`build_dataset`)."""
+    train = build_dataset(data, train_split, None, strict=strict)
+    if is_digits(data):
+        return list(train.classes)
+    train_dir, val_dir = split_folder(data, train_split), split_folder(data, val_split)
+    if len(train.classes) < 2:
+        found = f"only {train.classes[0]!r}" if train.classes else "none"
+        raise DataError(f"{train_dir} has {len(train.classes)} class folder ({found}): a classifier needs at "
+                        "least 2 classes; put the images of each class in its own folder, "
+                        f"{train_dir}/<class>/*.jpg")
+    unknown = [c for c in find_classes(val_dir)] if val_dir.is_dir() else []
+    unknown = [c for c in unknown if c not in set(train.classes)]
+    if unknown:
+        raise DataError(f"{val_dir} has class folder(s) that {train_dir} does not have: "
+                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; the model could never "
+                        f"predict them. Training classes: {', '.join(train.classes[:20])}"
+                        f"{' ...' if len(train.classes) > 20 else ''}. Rename or remove those folders")
+    val = build_dataset(data, val_split, None, classes=list(train.classes), strict=strict)
+    for ds, folder, what in ((val, val_dir, "validation would score 0 %"), (train, train_dir, "nothing to learn")):
+        index, bad, reason = first_readable(ds)
+        if index is None:
+            raise DataError(f"no image of {folder} can be read ({what}): all {len(bad)} files fail to decode, "
+                            f"e.g. {bad[0]} ({reason}). Replace them with readable images (open them with PIL)")
+    return list(train.classes)
+
+
+def data_folders(data: str, train_split: str, val_split: str) -> dict[str, str | None]:
+    """`train_folder` and `val_folder` of a run as absolute paths (None for the embedded digits): what a run
+    checkpoint records so that later commands find the run's data from any working directory."""
+    if is_digits(data):
+        return {"train_folder": None, "val_folder": None}
+    return {"train_folder": str(split_folder(data, train_split).resolve()),
+            "val_folder": str(split_folder(data, val_split).resolve())}
 
 
 class EpochSampler(Sampler[int]):
@@ -69,10 +134,47 @@ class EpochSampler(Sampler[int]):
         return len(self.indices())
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C, `timeout`, SLURM and Kubernetes
+    signal the whole process group, and workers that died of it would break the main process's save.
+    The main process alone decides to stop; its workers end with it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# the iterators whose worker processes may still run
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE_ITERATORS.add(it)
+        return it
+
+
+def stop_workers() -> None:
+    """Ends the workers of every loader iterator still alive (an epoch that a signal interrupted, whose
+    iterator the traceback kept). Workers ignore SIGTERM, so multiprocessing's exit handler, which ends
+    them with SIGTERM and then waits, would wait forever; this runs before it (atexit is last-in first-out)
+    and asks them to finish the way a finished epoch does."""
+    for it in list(_LIVE_ITERATORS):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+atexit.register(stop_workers)
+
+
 def make_loader(dataset, sampler: EpochSampler, batch_size: int, workers: int, drop_last: bool,
                 pin_memory: bool = False) -> DataLoader:
     # an own generator: creating the iterator must not consume torch's global random state,
     # which the training loop saves in checkpoints and restores on resume
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    return _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_skip, drop_last=drop_last, pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(0), persistent_workers=False)
+                      generator=torch.Generator().manual_seed(0), persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None)

@@ -3,16 +3,16 @@ model's own resize/crop/interpolation; and `evaluate()`, which training uses for
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import AMP_CHOICES, Precision
+from ..precision import Precision
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -25,12 +25,20 @@ def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, leave=False, file=sys.stdout)
 
 
+class EvaluationStopped(Exception):
+    """`evaluate` stopped early because its `stop` callable asked it to (a signal during validation)."""
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, precision: Precision | None = None, *,
              channels_last: bool = False, progress: bool = False, desc: str = "eval",
-             reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
-    """top-1/top-5 (percent) and mean loss over `loader` (batches of `images` (B, 3, H, W) in [0, 1] and
-    `targets` (B,)); `reduce` sums the counts over processes (every image counted once)."""
+             reduce: Callable[[list[float]], list[float]] | None = None,
+             stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """top-1/top-5 (percent) and mean loss over `loader` (batches of `images` (B, 3, H, W) uint8, `targets`
+    (B,) and `bad`, the paths of unreadable images); `reduce` sums the counts over processes (every image
+    counted once). Returns `images` (0 when none could be read: the metrics are then 0), `skipped` (the
+    unreadable paths this process met) and `top5` None when the model has 5 classes or fewer (every
+    image would be a top-5 hit). `stop` is asked before each batch: True raises EvaluationStopped."""
     from ..data.transforms import Normalize
 
     precision = precision or Precision(device, None)
@@ -38,7 +46,12 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: Precisio
     cfg = getattr(model, "pretrained_cfg", {})
     norm = Normalize(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(device)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images
+    skipped: list[str] = []
+    n_classes = getattr(model, "num_classes", None)
     for batch in _progress(loader, progress, desc):
+        if stop is not None and stop():
+            raise EvaluationStopped(desc)
+        skipped += batch.get("bad", [])
         if batch["targets"].numel() == 0:
             continue
         x = norm(batch["images"].to(device, non_blocking=True))
@@ -48,17 +61,22 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: Precisio
         with precision.autocast(model):
             logits = model(x)
         logits = logits.float()
+        n_classes = logits.shape[1]
         hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
         sums[0] += float(F.cross_entropy(logits, y, reduction="sum"))
         sums[1] += float(hit[:, 0].sum())
         sums[2] += float(hit.any(dim=1).sum())
         sums[3] += y.numel()
     loss, top1, top5, total = reduce(sums) if reduce else sums
-    total = max(total, 1)
-    return {"loss": loss / total, "top1": 100 * top1 / total, "top5": 100 * top5 / total, "images": int(total)}
+    n = max(total, 1)
+    return {"loss": loss / n, "top1": 100 * top1 / n,
+            "top5": 100 * top5 / n if n_classes is None or n_classes > 5 else None,
+            "images": int(total), "skipped": sorted(set(skipped))}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .. import options
+
     p.add_argument("--pretrained", required=True,
                    help="a hybridvit run checkpoint (or run folder), an official checkpoint with --model, "
                         "or 'true' for the published weights of --model")
@@ -68,28 +86,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "folders are matched to a hybridvit run's classes by name (a subset is fine, an unknown "
                         "folder is refused); a checkpoint without class names (official weights) takes the "
                         "sorted folders as its class indices 0, 1, ...")
-    p.add_argument("--split", default="val", help="sub-folder of ROOT to evaluate (default val)")
-    p.add_argument("--num-classes", type=int, help="for an official checkpoint (default 1000)")
-    p.add_argument("--img-size", type=int, help="input size (default: the checkpoint's or the model's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader workers (default: planned with --threads from the CPUs, 0 for digits)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the CPUs left after the loader workers, see "
-                        "runtime.plan_threads)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="none", choices=AMP_CHOICES, help="precision (default none: fp32)")
+    p.add_argument("--split", default="val", help="sub-folder of ROOT to evaluate (default: val)")
+    p.add_argument("--num-classes", type=int, help="classes of an official checkpoint (default: 1000)")
+    options.add_img_size(p)
+    options.add_batch_size(p, 64)
+    options.add_threads(p, workers=True)
+    options.add_device(p)
+    options.add_amp(p, "none")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a hybridvit checkpoint")
-    p.add_argument("--json", metavar="OUT", help="also write the result to this JSON file")
-    p.add_argument("--no-progress", action="store_true")
+    options.add_json(p)
+    options.add_progress(p)
 
 
 def _eval_folder(data: str, split: str) -> Path:
     """The class-folder tree `build_dataset` evaluates: DATA/SPLIT, or DATA itself when it has no splits."""
-    root = Path(data)
-    if (root / split).is_dir() or not root.is_dir() or any((root / s).is_dir() for s in ("train", "val")):
-        return root / split
-    return root
+    from ..data.loader import split_folder
+
+    return split_folder(data, split)
 
 
 def _dataset(args: argparse.Namespace, model: nn.Module):
@@ -132,13 +145,18 @@ def _dataset(args: argparse.Namespace, model: nn.Module):
 
 
 def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_file, write_json
+    from ..data.folder import DataError
     from ..data.loader import EpochSampler, is_digits, make_loader
+    from ..options import check_positive
     from ..runtime import plan_threads, resolve_device
     from . import load_for_command
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_positive(args, "batch_size", "img_size", "threads")
+    if args.json:
+        check_output_file(args.json, "--json")
     device = resolve_device(args.device)
+    precision = Precision.from_amp(args.amp, device)
     plan = plan_threads("eval", device=device, threads=args.threads, workers=args.workers,
                         in_memory=is_digits(args.data))
     plan.apply()
@@ -148,15 +166,24 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, plan.workers,
                          drop_last=False)
-    res = evaluate(model, loader, device, Precision.from_amp(args.amp, device), progress=not args.no_progress)
+    res = evaluate(model, loader, device, precision, progress=not args.no_progress)
+    where = "the embedded digits" if is_digits(args.data) else str(_eval_folder(args.data, args.split))
+    for path in res["skipped"]:
+        print(f"warning: skipped unreadable image {path}", file=sys.stderr)
+    if res["images"] == 0:
+        raise DataError(f"no image of {where} could be read ({len(res['skipped'])} unreadable, e.g. "
+                        f"{', '.join(res['skipped'][:3])}): check the files, e.g. open them with PIL")
     cfg = model.pretrained_cfg
     result = {"model": model.model_name, "checkpoint": args.pretrained, "data": args.data, "split": args.split,
               "images": res["images"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
+              "skipped_images": res["skipped"],
               "input_size": list(cfg["input_size"]), "crop_pct": cfg["crop_pct"],
               "interpolation": cfg["interpolation"], "classes": model.class_names or len(ds.classes),
               "threads": plan.threads, "workers": plan.workers}
-    print(f"{result['model']} on {args.data} ({res['images']} images): top-1 {res['top1']:.2f}%  "
-          f"top-5 {res['top5']:.2f}%  loss {res['loss']:.4f}  ({plan.describe()})")
+    top5 = f"  top-5 {res['top5']:.2f}%" if res["top5"] is not None else ""
+    skipped = f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else ""
+    print(f"{result['model']} on {args.data} ({res['images']} images{skipped}): top-1 {res['top1']:.2f}%{top5}  "
+          f"loss {res['loss']:.4f}  ({plan.describe()})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     return 0

@@ -8,6 +8,8 @@ import sys
 import types
 import typing
 
+from ..options import AMP_MEANING
+from ..precision import AMP_CHOICES
 from .config import FIELDS, TrainConfig, help_default
 
 _SKIP = {"recipe", "source"}
@@ -24,12 +26,17 @@ _HELP = {
     "overwrite": "replace the run already in --output (its files are deleted first)",
     "lr": "peak learning rate (at global batch --lr-base-size when given)",
     "checkpoint_every": "also write last.pt every N optimizer steps (0: at the end of each epoch)",
-    "amp": "auto | bf16 | fp16 | none",
+    "amp": "precision. " + AMP_MEANING,
     "opt": "adamw | lamb | sgd",
     "randaugment": "timm-style spec, e.g. rand-m9-mstd0.5-inc1; 'none' to switch off",
     "strict_data": "fail on a corrupt image instead of skipping it",
-    "threads": "torch CPU threads per process (the embedded run uses 1: its small operations gain nothing "
-               "from more, and lose much when the cores are shared)",
+    "threads": "CPU threads for the model, per process (the embedded run uses 1: its small operations gain "
+               "nothing from more, and lose much when the cores are shared)",
+    "workers": "processes per training process that decode images in parallel",
+    "device": "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N",
+    "batch_size": "images per batch and process",
+    "img_size": "input side in pixels",
+    "progress": "progress bars",
 }
 
 
@@ -56,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(tp) is tuple:
             p.add_argument(flag, type=float, nargs=2, default=None, metavar=("A", "B"), help=help_text)
+        elif name == "amp":  # as every command defines it (options.add_amp), default from the recipe
+            p.add_argument(flag, default=None, metavar="{" + ",".join(AMP_CHOICES) + "}", help=help_text)
         else:
             p.add_argument(flag, type=tp if tp in (int, float) else str, default=None, help=help_text)
 

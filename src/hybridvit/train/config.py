@@ -231,6 +231,15 @@ def run_header(cfg: TrainConfig, threads: str, global_batch: int, n_train: int |
             f"{scaled_lr(cfg, global_batch)[3]}, {threads}")
 
 
+# what an unset option means, as `train --help` says it
+NONE_MEANS = {"num_classes": "the number of class folders", "pretrained": "random initial weights",
+              "img_size": "the model's input size", "drop_path_rate": "the model's own",
+              "output": "runs/<model>-<timestamp>", "resume": "a new run", "lr_base_size": "no scaling",
+              "clip_grad": "no clipping", "randaugment": "off", "train_interpolation": "the model's interpolation",
+              "channels_last": "on for CUDA", "threads": "planned from the CPUs",
+              "workers": "planned from the CPUs", "max_steps_per_epoch": "whole epochs"}
+
+
 def help_default(name: str) -> str:
     """The default of option `name` as `train --help` should state it: the value the default run
     (embedded digits) uses, and the small-folder and large-folder values where those differ."""
@@ -240,7 +249,9 @@ def help_default(name: str) -> str:
     small = load_recipe("small-data").get(name, base)
 
     def fmt(v: Any) -> str:
-        return "none" if v in (None, "") else " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+        if v in (None, ""):
+            return NONE_MEANS.get(name, "off")
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
     if fmt(digits) == fmt(small) == fmt(base):
         return f"default {fmt(base)}"

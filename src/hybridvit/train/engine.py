@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import clean_stale_temp_files, make_run_checkpoint, read_checkpoint_file, read_run, save_checkpoint
+from .._io import clean_stale_temp_files, write_json
+from ..checkpoint import make_run_checkpoint, read_checkpoint_file, read_run, save_checkpoint
 from ..data.folder import DataError
-from ..inference.evaluate import evaluate
+from ..inference.evaluate import EvaluationStopped, evaluate
 from ..precision import Precision
 from ..runtime import check_img_size, plan_threads
 from . import distributed as D
@@ -35,13 +36,6 @@ from .optim import build_optimizer, lr_at
 from .run_dir import created_run_dir, prepare_output_dir
 
 __all__ = ["TrainState", "TrainingInterrupted", "build_model", "evaluate", "train", "train_one_epoch"]
-
-
-# ----------------------------------------------------------------------------------------- files
-def write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -215,7 +209,7 @@ def resolve_config(cfg: TrainConfig, given: set[str] | None = None
     run = read_run(read_checkpoint_file(path), str(path))
     if not run.get("train_state") or not run.get("config"):
         raise ValueError(f"{path} holds no training state to resume (a checkpoint saved for inference only)")
-    stored = dict(run["config"])
+    stored = {k: v for k, v in run["config"].items() if k not in RUN_FACTS}
     new = cfg.to_dict()
     if given is None:  # called from Python: the options that differ from the defaults
         given = {k for k, f in FIELDS.items()
@@ -366,10 +360,24 @@ class RunData:
 
 
 def find_run_classes(cfg: TrainConfig) -> list[str]:
-    """The class names of the training split; a missing or empty folder fails here, before any model."""
-    from ..data.loader import build_dataset
+    """The class names of the training split, after the data checks (`data.loader.check_training_data`:
+    a missing or empty folder, fewer than 2 classes, unknown validation classes, no readable image):
+    they fail here, before any model is built."""
+    from ..data.loader import check_training_data
 
-    return list(build_dataset(cfg.data, cfg.train_split, None, strict=cfg.strict_data).classes)
+    return check_training_data(cfg.data, cfg.train_split, cfg.val_split, strict=cfg.strict_data)
+
+
+def run_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The configuration a run checkpoint stores: every option, plus `train_folder` and `val_folder`
+    (absolute paths of the data, None for the embedded digits) for the commands that use the run later."""
+    from ..data.loader import data_folders
+
+    return {**cfg.to_dict(), **data_folders(cfg.data, cfg.train_split, cfg.val_split)}
+
+
+# keys of a stored configuration that are facts about the run, not options
+RUN_FACTS = ("train_folder", "val_folder")
 
 
 def build_data(ctx: RunContext, pcfg: dict[str, Any], classes: list[str]) -> RunData:
@@ -488,7 +496,7 @@ def save_run(ctx: RunContext, state: TrainState, model_info: dict[str, Any], pat
         return
     weights, ema = ts.pop("model"), ts.pop("ema")
     ck = make_run_checkpoint(**model_info, state_dict=weights, state_dict_ema=ema, train_state=ts,
-                             config=ctx.cfg.to_dict())
+                             config=run_config(ctx.cfg))
     with _saving():
         for path in paths:
             save_checkpoint(ck, path)
@@ -520,6 +528,7 @@ class Loop:
     model_info: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     stop: StopRequest = field(default_factory=StopRequest)
+    logged_skipped: list[str] = field(default_factory=list)  # the unreadable images train.log names
 
 
 def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedule,
@@ -661,16 +670,35 @@ def end_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int, cur_lr
         raise _no_image_error(ctx, state, epoch)
     D.reduce_bn_stats(state.model, info)
     reduce = (lambda v: D.all_sum(v, info)) if info.enabled else None
-    val = evaluate(state.model, loop.data.val_loader, ctx.device, ctx.precision, channels_last=ctx.channels_last,
-                   progress=cfg.progress and info.is_main, desc="validate", reduce=reduce)
+    # a signal stops validation at the next batch (one process: under torchrun the ranks' batch counts
+    # differ, so they agree at the next step instead); last.pt then resumes with this validation
+    stop = None if info.enabled else (lambda: bool(loop.stop.signum))
+    try:
+        val = evaluate(state.model, loop.data.val_loader, ctx.device, ctx.precision, channels_last=ctx.channels_last,
+                       progress=cfg.progress and info.is_main, desc="validate", reduce=reduce, stop=stop)
+    except EvaluationStopped:
+        stop_if_asked(ctx, state, loop)
+        raise
+    new_bad = sorted(set(val["skipped"]) - set(state.skipped))
+    state.skipped += new_bad
+    if val["images"] == 0:
+        from ..data.loader import split_folder
+        raise DataError(f"epoch {epoch + 1} could read no validation image of "
+                        f"{split_folder(cfg.data, cfg.val_split)} ({len(val['skipped'])} unreadable, e.g. "
+                        f"{', '.join(val['skipped'][:3])}): replace them with readable images")
     row: dict[str, Any] = {"epoch": epoch, "step": state.global_step, "lr": cur_lr, "train_loss": loss_sum / seen,
                            "train_top1": None if loop.mixup.active else 100 * hits / seen,
                            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
     if state.ema is not None:
         row["val_top1_ema"] = evaluate(state.ema.module, loop.data.val_loader, ctx.device, ctx.precision,
-                                       channels_last=ctx.channels_last, reduce=reduce)["top1"]
+                                       channels_last=ctx.channels_last, reduce=reduce, stop=stop)["top1"]
     row["epoch_time_s"] = round(time.time() - t_epoch, 2)
+    before = set(loop.logged_skipped)
     state.skipped = sorted({p for ps in D.all_gather(state.skipped, info) for p in ps})
+    for p in state.skipped:
+        if p not in before:
+            ctx.log(f"skipped unreadable image {p}")
+    loop.logged_skipped = list(state.skipped)
     is_best = val["top1"] > state.best_top1
     state.best_top1 = max(state.best_top1, val["top1"])
     state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -682,8 +710,9 @@ def end_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int, cur_lr
         if cfg.plot:
             plot_metrics(loop.rows, ctx.out / "metrics.png")
     ema_txt = f", EMA {row['val_top1_ema']:.2f}%" if state.ema is not None else ""
+    top5 = f", top-5 {val['top5']:.2f}%" if val["top5"] is not None else ""
     ctx.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, "
-            f"val top-1 {val['top1']:.2f}%{ema_txt}, top-5 {val['top5']:.2f}% ({row['epoch_time_s']:.1f}s)")
+            f"val top-1 {val['top1']:.2f}%{ema_txt}{top5} ({row['epoch_time_s']:.1f}s)")
     return row
 
 
@@ -725,7 +754,7 @@ def _summary(ctx: RunContext, state: TrainState, loop: Loop, last: dict[str, Any
         "train_images": len(loop.data.train_ds), "val_images": len(loop.data.val_ds),
         "skipped_images": state.skipped, "world_size": ctx.info.world_size, "device": str(ctx.device),
         "precision": ctx.precision.name, "recipe": cfg.recipe, "wall_time_s": round(time.time() - t_start, 1),
-        "config": cfg.to_dict(),
+        "config": run_config(cfg),
     }
 
 
@@ -789,7 +818,7 @@ def _train_epochs(ctx: RunContext, state: TrainState, loop: Loop, resumed: bool,
     if ctx.info.is_main:
         if not last and resumed and (ctx.out / "best.pt").is_file():
             summary["note"] = "the resumed run had already finished"
-        write_json_atomic(summary, ctx.out / "summary.json")
+        write_json(ctx.out / "summary.json", summary)
     D.barrier(ctx.info)
     D.cleanup(ctx.info)
     summary["final_state_dict"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -74,15 +74,21 @@ def created_run_dir(out: str | Path, *, create: bool = True) -> Iterator[Path]:
     """Creates `out` (`create`: False on ranks other than 0) for the body of the `with`; when the body
     raises before a checkpoint exists, a folder this call created is removed again (the error still
     propagates). `out` comes from `prepare_output_dir`."""
+    from .._io import check_output_dir
+
     out = Path(out)
-    created = create and not out.exists()
+    # the folders this call creates, `out` first, then the missing parents (`runs/` of a first run)
+    created = [p for p in (out, *out.parents) if not p.exists()] if create else []
     if create:
-        out.mkdir(parents=True, exist_ok=True)
+        check_output_dir(out, "--output")
     try:
         yield out
     except BaseException:
         if created and not any(out.glob("*.pt")):
             shutil.rmtree(out, ignore_errors=True)
+            for parent in created[1:]:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()  # only when empty: never another run's files
         raise
 
 

@@ -1,0 +1,166 @@
+"""Writing files: output paths checked before the work, the one atomic write, and plain words for a
+full disk.
+
+Every command that writes a file or a folder calls `check_output_file` / `check_output_dir` before it
+loads a model or reads data: a missing parent folder is created, a read-only folder or a parent that
+is a file is refused with one line (an OutputError, a ValueError the command line prints as
+`error: ...`). Every file is then written by `atomic_write`: a hidden temporary sibling, synced and
+renamed over the target, so that a crash or a full disk never leaves a half-written file and keeps
+the previous one.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["OutputError", "atomic_save", "atomic_write", "check_output_dir", "check_output_file",
+           "clean_stale_temp_files", "save_torch", "temp_path", "write_json", "write_text"]
+
+
+class OutputError(ValueError):
+    """An output path that cannot be written (read-only, a file where a folder is needed, a full disk)."""
+
+
+def _problem(folder: Path) -> str | None:
+    """Why files cannot be created in `folder` (None: they can); `folder` may not exist yet."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{parent} is not writable" + ("" if parent == folder else f" (cannot create {folder})")
+            return None
+    return None
+
+
+def _prepare(folder: Path, label: str, create: bool) -> None:
+    problem = _problem(folder)
+    if problem:
+        raise OutputError(f"{label}: {problem}; choose another place")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{label}: cannot create {folder} ({_reason(e)}); choose another place") from e
+
+
+def check_output_dir(folder: str | os.PathLike, what: str = "--output", create: bool = True) -> Path:
+    """`folder` ready for writing: created with its parents (`create`), or OutputError with one line
+    saying why not (a read-only folder, a path through a file)."""
+    folder = Path(folder)
+    _prepare(folder, f"{what} {folder}", create)
+    return folder
+
+
+def check_output_file(path: str | os.PathLike, what: str = "--output") -> Path:
+    """`path` ready to be written: its parent folders created, or OutputError with one line (a folder
+    where the file should be, a read-only file or folder, a parent that is a file)."""
+    path = Path(path)
+    label = f"{what} {path}"
+    if path.is_dir():
+        raise OutputError(f"{label} is a folder; pass a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{label}: the file is read-only; choose another place")
+    _prepare(path.parent, label, create=True)
+    return path
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary file a write goes to before it is renamed (a hidden sibling marked with the process id)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def clean_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Removes the temporary files that killed writes left in `folder` (`.NAME.tmpPID`); returns them."""
+    stale = [p for p in Path(folder).glob(".*.tmp*") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _open(path: Path) -> IO[bytes]:
+    return open(path, "wb")
+
+
+class _Recording:
+    """A binary file that remembers the OSError its last write raised: torch.save reports a failed write
+    as an unrelated RuntimeError ("unexpected pos"); the recorded error says what happened."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def _failed(path: Path, tmp: Path, error: BaseException, what: str | None) -> OutputError:
+    tmp.unlink(missing_ok=True)
+    kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+    advice = ("free disk space or choose another output place" if getattr(error, "errno", None) in
+              (errno.ENOSPC, errno.EDQUOT) else "check the output path")
+    return OutputError(f"could not write {what or path}: {_reason(error)} ({kept}); {advice}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], what: str | None = None) -> Path:
+    """Calls `write(f)` with a binary file that becomes `path` only when it completed and reached the
+    disk (temporary sibling, fsync, rename). On failure the temporary file is removed, the previous
+    `path` (if any) stays, and an OutputError says why: a full disk is "No space left on device"."""
+    path = Path(path)
+    tmp = temp_path(path)
+    rec = None
+    try:
+        with _open(tmp) as raw:
+            rec = _Recording(raw)
+            write(rec)
+            rec.flush()
+            os.fsync(rec.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise _failed(path, tmp, rec.error if rec is not None and rec.error is not None else e, what) from e
+    return path
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], what: str | None = None) -> Path:
+    """`atomic_write` for a writer that takes a file name (`save(tmp_path)`), e.g. an ONNX program's."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise _failed(path, tmp, e, what) from e
+    return path
+
+
+def save_torch(obj: Any, path: str | os.PathLike, what: str | None = None) -> Path:
+    """torch.save(obj) to `path` through `atomic_write`."""
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f), what)
+
+
+def write_text(path: str | os.PathLike, text: str, what: str | None = None) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode()), what)
+
+
+def write_json(path: str | os.PathLike, obj: Any, what: str | None = None) -> Path:
+    return write_text(path, json.dumps(obj, indent=1) + "\n", what)

@@ -1,0 +1,69 @@
+"""Command-line options that several commands share, defined once so they mean the same everywhere:
+precision, threads, loader workers, device, batch size, image size, progress and JSON output.
+
+Each `add_*` adds one option to an argparse parser; `default=argparse.SUPPRESS` keeps a value given to
+a parent parser (`analyze --img-size 64 attention`)."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .precision import AMP_CHOICES
+
+AMP_MEANING = ("auto: bf16 on a GPU that supports it, else fp32; none: fp32; bf16 or fp16: mixed "
+                "precision in that type")
+
+
+def add_amp(p: argparse.ArgumentParser, default: Any = "none", meaning: str = AMP_MEANING) -> None:
+    shown = f" (default: {default})" if default is not argparse.SUPPRESS and default is not None else ""
+    # checked by Precision.from_amp (one `error:` line naming the choices), not by argparse's usage dump
+    p.add_argument("--amp", default=default, metavar="{" + ",".join(AMP_CHOICES) + "}",
+                   help=f"precision. {meaning}{shown}")
+
+
+def add_device(p: argparse.ArgumentParser, default: Any = "auto") -> None:
+    p.add_argument("--device", default=default,
+                   help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N (default: auto)")
+
+
+def add_threads(p: argparse.ArgumentParser, default: Any = None, workers: bool = False) -> None:
+    share = ("the CPUs this process may use, less those the image-loading workers get" if workers
+             else "every CPU this process may use")
+    p.add_argument("--threads", type=int, default=default, help=f"CPU threads for the model (default: {share})")
+    if workers:
+        p.add_argument("--workers", type=int, default=None,
+                       help="processes that decode images in parallel (default: about one CPU in four; "
+                            "0 for the embedded digits)")
+
+
+def add_batch_size(p: argparse.ArgumentParser, default: Any, short: bool = False) -> None:
+    flags = ("--batch-size", "-b") if short else ("--batch-size",)
+    shown = f" (default: {default})" if isinstance(default, int) else ""
+    p.add_argument(*flags, type=int, default=default, help=f"images per batch{shown}")
+
+
+def add_img_size(p: argparse.ArgumentParser, default: Any = None, rect: bool = False,
+                 whose: str = "the checkpoint's, else the model's") -> None:
+    if rect:
+        p.add_argument("--img-size", type=int, nargs="+", default=default, metavar="SIZE",
+                       help=f"input size in pixels, H [W] (default: {whose})")
+    else:
+        p.add_argument("--img-size", type=int, default=default, metavar="SIZE",
+                       help=f"input side in pixels (default: {whose})")
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_json(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", metavar="OUT", help=f"also write {what} to this JSON file")
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """ValueError naming the option when one of `names` (attribute names) is given and below 1."""
+    for name in names:
+        v = getattr(args, name, None)
+        for x in v if isinstance(v, (list, tuple)) else [v]:
+            if x is not None and x < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {x}")

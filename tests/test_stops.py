@@ -1,0 +1,166 @@
+"""Stops (issue 19): a signal to the whole process group, as `timeout`, SLURM and Kubernetes send it. Loader
+workers ignore SIGINT/SIGTERM; training ends with 143 (130 for SIGINT), a resumable last.pt and no
+traceback, also when the signal lands in validation; eval, predict, export and bench stop with one line and
+130/143. Every process here runs in its own session (`setsid`) and the test signals the group."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import hybridvit
+from hybridvit.checkpoint import make_run_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
+
+SRC = Path(hybridvit.__file__).resolve().parents[1]
+TRAIN = ["--model", "fastervit_nano", "--img-size", "32", "--batch-size", "4", "--threads", "1", "--no-plot",
+         "--no-model-ema", "--no-channels-last", "--no-progress"]
+
+
+def _start(args: list[str], **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    code = "import sys; from hybridvit.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, **kw)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> tuple[str, str]:
+    os.killpg(proc.pid, sig)  # the process and its loader workers alike
+    out, err = proc.communicate(timeout=180)
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:
+    t0 = time.time()
+    while not pred():
+        assert proc.poll() is None, (what, proc.communicate())
+        assert time.time() - t0 < timeout, f"{what}: timed out"
+        time.sleep(0.1)
+
+
+def _folder(root: Path, n_train: int, n_val: int) -> Path:
+    from _imagedata import make_folder
+
+    return make_folder(root, n_train=n_train, n_val=n_val, size=24)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_group_signal_during_training_leaves_a_resumable_run(tmp_path, sig, code):
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    data = _folder(tmp_path / "data", n_train=24, n_val=4)  # 48 images / batch 4: 12 steps per epoch
+    out = tmp_path / "run"
+    proc = _start(["train", "--data", str(data), "--epochs", "50", "--output", str(out), "--workers", "1", *TRAIN])
+    try:
+        log = out / "train.log"
+        _wait_for(lambda: log.is_file() and "augmentation:" in log.read_text(), proc, "training start")
+        time.sleep(1.5)
+        _, err = _signal_group(proc, sig)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "DataLoader worker" not in err and "could not write" not in err, err
+    assert f"{sig.name}: training stopped at epoch" in err and f"hybridvit train --resume {out}" in err
+    state = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert state["scheduler"]["step"] == state["epoch"] * 12 + state["step_in_epoch"] >= 1
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_a_group_sigterm_during_validation_stops_it_and_resume_finishes_it(tmp_path):
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    # one training step per epoch, then a long validation (600 images): the signal lands in validation
+    data = _folder(tmp_path / "data", n_train=4, n_val=300)
+    out = tmp_path / "run"
+    proc = _start(["train", "--data", str(data), "--epochs", "1", "--max-steps-per-epoch", "1", "--output", str(out),
+                   "--workers", "1", *TRAIN])
+    try:
+        log = out / "train.log"
+        _wait_for(lambda: log.is_file() and "augmentation:" in log.read_text(), proc, "training start")
+        time.sleep(2.0)
+        _, err = _signal_group(proc, signal.SIGTERM)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "SIGTERM: training stopped at epoch 1, step 1/1" in err, err
+    metrics = out / "metrics.jsonl"
+    assert not (metrics.is_file() and metrics.read_text().strip())  # validation did not finish: no epoch row
+    ck = torch.load(out / "last.pt", weights_only=True)
+    assert ck["train_state"]["step_in_epoch"] == 1 and ck["train_state"]["epoch"] == 0
+    assert ck["config"]["val_folder"] == str((data / "val").resolve())
+    resumed = _start(["train", "--resume", str(out), "--workers", "0", "--threads", "1", "--no-progress"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_images"] == 600 and summary["epochs"] == 1
+
+
+def _checkpoint(path: Path) -> Path:
+    model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
+                                   class_names=["blue", "red"], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), path)
+    return path
+
+
+def _many_images(folder: Path, n: int) -> Path:
+    """`n` hard links to one large PNG in two class folders: a long eval or predict, made in no time."""
+    import numpy as np
+    from PIL import Image
+
+    src = folder / "src.png"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(src)
+    for c in ("blue", "red"):
+        (folder / "val" / c).mkdir(parents=True)
+        for i in range(n // 2):
+            os.link(src, folder / "val" / c / f"{i:04d}.png")
+    src.unlink()
+    return folder
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "bench", "export"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_commands_stop_with_one_line(command, sig, code, tmp_path):
+    pytest.importorskip("tqdm", reason="the progress bar tells when the work started")
+    ckpt = _checkpoint(tmp_path / "run.pt")
+    data = _many_images(tmp_path / "data", 400) if command in ("eval", "predict") else None
+    args = {
+        "eval": ["eval", "--pretrained", str(ckpt), "--data", str(data), "--workers", "1", "--threads", "1",
+                 "--batch-size", "4"],
+        "predict": ["predict", "--pretrained", str(ckpt), str(data), "--threads", "1", "--batch-size", "2"],
+        "bench": ["bench", "--pretrained", str(ckpt), "-b", "1", "--repeats", "100000", "--threads", "1"],
+        # a large model at 224 px: tracing it takes far longer than the wait before the signal
+        "export": ["export", "--model", "crossformer_b", "--format", "pt2", "-o", str(tmp_path / "m.pt2"),
+                   "--threads", "1"],
+    }[command]
+    proc = _start(args)
+    try:
+        if command in ("eval", "predict"):  # the progress bar is on stdout once the images are read
+            os.set_blocking(proc.stdout.fileno(), False)
+            seen = bytearray()
+
+            def started() -> bool:
+                seen.extend(proc.stdout.read() or b"")
+                return len(seen) > 0
+            _wait_for(started, proc, f"{command} start")
+        else:
+            time.sleep(6.0)  # past start-up: bench repeats forever, export traces for seconds
+        if proc.poll() is not None and command == "export":
+            pytest.fail(f"export finished before the signal: {proc.communicate()}")
+        _, err = _signal_group(proc, sig)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1, err
+    word = "interrupted (Ctrl-C)" if sig == signal.SIGINT else "stopped by SIGTERM"
+    assert lines[0].startswith(word) and f"hybridvit {command}" in lines[0]
+    if command == "export":
+        assert not (tmp_path / "m.pt2").exists() and not list(tmp_path.glob(".*tmp*"))
