@@ -54,9 +54,12 @@ TIMM = ["convnext_tiny", "swin_tiny_patch4_window7_224"]
 # best val top-1 97.22% (epoch 1: 83.33%). The GPU run (bf16, other kernels) must come within DIGITS_TOL.
 CPU_DIGITS_TOP1 = 97.22
 DIGITS_TOL = 2.0
-# shares of --budget-s per section (the rest of a section's share is not carried over)
-BUDGET_SHARES = {"env": 0.03, "tests": 0.25, "digits": 0.09, "inference": 0.30, "train_step": 0.08,
-                 "train_loop": 0.12, "attention": 0.13}
+# seconds per section on the GPU (450 s in all, scaled by --budget-s) and in a dry run (115 s); time a
+# section leaves unused is not carried over
+BUDGET_SHARES = {"env": 10, "tests": 110, "digits": 40, "inference": 140, "train_step": 35, "train_loop": 55,
+                 "attention": 60}
+DRY_SHARES = {"env": 3, "tests": 12, "digits": 15, "inference": 30, "train_step": 12, "train_loop": 20,
+              "attention": 23}
 COMPILE_COST_S = 45.0  # a torch.compile of one model at batch 128 on a H100 (estimate): needed before starting one
 
 
@@ -74,14 +77,25 @@ class Mode:
     attention_batch: int
     attention_iters: int
     attention_signatures: int
+    amp: str | None  # of the throughput sections
+    train_batch: int
+    compile_groups: list[list[str]]
+    train_families: list[str]
+    latency: bool
 
     @classmethod
     def make(cls, dry: bool) -> Mode:
+        groups = [[n] for n in FAMILIES] + [[f"timm/{t}" for t in TIMM]]
         if dry:
-            return cls(True, torch.device("cpu"), 2, 224, 1, 1, 256, 1, 1, 2)
+            # fp32 throughput (bf16 is emulated on CPUs without bf16 instructions: minutes per model), one
+            # compiled model and one family's training step (dynamo's tracing alone takes 10-30 s per model
+            # on 2 CPUs), no batch-1 latency runs (the batch is 1)
+            return cls(True, torch.device("cpu"), 1, 224, 1, 1, 512, 1, 1, 2, None, 2, [["cabvit_h_l2/hybridvit"]],
+                       ["fastervit_0"], False)
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device (use --dry-run to rehearse on the CPU)")
-        return cls(False, torch.device("cuda"), 128, 224, 10, 3, 8192, 128, 20, 4)
+        return cls(False, torch.device("cuda"), 128, 224, 10, 3, 8192, 128, 20, 4, "bf16", 128, groups, FAMILIES,
+                   True)
 
 
 class Budget:
@@ -107,7 +121,8 @@ class Report:
 
     @contextlib.contextmanager
     def section(self, name: str):
-        share = BUDGET_SHARES[name] * self.data["budget_s"]
+        shares = DRY_SHARES if self.mode.dry else BUDGET_SHARES
+        share = shares[name] * self.data["budget_s"] / sum(shares.values())
         budget = Budget(max(0.0, min(share, self.total.left())))
         rec: dict[str, Any] = {"status": "ok", "budget_s": round(share, 1), "not_run": []}
         t0 = time.monotonic()
@@ -152,13 +167,16 @@ def time_loop(fn, dev: torch.device, iters: int, rounds: int = 3) -> float:
     return statistics.median(out)
 
 
-def run_cmd(cmd: list[str], timeout: float, log: Path, env: dict | None = None) -> int:
-    """Runs `cmd` with its output in `log` (and its tail printed); returns the exit status; a timeout raises."""
+def run_cmd(cmd: list[str], timeout: float, log: Path, dry: bool) -> int:
+    """Runs `cmd` with its output in `log` (and its tail printed); returns the exit status; a timeout raises
+    (a hang is a failure; a dry run on a shared CPU gets at least 2 minutes)."""
+    if dry:
+        timeout = max(timeout, 120.0)
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") as f:
         try:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(timeout, 1.0), cwd=ROOT,
-                                env={**os.environ, **(env or {})}).returncode
+                                env=os.environ).returncode
         except subprocess.TimeoutExpired as e:
             raise TimeoutError(f"{cmd[2:4]} ran past its budget ({timeout:.0f} s); output in {log}") from e
     tail = log.read_text().splitlines()[-8:]
@@ -169,23 +187,33 @@ def run_cmd(cmd: list[str], timeout: float, log: Path, env: dict | None = None) 
 def optional_imports(mode: Mode) -> dict[str, Any]:
     """timm and the official implementations: modules, or the reason they are missing (an error on a GPU).
 
-    timm is imported first: the official importer puts a shim named `timm` on sys.path for machines without
-    it, which must not hide the real one."""
+    The official code is imported first, with the old-timm shim that official.py puts first on sys.path:
+    its modules bind the few old-timm names they need at import time. The shim is then dropped from
+    sys.modules and sys.path, so that `import timm` finds the real timm (whose newer versions lack some
+    of those names). einops comes from official/wheels where it is not installed."""
     found: dict[str, Any] = {}
-    try:
-        import timm
-        found["timm"] = timm
-    except ImportError as e:
-        found["timm"] = f"absent: timm is not installed ({e})"
-    if not os.environ.get("HV_OFFICIAL_REFS"):
+    refs = os.environ.get("HV_OFFICIAL_REFS")
+    if not refs:
         found["official"] = ("absent: HV_OFFICIAL_REFS is not set (prepare official/ with "
                              "benchmarks/gpu/prepare_official.sh)")
     else:
+        try:
+            import einops  # noqa: F401
+        except ImportError:
+            sys.path += [str(p) for p in sorted((Path(refs).parent / "wheels").glob("einops-*.whl"))]
         try:
             from official import OFFICIAL
             found["official"] = OFFICIAL
         except BaseException as e:  # official.py exits when its folder is wrong
             found["official"] = f"absent: importing the official code failed ({type(e).__name__}: {e})"
+        for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]:
+            del sys.modules[k]
+        sys.path[:] = [p for p in sys.path if not p.endswith("officialshim")]
+    try:
+        import timm
+        found["timm"] = timm
+    except ImportError as e:
+        found["timm"] = f"absent: timm is not installed ({e})"
     if not mode.dry:
         missing = [v for v in found.values() if isinstance(v, str)]
         if missing:
@@ -199,8 +227,9 @@ _MODELS: dict[str, tuple[torch.nn.Module | None, torch.nn.Module, float | None]]
 def family_models(name: str, official_ctor) -> tuple[torch.nn.Module | None, torch.nn.Module, float | None]:
     """(official or None, hybridvit with the official's weights, fp32 max abs diff of their logits) on CPU."""
     if name not in _MODELS:
-        import hybridvit
         from compare_official import perturb
+
+        import hybridvit
 
         torch.manual_seed(0)
         ours = hybridvit.create_model(name).eval()
@@ -231,9 +260,9 @@ def section_env(rec: dict, mode: Mode, found: dict) -> None:
         rec["project_commit"] = "unknown"
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
-        rec["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2 ** 30, 1),
-                      "sms": p.multi_processor_count, "cuda": torch.version.cuda,
-                      "cudnn": torch.backends.cudnn.version()}
+        rec["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
+                      "memory_gib": round(p.total_memory / 2 ** 30, 1), "sms": p.multi_processor_count,
+                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     for mod in ("torchvision", "triton", "onnxruntime"):
         try:
             rec.setdefault("versions", {})[mod] = __import__(mod).__version__
@@ -259,8 +288,11 @@ def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
     import xml.etree.ElementTree as ET
 
     junit = out / "cuda_tests.xml"
+    if budget.left() < 5:
+        rec["not_run"].append("the CUDA tests (no time left)")
+        return
     rc = run_cmd([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-m", "cuda",
-                  "tests/test_cuda.py", f"--junitxml={junit}"], budget.left(), out / "cuda_tests.log")
+                  "tests/test_cuda.py", f"--junitxml={junit}"], budget.left(), out / "cuda_tests.log", mode.dry)
     suite = ET.parse(junit).getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -289,10 +321,13 @@ def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
 
 def section_digits(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
     run = out / "digits_run"
+    if budget.left() < 5:
+        rec["not_run"].append("hybridvit train on the digits (no time left)")
+        return
     cmd = [sys.executable, "-m", "hybridvit", "train", "--output", str(run), "--overwrite", "--no-progress",
            "--no-plot", "--device", str(mode.device)]
     cmd += ["--epochs", "1", "--max-steps-per-epoch", "2"] if mode.dry else ["--epochs", "2"]
-    rc = run_cmd(cmd, budget.left(), out / "digits_train.log")
+    rc = run_cmd(cmd, budget.left(), out / "digits_train.log", mode.dry)
     if rc != 0:
         raise RuntimeError(f"hybridvit train on the digits exited with {rc} (log: {out / 'digits_train.log'})")
     summary = json.loads((run / "summary.json").read_text())
@@ -333,18 +368,20 @@ def _pairs(mode: Mode, found: dict, compiled: bool, train: bool, names: list[str
     from hybridvit.bench import prepare as _prepare
 
     def prepare(m, dev, channels_last=True, compile=False, train=False):
-        m = _prepare(m, dev, channels_last=channels_last, train=train)
+        m = _prepare(m, dev, channels_last=channels_last, train=train)[0]
         return (_compiled(m, mode) if compile else m), None
 
     pairs = []
     for name in names:
+        name, _, only = name.partition("/") if not name.startswith("timm/") else (name, "", "")
         if name.startswith("timm/"):
             if not isinstance(found["timm"], str):
                 m = found["timm"].create_model(name[5:])
                 pairs.append((name, prepare(m, mode.device, compile=compiled, train=train)[0]))
             continue
         official, ours, _ = family_models(name, None if isinstance(found["official"], str) else found["official"])
-        if official is not None:  # the official code as it runs by default (NCHW), as compare_official.py
+        # the official code as it runs by default (NCHW), as in compare_official.py
+        if official is not None and only != "hybridvit":
             pairs.append((f"{name}/official", prepare(copy.deepcopy(official), mode.device, channels_last=False,
                                                       compile=compiled, train=train)[0]))
         pairs.append((f"{name}/hybridvit", prepare(copy.deepcopy(ours), mode.device, compile=compiled,
@@ -363,8 +400,8 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
     names = FAMILIES + [f"timm/{t}" for t in TIMM]
     # eager: every model in the same interleaved rounds
     pairs = _pairs(mode, found, False, False, names)
-    res = bench_models(pairs, batch_size=mode.batch, img_size=mode.img, device=str(mode.device), amp="bf16",
-                       repeats=mode.repeats, warmup=mode.warmup, latency=True, memory=True)
+    res = bench_models(pairs, batch_size=mode.batch, img_size=mode.img, device=str(mode.device), amp=mode.amp,
+                       repeats=mode.repeats, warmup=mode.warmup, latency=mode.latency, memory=True)
     for r in res:
         r["compiled"] = False
     _annotate(res, peaks["bf16"], diffs)
@@ -374,7 +411,8 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
     # no batch-1 latency (it would recompile for a second shape)
     rec["compiled"] = []
     rec["compile_backend"] = "eager (dynamo only, dry run)" if mode.dry else "inductor"
-    for group in [[n] for n in FAMILIES] + [[f"timm/{t}" for t in TIMM]]:
+    rec["amp"] = mode.amp or "fp32 (dry run)"
+    for group in mode.compile_groups:
         need = (2 * COMPILE_COST_S) if not mode.dry else 5.0
         if budget.left() < need:
             rec["not_run"].append(f"compiled {group}")
@@ -383,7 +421,7 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
         pairs = _pairs(mode, found, True, False, group)
         if not pairs:
             continue
-        res = bench_models(pairs, batch_size=mode.batch, img_size=mode.img, device=str(mode.device), amp="bf16",
+        res = bench_models(pairs, batch_size=mode.batch, img_size=mode.img, device=str(mode.device), amp=mode.amp,
                            repeats=mode.repeats, warmup=mode.warmup, latency=False, memory=True)
         for r in res:
             r["compiled"] = True
@@ -403,13 +441,14 @@ def section_train_step(rec: dict, budget: Budget, mode: Mode, found: dict, peaks
 
     rec["absent"] = {k: v for k, v in found.items() if isinstance(v, str) and k == "official"}
     rec["results"] = []
-    for name in FAMILIES:
+    rec["amp"] = mode.amp or "fp32 (dry run)"
+    for name in mode.train_families:
         if budget.left() < (20 if not mode.dry else 2):
             rec["not_run"].append(name)
             continue
         pairs = _pairs(mode, found, False, True, [name])
-        res = bench_models(pairs, batch_size=mode.batch, img_size=mode.img, device=str(mode.device), amp="bf16",
-                           train=True, optimizer="adamw", repeats=mode.repeats, warmup=mode.warmup,
+        res = bench_models(pairs, batch_size=mode.train_batch, img_size=mode.img, device=str(mode.device),
+                           amp=mode.amp, train=True, optimizer="adamw", repeats=mode.repeats, warmup=mode.warmup,
                            latency=False, memory=True)
         _annotate(res, peaks["bf16"], {})
         rec["results"] += res
@@ -447,6 +486,9 @@ def make_jpeg_folder(root: Path, classes: int, per_class_train: int, per_class_v
 
 def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, step: dict) -> None:
     data = out / "jpegs"
+    if budget.left() < 5:
+        rec["not_run"].append("hybridvit train on the JPEG folder (no time left)")
+        return
     if mode.dry:
         n_train = make_jpeg_folder(data, 2, 8, 2, 64)
         batch, img, extra = 4, 32, ["--workers", "1"]
@@ -456,9 +498,9 @@ def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, step: d
     run = out / "train_loop_run"
     cmd = [sys.executable, "-m", "hybridvit", "train", "--data", str(data), "--recipe", "fastervit_0",
            "--model", "fastervit_0", "--epochs", "2", "--batch-size", str(batch), "--img-size", str(img),
-           "--amp", "bf16", "--device", str(mode.device), "--output", str(run), "--overwrite", "--no-progress",
-           "--no-plot", *extra]
-    rc = run_cmd(cmd, budget.left(), out / "train_loop.log")
+           "--amp", mode.amp or "none", "--device", str(mode.device), "--output", str(run), "--overwrite",
+           "--no-progress", "--no-plot", *extra]
+    rc = run_cmd(cmd, budget.left(), out / "train_loop.log", mode.dry)
     if rc != 0:
         raise RuntimeError(f"hybridvit train on the JPEG folder exited with {rc} (log: {out / 'train_loop.log'})")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -506,31 +548,73 @@ def _flex_inputs(q: torch.Tensor, bias: torch.Tensor | None):
     return score_mod, block_mask
 
 
-def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> None:
+def measure_signature(g: dict, tensors: tuple, mode: Mode, flex) -> None:
+    """Adds to `g` (one attention signature of a family) the SDPA backend chosen for it, the backends that
+    accept it, and the times of SDPA (aligned bias as `attend` hands it; unaligned) and FlexAttention."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hybridvit.layers.attention import bias_is_aligned
+
+    q, k, v, bias = tensors
+    dev = mode.device
+    backends = [b for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
+                if hasattr(SDPBackend, b)]
+    scale = g["scale"]
+    g["bias_aligned"] = None if bias is None else bias_is_aligned(bias)
+    if dev.type == "cuda" and hasattr(torch, "_fused_sdp_choice"):
+        g["sdpa_choice"] = SDPBackend(torch._fused_sdp_choice(q, k, v, bias, 0.0, False,
+                                                               scale=scale)).name
+    else:
+        g["sdpa_choice"] = "cpu dispatch (flash for CPU or math)"
+    g["accepts"] = {}
+    for b in backends:
+        try:
+            with sdpa_kernel([getattr(SDPBackend, b)]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+            g["accepts"][b] = "ok"
+        except RuntimeError as e:
+            g["accepts"][b] = str(e).splitlines()[0][:160]
+    it = mode.attention_iters
+    with torch.inference_mode():
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        g["sdpa_ms"] = 1e3 * time_loop(
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), dev, it)
+        if bias is not None and not bias_is_aligned(bias.contiguous()):
+            unaligned = bias.contiguous()
+            g["sdpa_unaligned_bias_ms"] = 1e3 * time_loop(
+                lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=unaligned, scale=scale), dev, it)
+        score_mod, block_mask = _flex_inputs(q, bias)
+        g["flex_block_mask"] = block_mask is not None
+        fo = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+        g["flex_max_abs_diff_vs_sdpa"] = (fo.float() - ref.float()).abs().max().item()
+        g["flex_ms"] = 1e3 * time_loop(
+            lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale), dev, it)
+        g["flex_vs_sdpa"] = g["sdpa_ms"] / g["flex_ms"]
+
+
+
+def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
-    from hybridvit.layers.attention import bias_is_aligned, trace_attention
+    from hybridvit.layers.attention import trace_attention
 
     dev = mode.device
     flex = flex_attention if mode.dry else torch.compile(flex_attention, dynamic=False)
     rec["flex"] = "eager flex_attention (dry run)" if mode.dry else "torch.compile(flex_attention)"
     rec["families"] = {}
-    backends = [b for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-                if hasattr(SDPBackend, b)]
     for name in FAMILIES:
         ours = copy.deepcopy(family_models(name, None if isinstance(found["official"], str) else found["official"])[1])
         ours = ours.to(dev).eval()
         x = torch.randn(mode.attention_batch, 3, mode.img, mode.img, device=dev)
         fam: dict[str, Any] = {}
+        acts = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            ours(x)  # eval caches filled
-            with trace_attention(keep_tensors=True) as tr:
-                ours(x)
-            acts = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-            with torch.profiler.profile(activities=acts) as prof:
+            if not mode.dry:
+                ours(x)  # eval caches filled, kernels autotuned before the profile
+            with trace_attention(keep_tensors=True) as tr, torch.profiler.profile(activities=acts) as prof:
                 ours(x)
                 sync(dev)
         ops: dict[str, int] = {}
@@ -546,44 +630,16 @@ def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> Non
             g["calls"] += 1
         fam["calls"] = len(tr.records)
         sigs = sorted(groups.values(), key=lambda g: -g["calls"] * g["q"][0] * g["q"][1] * g["q"][2] * g["k"][2])
-        fam["signatures"] = []
+        fam["signatures"], fam["not_measured"] = [], []
         for g in sigs:
             q, k, v, bias = g.pop("tensors")
-            if len(fam["signatures"]) >= mode.attention_signatures or budget.left() < (3 if mode.dry else 15):
+            if len(fam["signatures"]) >= mode.attention_signatures:  # the costliest shapes only, by design
+                fam["not_measured"].append({key: g[key] for key in ("q", "k", "bias", "calls")})
+                continue
+            if budget.left() < (3 if mode.dry else 15):
                 rec["not_run"].append(f"{name} {g['q']}x{g['k']}")
                 continue
-            scale = g["scale"]
-            g["bias_aligned"] = None if bias is None else bias_is_aligned(bias)
-            if dev.type == "cuda" and hasattr(torch, "_fused_sdp_choice"):
-                g["sdpa_choice"] = SDPBackend(torch._fused_sdp_choice(q, k, v, bias, 0.0, False,
-                                                                       scale=scale)).name
-            else:
-                g["sdpa_choice"] = "cpu dispatch (flash for CPU or math)"
-            g["accepts"] = {}
-            for b in backends:
-                try:
-                    with sdpa_kernel([getattr(SDPBackend, b)]), warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-                    g["accepts"][b] = "ok"
-                except RuntimeError as e:
-                    g["accepts"][b] = str(e).splitlines()[0][:160]
-            it = mode.attention_iters
-            with torch.inference_mode():
-                ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-                g["sdpa_ms"] = 1e3 * time_loop(
-                    lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale), dev, it)
-                if bias is not None and not bias_is_aligned(bias.contiguous()):
-                    unaligned = bias.contiguous()
-                    g["sdpa_unaligned_bias_ms"] = 1e3 * time_loop(
-                        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=unaligned, scale=scale), dev, it)
-                score_mod, block_mask = _flex_inputs(q, bias)
-                g["flex_block_mask"] = block_mask is not None
-                fo = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
-                g["flex_max_abs_diff_vs_sdpa"] = (fo.float() - ref.float()).abs().max().item()
-                g["flex_ms"] = 1e3 * time_loop(
-                    lambda: flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale), dev, it)
-                g["flex_vs_sdpa"] = g["sdpa_ms"] / g["flex_ms"]
+            measure_signature(g, (q, k, v, bias), mode, flex)
             fam["signatures"].append(g)
         rec["families"][name] = fam
         del ours
@@ -593,7 +649,8 @@ def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> Non
 def summary_lines(data: dict) -> list[str]:
     """The short summary printed at the end (also by render.py --summary)."""
     s = data["sections"]
-    lines = [f"GPU check ({'DRY RUN on CPU' if data['dry_run'] else data['device']}), wall {data.get('wall_s', 0):.0f} s"]
+    where = "DRY RUN on CPU" if data["dry_run"] else data["device"]
+    lines = [f"GPU check ({where}), wall {data.get('wall_s', 0):.0f} s"]
     for name, rec in s.items():
         lines.append(f"  {name:<11} {rec['status']:<8} {rec['wall_s']:>6.1f} s"
                      + (f"  {rec['error'][:100]}" if rec.get("error") else "")
@@ -638,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU, tiny, one repeat")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/gpu/out"))
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="time budget of the whole check (default 450 on a GPU, 110 in a dry run)")
+                    help="time budget of the whole check (default 450 on a GPU, 115 in a dry run)")
     ap.add_argument("--sections", nargs="*", default=list(BUDGET_SHARES), choices=list(BUDGET_SHARES))
     args = ap.parse_args(argv)
     mode = Mode.make(args.dry_run)
@@ -648,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     else:
         torch.backends.cudnn.benchmark = True
-    report = Report(out, mode, args.budget_s or (110.0 if mode.dry else 450.0), sys.argv[:1] + (argv or sys.argv[1:]))
+    total = args.budget_s or float(sum((DRY_SHARES if mode.dry else BUDGET_SHARES).values()))
+    report = Report(out, mode, total, sys.argv[:1] + (argv or sys.argv[1:]))
     found = optional_imports(mode)
     peaks = {"bf16": float("nan")}
     with report.section("env") as (rec, _):

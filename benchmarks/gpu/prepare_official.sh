@@ -2,6 +2,7 @@
 # Prepares the ignored folder official/ (repository root) that benchmarks/gpu/run.sh compares against:
 #   official/refs/NVlabs+FasterViT/  official/refs/cheerss+CrossFormer/  official/refs/hkzhang91+CabViT/
 #       the trees of the three public repositories at their HEAD (never committed: /official/ is ignored)
+#   official/wheels/einops-*.whl  einops for the official CabViT, used where it is not installed
 #   official/tools/official.py + officialshim/
 #       the importer of the project's shared tools (shared/tools/official): builds the official models;
 #       the shim supplies the old-timm names their code imports where timm is not installed
@@ -40,6 +41,11 @@ if [ ! -f "$tools/official.py" ]; then
     echo "prepare_official.sh: $tools/official.py not found (pass the shared tools folder as the 2nd argument)" >&2
     exit 1
 fi
+# einops (pure Python), which the official CabViT imports: a wheel, put on sys.path by gpu_check.py where
+# the machine has no einops
+py="${PYTHON:-$(command -v python3 || command -v python)}"
+rm -rf "$dest/wheels" && mkdir -p "$dest/wheels"
+"$py" -m pip download --quiet --no-deps -d "$dest/wheels" "einops==0.8.2"
 rm -rf "$dest/tools" && mkdir -p "$dest/tools"
 cp "$tools/official.py" "$dest/tools/"
 cp -r "$tools/officialshim" "$dest/tools/"
