@@ -87,11 +87,9 @@ class Mode:
     def make(cls, dry: bool) -> Mode:
         groups = [[n] for n in FAMILIES] + [[f"timm/{t}" for t in TIMM]]
         if dry:
-            # fp32 throughput (bf16 is emulated on CPUs without bf16 instructions: minutes per model), one
-            # compiled model and one family's training step (dynamo's tracing alone takes 10-30 s per model
-            # on 2 CPUs), no batch-1 latency runs (the batch is 1)
-            return cls(True, torch.device("cpu"), 1, 224, 1, 1, 512, 1, 1, 2, None, 2, [["cabvit_h_l2/hybridvit"]],
-                       ["fastervit_0"], False)
+            # the official fixtures' tiny configurations (DRY_FIXTURES), fp32 throughput (bf16 is emulated on
+            # CPUs without bf16 instructions), the training step of one family
+            return cls(True, torch.device("cpu"), 2, 224, 1, 1, 512, 1, 1, 2, None, 2, groups, ["fastervit_0"], True)
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device (use --dry-run to rehearse on the CPU)")
         return cls(False, torch.device("cuda"), 128, 224, 10, 3, 8192, 128, 20, 4, "bf16", 128, groups, FAMILIES,
@@ -186,14 +184,23 @@ def run_cmd(cmd: list[str], timeout: float, log: Path, dry: bool) -> int:
     return rc
 
 
+def _timm_modules() -> dict[str, Any]:
+    return {k: sys.modules.pop(k) for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]}
+
+
 def optional_imports(mode: Mode) -> dict[str, Any]:
     """timm and the official implementations: modules, or the reason they are missing (an error on a GPU).
 
-    The official code is imported first, with the old-timm shim that official.py puts first on sys.path:
-    its modules bind the few old-timm names they need at import time. The shim is then dropped from
-    sys.modules and sys.path, so that `import timm` finds the real timm (whose newer versions lack some
-    of those names). einops comes from official/wheels where it is not installed."""
+    The official code imports a few names of an old timm. With timm installed it is imported with that
+    timm first; should that fail (a newer timm without those names), with the shim of official.py (which
+    then binds its names at import time), after which the real timm is put back for timm's own models.
+    einops, which the official CabViT imports, comes from official/wheels where it is not installed."""
     found: dict[str, Any] = {}
+    try:
+        import timm
+        found["timm"] = timm
+    except ImportError as e:
+        found["timm"] = f"absent: timm is not installed ({e})"
     refs = os.environ.get("HV_OFFICIAL_REFS")
     if not refs:
         found["official"] = ("absent: HV_OFFICIAL_REFS is not set (prepare official/ with "
@@ -204,41 +211,74 @@ def optional_imports(mode: Mode) -> dict[str, Any]:
         except ImportError:
             sys.path += [str(p) for p in sorted((Path(refs).parent / "wheels").glob("einops-*.whl"))]
         try:
-            from official import OFFICIAL
-            found["official"] = OFFICIAL
+            import official
+            found["official"], found["official_module"] = official.OFFICIAL, official
+            found["official_timm"] = "the installed timm" if not isinstance(found["timm"], str) else "the shim"
         except BaseException as e:  # official.py exits when its folder is wrong
             found["official"] = f"absent: importing the official code failed ({type(e).__name__}: {e})"
-        for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]:
-            del sys.modules[k]
-        sys.path[:] = [p for p in sys.path if not p.endswith("officialshim")]
-    try:
-        import timm
-        found["timm"] = timm
-    except ImportError as e:
-        found["timm"] = f"absent: timm is not installed ({e})"
+            if not isinstance(found["timm"], str):
+                real = _timm_modules()
+                try:
+                    sys.path[:0] = [p for p in sys.path if p.endswith("officialshim")][:1]
+                    import official
+                    found["official"], found["official_module"] = official.OFFICIAL, official
+                    found["official_timm"] = f"the shim (with the installed timm: {type(e).__name__}: {e})"
+                except BaseException as e2:
+                    found["official"] += f"; with the shim: {type(e2).__name__}: {e2}"
+                finally:
+                    _timm_modules()
+                    sys.modules.update(real)
     if not mode.dry:
-        missing = [v for v in found.values() if isinstance(v, str)]
+        missing = [v for k, v in found.items() if isinstance(v, str) and k != "official_timm"]
         if missing:
             raise RuntimeError("the GPU check compares against timm and the official code: " + "; ".join(missing))
     return found
 
 
 _MODELS: dict[str, tuple[torch.nn.Module | None, torch.nn.Module, float | None]] = {}
+# dry run: each family's official fixture (tests/fixtures/official), a tiny configuration of the same
+# architecture, stands in for the published size: the official class built with the fixture's arguments and
+# hybridvit (the tests' helper) with the fixture's weights; the full sizes take minutes per section on 2 CPUs
+DRY_FIXTURES = {"fastervit_0": "fastervit_tiny_ls_prop", "crossformerpp_s": "crossformerpp_tiny",
+                "cabvit_h_l2": "cabvit_h_tiny"}
 
 
-def family_models(name: str, official_ctor) -> tuple[torch.nn.Module | None, torch.nn.Module, float | None]:
-    """(official or None, hybridvit with the official's weights, fp32 max abs diff of their logits) on CPU."""
+def _dry_models(name: str, official) -> tuple[torch.nn.Module | None, torch.nn.Module]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import load_fixture
+    from test_cuda import fixture_model
+
+    fixture = DRY_FIXTURES[name]
+    ours = fixture_model(fixture)
+    if official is None:
+        return None, ours
+    fx = load_fixture(fixture)
+    cls = {"fastervit_0": lambda: official.fv.FasterViT, "crossformerpp_s": lambda: official.CrossFormer,
+           "cabvit_h_l2": lambda: official.cb.CaBViT_H}[name]()
+    off = cls(**fx["official_config"]).eval()
+    off.load_state_dict(fx["state_dict"])
+    return off, ours
+
+
+def family_models(name: str, found: dict, dry: bool) -> tuple[torch.nn.Module | None, torch.nn.Module, float | None]:
+    """(official or None, hybridvit with the official's weights, fp32 max abs diff of their logits), eval, on
+    CPU; the same objects for every section."""
     if name not in _MODELS:
         from compare_official import perturb
 
         import hybridvit
 
         torch.manual_seed(0)
-        ours = hybridvit.create_model(name).eval()
+        have = not isinstance(found["official"], str)
         official, diff = None, None
-        if official_ctor is not None:
-            official = perturb(official_ctor[name]().eval())
-            hybridvit.load_checkpoint(ours, {"state_dict": official.state_dict()})
+        if dry:
+            official, ours = _dry_models(name, found["official_module"] if have else None)
+        else:
+            ours = hybridvit.create_model(name).eval()
+            if have:
+                official = perturb(found["official"][name]().eval())
+                hybridvit.load_checkpoint(ours, {"state_dict": official.state_dict()})
+        if official is not None:
             x = torch.randn(1, 3, 224, 224)
             with torch.no_grad():
                 diff = (official(x) - ours(x)).abs().max().item()
@@ -270,6 +310,7 @@ def section_env(rec: dict, mode: Mode, found: dict) -> None:
             rec.setdefault("versions", {})[mod] = __import__(mod).__version__
         except ImportError:
             rec.setdefault("versions", {})[mod] = "absent"
+    rec["official_imported_with"] = found.get("official_timm")
     rec["versions"]["timm"] = found["timm"] if isinstance(found["timm"], str) else found["timm"].__version__
     refs = Path(os.environ.get("HV_OFFICIAL_REFS", "/nonexistent")) / "REVISIONS"
     rec["official"] = refs.read_text().split("\n") if refs.is_file() else found["official"] if isinstance(
@@ -381,7 +422,7 @@ def _pairs(mode: Mode, found: dict, compiled: bool, train: bool, names: list[str
                 m = found["timm"].create_model(name[5:])
                 pairs.append((name, prepare(m, mode.device, compile=compiled, train=train)[0]))
             continue
-        official, ours, _ = family_models(name, None if isinstance(found["official"], str) else found["official"])
+        official, ours, _ = family_models(name, found, mode.dry)
         # the official code as it runs by default (NCHW), as in compare_official.py
         if official is not None and only != "hybridvit":
             pairs.append((f"{name}/official", prepare(copy.deepcopy(official), mode.device, channels_last=False,
@@ -394,11 +435,13 @@ def _pairs(mode: Mode, found: dict, compiled: bool, train: bool, names: list[str
 def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks: dict) -> None:
     from hybridvit.bench import bench_models
 
-    rec["absent"] = {k: v for k, v in found.items() if isinstance(v, str)}
+    rec["absent"] = {k: found[k] for k in ("official", "timm") if isinstance(found[k], str)}
     diffs = {}
     for name in FAMILIES:
-        diffs[name] = family_models(name, None if isinstance(found["official"], str) else found["official"])[2]
+        diffs[name] = family_models(name, found, mode.dry)[2]
     rec["fp32_max_abs_diff_vs_official"] = diffs
+    if mode.dry:
+        rec["stand_ins"] = {k: f"official fixture {v} (dry run)" for k, v in DRY_FIXTURES.items()}
     names = FAMILIES + [f"timm/{t}" for t in TIMM]
     # eager: every model in the same interleaved rounds
     pairs = _pairs(mode, found, False, False, names)
@@ -420,11 +463,15 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
             rec["not_run"].append(f"compiled {group}")
             continue
         t0 = time.monotonic()
-        pairs = _pairs(mode, found, True, False, group)
-        if not pairs:
+        try:
+            res = _bench_compiled(group, mode, found)
+        except Exception as e:  # the other groups still run; the section fails at its end
+            rec.setdefault("compile_errors", {})[" ".join(group)] = f"{type(e).__name__}: {e}"
+            print(f"!! compiled {group} FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}", flush=True)
+            torch._dynamo.reset()
             continue
-        res = bench_models(pairs, batch_size=mode.batch, img_size=mode.img, device=str(mode.device), amp=mode.amp,
-                           repeats=mode.repeats, warmup=mode.warmup, latency=False, memory=True)
+        if not res:
+            continue
         for r in res:
             r["compiled"] = True
             r["group_wall_s"] = round(time.monotonic() - t0, 1)
@@ -434,14 +481,25 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
             if r["model"] in eager:
                 r["ratio_vs_eager"] = r["img_per_s"] / eager[r["model"]]["img_per_s"]
         rec["compiled"] += res
-        del pairs
         torch._dynamo.reset()
+    if rec.get("compile_errors"):
+        raise RuntimeError(f"torch.compile failed for {', '.join(rec['compile_errors'])}: {rec['compile_errors']}")
+
+
+def _bench_compiled(group: list[str], mode: Mode, found: dict) -> list[dict]:
+    from hybridvit.bench import bench_models
+
+    pairs = _pairs(mode, found, True, False, group)
+    if not pairs:
+        return []
+    return bench_models(pairs, batch_size=mode.batch, img_size=mode.img, device=str(mode.device), amp=mode.amp,
+                        repeats=mode.repeats, warmup=mode.warmup, latency=False, memory=True)
 
 
 def section_train_step(rec: dict, budget: Budget, mode: Mode, found: dict, peaks: dict) -> None:
     from hybridvit.bench import bench_models
 
-    rec["absent"] = {k: v for k, v in found.items() if isinstance(v, str) and k == "official"}
+    rec["absent"] = {k: found[k] for k in ("official",) if isinstance(found[k], str)}
     rec["results"] = []
     rec["amp"] = mode.amp or "fp32 (dry run)"
     for name in mode.train_families:
@@ -607,7 +665,7 @@ def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> Non
     rec["flex"] = "eager flex_attention (dry run)" if mode.dry else "torch.compile(flex_attention)"
     rec["families"] = {}
     for name in FAMILIES:
-        ours = copy.deepcopy(family_models(name, None if isinstance(found["official"], str) else found["official"])[1])
+        ours = copy.deepcopy(family_models(name, found, mode.dry)[1])
         ours = ours.to(dev).eval()
         x = torch.randn(mode.attention_batch, 3, mode.img, mode.img, device=dev)
         fam: dict[str, Any] = {}
