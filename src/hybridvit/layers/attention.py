@@ -2,6 +2,16 @@
 
 `capture_attention()` switches `attend` to an explicit softmax(q k^T * scale + bias) that records the
 attention weights (same output up to float rounding), for analysis; the fused path stays the default.
+`trace_attention()` records what every call hands to SDPA (shapes, dtypes, strides, optionally the
+tensors) without changing the computation, for benchmarks of the attention path.
+
+GPU rules `attend` keeps (checked on CPU by tests/test_gpu_script.py, on CUDA by tests/test_cuda.py):
+- the bias reaches SDPA in the query's dtype: on SM90, cuDNN attention has been reported to misread an
+  fp32 mask with a bf16/fp16 query, and the memory-efficient kernel rejects it;
+- on CUDA the bias's rows start at multiples of 8 elements (`align_bias`): the memory-efficient kernel
+  needs that and otherwise pads a copy of the bias on every call (FasterViT windows have 49 + 4 tokens);
+  the cast and the alignment are one copy, the values are unchanged;
+- nothing here reads a tensor on the host (no `.item()`, `.cpu()`, data-dependent branches).
 """
 from __future__ import annotations
 
@@ -74,7 +84,33 @@ class AttentionCapture:
         return handles
 
 
-_CAPTURE: AttentionCapture | None = None
+class AttentionTrace:
+    """What each `attend` call under `trace_attention()` handed to SDPA, in call order.
+
+    `records[i]`: `q`, `k`, `v` shapes, `dtype` (the query's), `bias` shape, `bias_dtype`, `bias_stride`
+    (None without a bias), `scale`, `dropout_p`; with `keep_tensors`, also `tensors`: detached (q, k, v,
+    bias) of that call. The computation is the normal one (the bias as SDPA received it).
+    """
+
+    def __init__(self, keep_tensors: bool = False) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.keep_tensors = keep_tensors
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+               scale: float | None, dropout_p: float) -> torch.Tensor:
+        bias = prepare_bias(q, bias)
+        record: dict[str, Any] = {
+            "q": tuple(q.shape), "k": tuple(k.shape), "v": tuple(v.shape), "dtype": str(q.dtype),
+            "device": q.device.type, "bias": None if bias is None else tuple(bias.shape),
+            "bias_dtype": None if bias is None else str(bias.dtype),
+            "bias_stride": None if bias is None else tuple(bias.stride()), "scale": scale, "dropout_p": dropout_p}
+        if self.keep_tensors:
+            record["tensors"] = tuple(None if t is None else t.detach() for t in (q, k, v, bias))
+        self.records.append(record)
+        return _attend(q, k, v, bias, scale, dropout_p)
+
+
+_CAPTURE: AttentionCapture | AttentionTrace | None = None
 
 
 @contextmanager
@@ -98,6 +134,60 @@ def capture_attention(model: nn.Module | None = None) -> Iterator[AttentionCaptu
         _CAPTURE = previous
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def trace_attention(keep_tensors: bool = False) -> Iterator[AttentionTrace]:
+    """Within this context every `attend` call is recorded (see AttentionTrace) and computed as usual.
+    Eager mode only (a compiled graph does not call back into Python)."""
+    global _CAPTURE
+    previous, trace = _CAPTURE, AttentionTrace(keep_tensors)
+    _CAPTURE = trace
+    try:
+        yield trace
+    finally:
+        _CAPTURE = previous
+
+
+BIAS_ALIGNMENT = 8  # elements: what SDPA's memory-efficient CUDA kernel asks of the bias's strides
+
+
+def bias_is_aligned(bias: torch.Tensor, alignment: int = BIAS_ALIGNMENT) -> bool:
+    """Whether every stride but the last is a multiple of `alignment` and the last is 1 (SDPA's test)."""
+    return bias.stride(-1) == 1 and all(s % alignment == 0 for s in bias.stride()[:-1])
+
+
+def align_bias(bias: torch.Tensor, dtype: torch.dtype | None = None,
+               alignment: int = BIAS_ALIGNMENT) -> torch.Tensor:
+    """`bias` (..., N, M) in `dtype` (default: its own) as a view of a (..., N, M') buffer, M' the next
+    multiple of `alignment`: same shape and values, strides the memory-efficient kernel takes without
+    padding a copy itself. Broadcast (stride-0) dimensions stay broadcast; one copy in all."""
+    dtype = bias.dtype if dtype is None else dtype
+    if bias_is_aligned(bias, alignment):
+        return bias.to(dtype)
+    # collapse broadcast dimensions, so that the copy holds each distinct value once
+    base = bias[tuple(slice(0, 1) if st == 0 and n > 1 else slice(None)
+                      for n, st in zip(bias.shape, bias.stride()))]
+    M = bias.shape[-1]
+    # a fresh buffer: canonical strides also for size-1 dimensions, which SDPA's test reads too
+    out = base.new_zeros((*base.shape[:-1], M + (-M) % alignment), dtype=dtype)
+    out[..., :M] = base
+    return out.narrow(-1, 0, M).expand(bias.shape)
+
+
+def _aligns_bias(q: torch.Tensor) -> bool:
+    """Whether SDPA may pick the memory-efficient kernel for this query (CUDA); a function so that the CPU
+    tests can take the aligned path."""
+    return q.device.type == "cuda"
+
+
+def prepare_bias(q: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The bias as `attend` hands it to SDPA: in the query's dtype, aligned on CUDA (see module doc)."""
+    if bias is None:
+        return None
+    if _aligns_bias(q) and not bias_is_aligned(bias):
+        return align_bias(bias, q.dtype)
+    return bias if bias.dtype == q.dtype else bias.to(q.dtype)
 
 
 def _low_precision_trainable_bias(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -133,10 +223,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     The bias (relative position bias, padding mask with -inf-like entries) is cast to the query dtype
     so that autocast and half-precision models never meet a dtype mismatch inside SDPA.
     """
-    if _CAPTURE is not None:  # analysis: explicit weights, recorded (see capture_attention)
+    if _CAPTURE is not None:  # analysis: explicit weights or a trace (capture_attention, trace_attention)
         return _CAPTURE.attend(q, k, v, bias, scale, dropout_p)
-    if bias is not None and bias.dtype != q.dtype:
-        bias = bias.to(q.dtype)
+    return _attend(q, k, v, prepare_bias(q, bias), scale, dropout_p)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+            scale: float | None, dropout_p: float) -> torch.Tensor:
+    """`attend` with the bias already prepared (`prepare_bias`)."""
     if _low_precision_trainable_bias(q, bias):
         return _attend_explicit(q, k, v, bias, scale, dropout_p)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)

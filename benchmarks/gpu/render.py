@@ -1,0 +1,129 @@
+"""Renders the JSON of benchmarks/gpu/run.sh as the Markdown tables of benchmarks/README.md's GPU section.
+
+    python benchmarks/gpu/render.py OUT_DIR_OR_gpu_check.json [--summary]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _f(v, fmt: str = ".1f", none: str = "–") -> str:
+    return none if v is None or isinstance(v, str) else format(v, fmt)
+
+
+def _x(v) -> str:
+    return "–" if v is None else f"**{v:.2f}×**"
+
+
+def render(data: dict) -> str:
+    s = data["sections"]
+    env = s.get("env", {})
+    gpu = env.get("gpu", {}).get("name", "DRY RUN on CPU (no GPU)" if data["dry_run"] else data["device"])
+    peaks = env.get("matmul_peak_tflops", {})
+    out = [f"Machine: {gpu}; torch {env.get('environment', {}).get('torch', '?')}, "
+           f"{', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items())}; measured matmul peak "
+           f"{', '.join(f'{k} {v:.1f}' for k, v in peaks.items())} TFLOP/s; project commit "
+           f"{env.get('project_commit', '?')[:10]}; wall {data.get('wall_s', 0):.0f} s"
+           + (" — **DRY RUN**: CPU, tiny sizes, one repeat; figures are not measurements" if data["dry_run"]
+              else ""), ""]
+    out.append("| section | status | wall s | note |")
+    out.append("|---|---|---|---|")
+    for name, rec in s.items():
+        note = rec.get("error") or rec.get("note") or ""
+        if rec.get("not_run"):
+            note += f" not run (time budget): {', '.join(rec['not_run'])}"
+        out.append(f"| {name} | {rec['status']} | {rec['wall_s']:.0f} | {note[:200]} |")
+    out.append("")
+    t = s.get("tests", {})
+    if "tests" in t:
+        out.append(f"CUDA tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
+                   f"{t['skipped']} skipped of {t['tests']}.")
+    d = s.get("digits", {})
+    if "val_top1" in d:
+        out.append(f"`hybridvit train` on the digits, {d['epochs']} epochs: val top-1 {d['val_top1']:.2f}% "
+                   f"(CPU: {d['cpu_reference_top1']:.2f}%).")
+    out.append("")
+
+    inf = s.get("inference", {})
+    if inf.get("eager"):
+        comp = {r["model"]: r for r in inf.get("compiled", [])}
+        out.append(f"Inference, {inf.get('amp', 'bf16')} autocast, batch {inf['eager'][0]['batch_size']}, "
+                   f"{inf['eager'][0]['img_size']} px (eager; compiled: torch.compile, {inf.get('compile_backend')}):")
+        out.append("")
+        out.append("| model | eager img/s | compiled img/s | vs official (eager / compiled) | vs convnext_tiny | "
+                   "vs swin_tiny | TFLOP/s (% of bf16 peak) | batch-1 ms | peak MB/img |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for r in inf["eager"]:
+            c = comp.get(r["model"], {})
+            out.append(f"| {r['model']} | {_f(r['img_per_s'])} | {_f(c.get('img_per_s'))} | "
+                       f"{_x(r.get('ratio_vs_official'))} / {_x(c.get('ratio_vs_official'))} | "
+                       f"{_x(r.get('ratio_vs_convnext_tiny'))} | "
+                       f"{_x(r.get('ratio_vs_swin_tiny_patch4_window7_224'))} | "
+                       f"{_f(r['tflops'], '.2f')} ({_f(r['pct_of_bf16_peak'], '.0f')}%) | "
+                       f"{_f(r.get('latency_b1_ms'))} | {_f(r.get('peak_mem_per_img_mb'))} |")
+        for k, v in (inf.get("absent") or {}).items():
+            out.append(f"\n{k}: {v}")
+        out.append("")
+    ts = s.get("train_step", {})
+    if ts.get("results"):
+        r0 = ts["results"][0]
+        out.append(f"Training step ({ts.get('amp')}, AdamW, batch {r0['batch_size']}, {r0['img_size']} px):")
+        out.append("")
+        out.append("| model | img/s | vs official | TFLOP/s | peak MB/img |")
+        out.append("|---|---|---|---|---|")
+        for r in ts["results"]:
+            out.append(f"| {r['model']} | {_f(r['img_per_s'])} | {_x(r.get('ratio_vs_official'))} | "
+                       f"{_f(r['tflops'], '.2f')} | {_f(r.get('peak_mem_per_img_mb'))} |")
+        out.append("")
+    tl = s.get("train_loop", {})
+    if "loop_img_per_s" in tl:
+        ratio = tl["loop_vs_step"]
+        out.append(f"`hybridvit train` on {tl['train_images']} JPEGs at {tl['img_size']} px, batch {tl['batch_size']}: "
+                   f"{tl['loop_img_per_s']:.1f} img/s"
+                   + (f", {ratio:.2f}× the training step's {tl['step_img_per_s']:.1f} img/s" if isinstance(ratio, float)
+                      else f" ({ratio})") + f" (epoch times {tl['epoch_times_s']} s).")
+        out.append("")
+    att = s.get("attention", {})
+    if att.get("families"):
+        out.append(f"Attention, bf16, each family's costliest call shapes ({att.get('flex')}):")
+        out.append("")
+        out.append("| family | q (B, h, N, d) | keys | calls | SDPA picks | efficient / cuDNN / flash take the bias | "
+                   "SDPA ms | unaligned bias ms | flex ms | flex vs SDPA | flex max diff |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for fam, f in att["families"].items():
+            for g in f["signatures"]:
+                acc = " / ".join("yes" if g["accepts"].get(b) == "ok" else "no"
+                                 for b in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION"))
+                out.append(f"| {fam} | {tuple(g['q'])} | {g['k'][2]} | {g['calls']} | {g['sdpa_choice']} | {acc} | "
+                           f"{_f(g['sdpa_ms'], '.3f')} | {_f(g.get('sdpa_unaligned_bias_ms'), '.3f')} | "
+                           f"{_f(g['flex_ms'], '.3f')} | {_x(g['flex_vs_sdpa'])} | "
+                           f"{_f(g['flex_max_abs_diff_vs_sdpa'], '.1e')} |")
+        ops = {fam: f["profiled_attention_ops"] for fam, f in att["families"].items()}
+        out.append("")
+        out.append("Attention kernels in a profiled forward: " + "; ".join(
+            f"{fam}: {', '.join(f'{k} ×{v}' for k, v in o.items()) or 'none'}" for fam, o in ops.items()))
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("path", help="the --out folder of run.sh, or its gpu_check.json")
+    ap.add_argument("--summary", action="store_true", help="the short summary run.sh prints instead")
+    args = ap.parse_args()
+    p = Path(args.path)
+    data = json.loads((p / "gpu_check.json" if p.is_dir() else p).read_text())
+    if args.summary:
+        from gpu_check import summary_lines
+        print("\n".join(summary_lines(data)))
+    else:
+        print(render(data), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
