@@ -45,12 +45,15 @@ def _map_size(name: str, side: int, reduction: int) -> int:
     return side // reduction if get_entry(name).family == "crossformer" or "_p_" in name else -(-side // reduction)
 
 
-def _check_maps(name, model, maps, size, infos):
+def _check_maps(name, model, maps, size, feature_info):
+    infos = feature_info.get_dicts()  # timm's FeatureInfo: the dicts of the maps returned
+    assert feature_info.channels() == [i["num_chs"] for i in infos]
+    assert feature_info.reduction() == [i["reduction"] for i in infos]
     assert [m.shape[1] for m in maps] == [i["num_chs"] for i in infos]
     assert [tuple(m.shape[-2:]) for m in maps] == [
         (_map_size(name, size[0], i["reduction"]), _map_size(name, size[1], i["reduction"])) for i in infos]
     modules = dict(model.named_modules())
-    assert all(set(i) == {"num_chs", "reduction", "module"} and i["module"] in modules for i in infos)
+    assert all(set(i) == {"num_chs", "reduction", "module", "index"} and i["module"] in modules for i in infos)
 
 
 # ------------------------------------------------------------------------------------------ every model
@@ -67,7 +70,8 @@ def test_every_model_on_meta(name):
     assert entry.license == cfg["license"] and cfg["paper_ids"].startswith("arXiv:")
     model = meta_model(name).eval()
     modules = dict(model.named_modules())
-    assert cfg["first_conv"] in modules and cfg["classifier"] in modules
+    first = (cfg["first_conv"],) if isinstance(cfg["first_conv"], str) else cfg["first_conv"]
+    assert all(f in modules for f in first) and cfg["classifier"] in modules
     assert model.pretrained_cfg == cfg and model.model_name == name
     side = cfg["input_size"][-1]
     with torch.device("meta"):
