@@ -12,8 +12,9 @@ from __future__ import annotations
 import fnmatch
 import os
 
-import hybridvit
 import timm  # noqa: F401  (hybridvit registers its models in timm's registry on this import)
+
+import hybridvit
 
 
 def _selected() -> set[str]:

@@ -21,6 +21,8 @@ from conftest import ROOT
 import hybridvit
 from hybridvit.integrations.torchvision_detection import DetectionBackbone
 
+pytestmark = pytest.mark.integration
+
 # one small model per family; windows/groups of 7 stay as in the published variants
 TINY = {
     "fastervit_nano": dict(dim=16, in_dim=8, depths=(1, 1, 1, 1)),
