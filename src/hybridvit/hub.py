@@ -5,7 +5,7 @@ repository holding it) loads with `hybridvit.create_model(pretrained=DIR)`, `cre
 and, with timm installed, `timm.create_model("hf-hub:ORG/REPO", pretrained=True)` after `import hybridvit`::
 
     config.json = {"architecture": "fastervit_0", "num_classes": 10, "num_features": 512,
-                   "global_pool": getattr(model, "global_pool", "avg"), "model_args": {"img_size": 64}, "label_names": ["cat", ...],
+                   "global_pool": "avg", "model_args": {"img_size": 64}, "label_names": ["cat", ...],
                    "pretrained_cfg": {"input_size": [3, 64, 64], "mean": [...], ...}}
 
 Weights are read and written as safetensors only: nothing on the Hub path is unpickled, and no code
@@ -71,7 +71,7 @@ def hub_config(model: nn.Module, *, model_name: str | None = None,
             "architecture": name,
             "num_classes": num_classes,
             "num_features": int(getattr(model, "num_features", 0)),
-            "global_pool": getattr(model, "global_pool", "avg"),
+            "global_pool": "avg",
             "model_args": _jsonable(args),
             "pretrained_cfg": _jsonable(pcfg),
         }

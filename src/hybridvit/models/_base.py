@@ -357,8 +357,9 @@ def adapt_input_channels(state_dict: dict[str, torch.Tensor], model: nn.Module) 
     """`state_dict` (in the model's key layout) with its image-facing convolutions (`pretrained_cfg`'s
     `first_conv`, one name or several) fitted to `model.in_chans`, as timm adapts published RGB weights:
     for 1 channel the RGB filters are summed (a gray image gives the RGB model's response to that gray
-    image); for n channels they are repeated over the channels and scaled by 3 / n (the response to an
-    input of constant value stays the same). Weights already of the model's width are left alone."""
+    image); for n channels they are repeated over the channels (R, G, B, R, ...) and scaled by 3 / n,
+    which keeps the activations' scale (6 channels holding the RGB image twice give its exact response).
+    Weights already of the model's width are left alone."""
     in_chans = int(getattr(model, "in_chans", 3))
     first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or ()
     out = dict(state_dict)
