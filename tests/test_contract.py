@@ -45,12 +45,15 @@ def _map_size(name: str, side: int, reduction: int) -> int:
     return side // reduction if get_entry(name).family == "crossformer" or "_p_" in name else -(-side // reduction)
 
 
-def _check_maps(name, model, maps, size, infos):
+def _check_maps(name, model, maps, size, feature_info):
+    infos = feature_info.get_dicts()  # timm's FeatureInfo: the dicts of the maps returned
+    assert feature_info.channels() == [i["num_chs"] for i in infos]
+    assert feature_info.reduction() == [i["reduction"] for i in infos]
     assert [m.shape[1] for m in maps] == [i["num_chs"] for i in infos]
     assert [tuple(m.shape[-2:]) for m in maps] == [
         (_map_size(name, size[0], i["reduction"]), _map_size(name, size[1], i["reduction"])) for i in infos]
     modules = dict(model.named_modules())
-    assert all(set(i) == {"num_chs", "reduction", "module"} and i["module"] in modules for i in infos)
+    assert all(set(i) == {"num_chs", "reduction", "module", "index"} and i["module"] in modules for i in infos)
 
 
 # ------------------------------------------------------------------------------------------ every model
@@ -67,7 +70,8 @@ def test_every_model_on_meta(name):
     assert entry.license == cfg["license"] and cfg["paper_ids"].startswith("arXiv:")
     model = meta_model(name).eval()
     modules = dict(model.named_modules())
-    assert cfg["first_conv"] in modules and cfg["classifier"] in modules
+    first = (cfg["first_conv"],) if isinstance(cfg["first_conv"], str) else cfg["first_conv"]
+    assert all(f in modules for f in first) and cfg["classifier"] in modules
     assert model.pretrained_cfg == cfg and model.model_name == name
     side = cfg["input_size"][-1]
     with torch.device("meta"):
@@ -281,3 +285,166 @@ def test_fast_path_switch_from_the_environment():
     out = {v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "HYBRIDVIT_FAST_PATHS": v},
                              capture_output=True, text=True, check=True).stdout.strip() for v in ("0", "1")}
     assert out == {"0": "False", "1": "True"}
+
+
+# ------------------------------------------------------------------ timm's model interface (without timm)
+def test_timm_interface_without_timm(real):
+    """default_cfg, FeatureInfo, head_hidden_size, get_classifier, reset_classifier(n, global_pool) and
+    what it does to forward, as timm's tests/test_models.py checks them."""
+    name, model = real
+    m = copy.deepcopy(model)
+    assert m.default_cfg is m.pretrained_cfg
+    info = m.feature_info
+    n = len(m.stages)
+    assert len(info) == n and info.out_indices == tuple(range(n))
+    assert info.channels() == [s["num_chs"] for s in m.stage_info] and info.channels(1) == m.stage_info[1]["num_chs"]
+    assert info.reduction([0, -1]) == [m.stage_info[0]["reduction"], m.stage_info[-1]["reduction"]]
+    assert info.module_name() == [f"stages.{i}" for i in range(n)] and info.info[2]["index"] == 2
+    assert m.head_hidden_size == m.num_features and m.get_classifier() is m.head
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        pooled = m.forward_head(feats, pre_logits=True)
+        m.reset_classifier(0, "")
+        assert m.global_pool == "" and isinstance(m.get_classifier(), torch.nn.Identity)
+        unpooled = m(x)
+        if feats.ndim == 4 and not m.head_norm:
+            assert torch.equal(unpooled, feats)  # no pooling, no classifier: the features themselves
+        assert unpooled.shape == feats.shape
+        m.reset_classifier(4)  # a classifier brings the model's pooling back
+        assert m.global_pool == type(m).global_pool and m(x).shape == (2, 4)
+        m.reset_classifier(0)
+        torch.testing.assert_close(m(x), pooled)
+    with pytest.raises(ValueError, match="pools by"):
+        m.reset_classifier(0, "max")
+    with pytest.raises(ValueError, match=r"only without a classifier \(num_classes=0\)"):
+        m.reset_classifier(3, "")
+    m.eval()
+    m.reset_classifier(3)
+    assert not m.head.training  # the new head follows the model's mode
+
+
+def test_no_weight_decay_and_group_matcher(real):
+    """no_weight_decay(): exact names (timm's optimizer factory matches them with fnmatch) of the position-bias
+    tables and embeddings and of every 1-D parameter, the set hybridvit's own optimizer leaves undecayed;
+    group_matcher(): the stem first, the final norm last, every stage (coarse) or block in a group of its own."""
+    import re
+
+    from hybridvit.train.optim import param_groups
+
+    name, model = real
+    names = dict(model.named_parameters())
+    nwd = model.no_weight_decay()
+    assert nwd <= set(names)
+    undecayed = {id(p) for p in param_groups(model, 0.05)[1]["params"]}
+    assert {n for n, p in names.items() if id(p) in undecayed} == nwd
+    if name.startswith("fastervit"):  # the continuous position-bias MLPs and position embeddings
+        assert any(n.endswith("attn.pos_bias.mlp.fc1.weight") for n in nwd)
+    if name.startswith("crossformer"):  # the DPB's linear weights decay, as in the official training
+        assert not any(n.endswith("attn.dpb.proj.weight") for n in nwd)
+        assert any(n.endswith("attn.dpb.proj.bias") for n in nwd)
+    if name.startswith("cabvit_h"):
+        assert any(n.endswith("attn.attention_biases") for n in nwd)
+    assert all(n in nwd for n, p in names.items() if p.ndim <= 1)
+    assert not any(n.endswith("qkv.weight") for n in nwd)
+
+    for coarse in (True, False):
+        spec = model.group_matcher(coarse)
+        stem = re.compile(spec["stem"])
+
+        def group(n: str, stem=stem, spec=spec):
+            if stem.match(n):
+                return (-1,)
+            for pattern, suffix in spec["blocks"]:
+                if (r := re.compile(pattern).match(n)):
+                    return tuple(int(g) for g in r.groups()) + tuple(suffix or ())
+            return (float("inf"),)  # the classifier, after everything
+
+        groups = {n: group(n) for n in names}
+        assert all(groups[n] == (-1,) for n in names if n.startswith(("stem.", "patch_embed.")))
+        assert all(groups[n] == (99999,) for n in names if n.startswith("norm."))
+        assert all(groups[n] == (float("inf"),) for n in names if n.startswith("head."))
+        stages = {n for n in names if n.startswith("stages.")}
+        assert all(groups[n][0] == int(n.split(".")[1]) for n in stages)
+        per_stage = len({groups[n] for n in stages})
+        if coarse:
+            assert per_stage == len(model.stages)
+        else:  # one group per block
+            depth = sum(len(getattr(s.blocks, "blocks", s.blocks)) for s in model.stages)
+            assert per_stage == depth
+
+
+def test_prune_drops_what_the_taps_leave_unused(real):
+    """timm 1.0.31's rule: pruning before the last stage also removes the final norm (sized for the last
+    stage) and the head with its pooling; forward_features then ends at the tap and every kept parameter
+    trains. Pruned at the last stage with prune_head=False, the model is unchanged."""
+    name, model = real
+    x = torch.randn(2, 3, 64, 96)
+    n = len(model.stages)
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        same = copy.deepcopy(model)
+        same.prune_intermediate_layers([n - 1], prune_head=False)
+        torch.testing.assert_close(same(x), expected)
+    for i in range(n - 1):
+        pruned = copy.deepcopy(model)
+        assert pruned.prune_intermediate_layers([i]) == [i]
+        assert isinstance(pruned.norm, torch.nn.Identity) and isinstance(pruned.head, torch.nn.Identity)
+        assert pruned.num_features == pruned.head_hidden_size == model.stage_info[i]["num_chs"]
+        with torch.no_grad():
+            feats = pruned.forward_features(x)
+            if feats.ndim == 4:
+                torch.testing.assert_close(feats, taps[i], rtol=0, atol=0)
+            torch.testing.assert_close(pruned(x), feats)  # no head, no pooling
+        pruned.train()
+        pruned.forward_features(x).sum().backward()
+        unused = [k for k, p in pruned.named_parameters() if p.grad is None]
+        assert not unused, (i, unused)
+
+
+def test_fx_symbolic_trace_at_any_input_size(real):
+    """torch.fx traces every family once; the graph runs at other input sizes (the shape-dependent parts are
+    leaf functions) with eager's outputs, and trains (gradients reach every parameter)."""
+    name, model = real
+    m = copy.deepcopy(model).eval()
+    gm = torch.fx.symbolic_trace(m)
+    leaves = {getattr(n.target, "__name__", "") for n in gm.graph.nodes if n.op == "call_function"}
+    assert leaves & {"hat_windows", "grouped_attention", "cab_stage"}
+    with torch.no_grad():
+        for size in [(64, 64), ODD, (90, 122)]:
+            x = torch.randn(1, 3, *size)
+            torch.testing.assert_close(gm(x), m(x), rtol=1e-4, atol=1e-5)
+    gm.train()
+    gm(torch.randn(2, 3, 70, 70)).mean().backward()
+    assert not [k for k, p in gm.named_parameters() if p.grad is None]
+
+
+@pytest.mark.parametrize("in_chans", [1, 4, 6])
+def test_in_chans_adapts_published_first_layers(in_chans, tmp_path):
+    """A 3-channel checkpoint loads into an in_chans model as timm adapts it: summed filters for 1 channel
+    (a gray image gives the RGB model's logits of that gray image); for n channels the filters repeated
+    over the channels and scaled by 3/n (6 channels holding the image twice give the RGB model's logits)."""
+    from hybridvit.models import adapt_input_channels
+
+    for name in ("fastervit_nano", "crossformer_t", "cabvit_p_tiny"):
+        rgb = _model(name).eval()
+        path = tmp_path / f"{name}.pt"
+        torch.save(rgb.state_dict(), path)
+        other = hybridvit.create_model(name, num_classes=7, in_chans=in_chans, pretrained=str(path),
+                                       **REAL.get(name, {})).eval()
+        first = other.pretrained_cfg["first_conv"]
+        for f in [first] if isinstance(first, str) else first:
+            w3, wn = rgb.get_parameter(f"{f}.weight"), other.get_parameter(f"{f}.weight")
+            assert wn.shape[1] == in_chans
+            expected = w3.sum(1, keepdim=True) if in_chans == 1 else \
+                torch.cat([w3, w3], 1)[:, :in_chans] * (3 / in_chans)
+            torch.testing.assert_close(wn, expected)
+        if in_chans == 4:
+            continue
+        x3 = torch.rand(2, 1, 64, 64).expand(-1, 3, -1, -1) if in_chans == 1 else torch.rand(2, 3, 64, 64)
+        xn = x3[:, :1] if in_chans == 1 else torch.cat([x3, x3], 1)
+        with torch.no_grad():
+            torch.testing.assert_close(other(xn), rgb(x3), rtol=1e-4, atol=1e-4)
+        sd = rgb.state_dict()
+        assert all(adapt_input_channels(sd, rgb)[k] is sd[k] for k in sd)  # a 3-channel model: unchanged

@@ -48,8 +48,15 @@ def logits(model: torch.nn.Module, seed: int = 1) -> torch.Tensor:
 def test_save_pretrained_round_trip(name, tmp_path):
     model = trained(name)
     folder = hybridvit.save_pretrained(model, tmp_path / "out")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     cfg = json.loads((folder / "config.json").read_text())
+    card = (folder / "README.md").read_text()
+    licence = model.pretrained_cfg["license"]
+    assert card.startswith("---\nlibrary_name: timm\n") and f"**Architecture:** `{name}`" in card
+    assert f"**Licence of the weights:** {licence}" in card
+    assert ("license: other\nlicense_name: nvidia-source-code-license-nc" in card) == name.startswith("fastervit")
+    assert f"3 classes, index order: {', '.join(f'`{c}`' for c in CLASSES)}" in card
+    assert f"mean {model.pretrained_cfg['mean']}" in card and "crop_pct 0.875" in card
     assert cfg["architecture"] == name and cfg["num_classes"] == 3 and cfg["label_names"] == CLASSES
     assert cfg["model_args"] == json.loads(json.dumps(model.model_kwargs))
     assert cfg["pretrained_cfg"]["input_size"] == [3, 64, 64] and cfg["num_features"] == model.num_features

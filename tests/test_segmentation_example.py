@@ -68,3 +68,22 @@ def test_miou():
     # background IoU = its pixel share, every present digit class 0
     share = float((y == 0).float().mean())
     assert none["miou"] == pytest.approx(100 * share / present, abs=1e-3)
+
+
+@pytest.mark.integration
+def test_upernet_head_one_training_step_lowers_the_loss():
+    """`--head upernet`: transformers' UperNet on the hybridvit backbone (through timm) gives full-resolution
+    logits and trains."""
+    for module in ("timm", "transformers"):
+        pytest.importorskip(module, reason=f"the UperNet head needs {module} (the ecosystem lane has it)")
+    torch.manual_seed(0)
+    data = digits_seg.DigitsOnPhotos("train", size=64)
+    x, y = data.batch(4, torch.Generator().manual_seed(0))
+    model = digits_seg.UperNet("fastervit_nano", channels=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    assert model(x).shape == (4, digits_seg.NUM_CLASSES, 64, 64)
+    first = digits_seg.train_step(model, opt, x, y)
+    with torch.no_grad():
+        model.train()
+        after = float(torch.nn.functional.cross_entropy(model(x), y, weight=digits_seg.CLASS_WEIGHTS))
+    assert after < first

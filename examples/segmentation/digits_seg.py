@@ -9,11 +9,14 @@ Every pixel is labelled: 0 for the photograph, 1 + d where digit d's stroke cove
 The model: a hybridvit `features_only` backbone (maps at strides 4, 8, 16, 32) with a Semantic-FPN head
 (Kirillov et al., "Panoptic Feature Pyramid Networks", 2019): lateral 1x1 convolutions, a top-down
 pathway, a 3x3 conv per level, every level upsampled to stride 4 and summed, a 1x1 classifier and a
-bilinear upsampling to the input size.
+bilinear upsampling to the input size; or (`--head upernet`) Hugging Face transformers' UperNet on the
+backbone through `TimmBackboneConfig`. The Semantic-FPN stays the default because it needs nothing but
+torch: the example and its test run in the core install, where transformers and timm are not installed.
 
-    python examples/segmentation/digits_seg.py --steps 1500      # trains, prints mIoU, saves the plot
+    python examples/segmentation/digits_seg.py --steps 1500                 # Semantic-FPN
+    python examples/segmentation/digits_seg.py --steps 1500 --head upernet  # transformers' UperNet
 
-Needs the train extra (scikit-learn, matplotlib, pillow).
+Needs the train extra (scikit-learn, matplotlib, pillow); `--head upernet` also timm and transformers.
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ class SemanticFPN(nn.Module):
         super().__init__()
         self.backbone = hybridvit.create_model(backbone, pretrained=pretrained, features_only=True,
                                                **backbone_kwargs)
-        chans = [i["num_chs"] for i in self.backbone.feature_info]
+        chans = self.backbone.feature_info.channels()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in chans)
         self.smooth = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
                                                   nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
@@ -130,6 +133,24 @@ class SemanticFPN(nn.Module):
         fused = sum(F.interpolate(s(p), size=size, mode="bilinear", align_corners=False) if i else s(p)
                     for i, (s, p) in enumerate(zip(self.smooth, lat)))
         return F.interpolate(self.classifier(fused), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class UperNet(nn.Module):
+    """(B, 3, H, W) -> (B, num_classes, H, W): Hugging Face transformers' UperNet (the ADE20K head of the
+    FasterViT and CrossFormer++ papers: pyramid pooling on the stride-32 map, an FPN over the four maps, all
+    fused at stride 4) on the hybridvit backbone through `TimmBackboneConfig` (timm.create_model with
+    features_only; the backbone has its registered configuration). Needs timm and transformers."""
+
+    def __init__(self, backbone: str = "fastervit_nano", num_classes: int = NUM_CLASSES, channels: int = 64) -> None:
+        super().__init__()
+        from transformers import TimmBackboneConfig, UperNetConfig, UperNetForSemanticSegmentation
+
+        config = UperNetConfig(backbone_config=TimmBackboneConfig(backbone=backbone, out_indices=(0, 1, 2, 3)),
+                               hidden_size=channels, num_labels=num_classes, use_auxiliary_head=False)
+        self.net = UperNetForSemanticSegmentation(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values=x).logits
 
 
 # the photograph covers ~90% of the pixels: weighting it down makes the digits' shapes, not "everything is
@@ -195,6 +216,8 @@ def plot(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, path: Pat
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="fastervit_nano", help="hybridvit backbone (features_only)")
+    p.add_argument("--head", choices=("fpn", "upernet"), default="fpn",
+                   help="fpn: the Semantic-FPN here (torch only); upernet: transformers' UperNet (timm, transformers)")
     p.add_argument("--steps", type=int, default=1500, help="training steps (batches)")
     p.add_argument("--seconds", type=float, default=None, help="stop earlier after this many seconds")
     p.add_argument("--img-size", type=int, default=96)
@@ -211,7 +234,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_data, val_data = DigitsOnPhotos("train", args.img_size), DigitsOnPhotos("val", args.img_size)
     val_x, val_y = val_data.batch(args.val_images, torch.Generator().manual_seed(1234))
-    model = SemanticFPN(args.model, drop_path_rate=0.0, img_size=args.img_size)
+    if args.head == "upernet":
+        model = UperNet(args.model)
+    else:
+        model = SemanticFPN(args.model, drop_path_rate=0.0, img_size=args.img_size)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(args.seed)
     start, step, losses = time.perf_counter(), 0, []
@@ -226,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"step {step:5d}  {elapsed:6.0f}s  loss {sum(losses[-50:]) / 50:.3f}", flush=True)
     train_s = time.perf_counter() - start
     metrics = evaluate(model, val_x, val_y)
-    result = dict(model=args.model, steps=step, train_seconds=round(train_s, 1), img_size=args.img_size,
+    result = dict(model=args.model, head=args.head, steps=step, train_seconds=round(train_s, 1), img_size=args.img_size,
                   batch_size=args.batch_size, val_images=args.val_images, miou=round(metrics["miou"], 1),
                   pixel_acc=round(metrics["pixel_acc"], 1), iou=dict(zip(CLASS_NAMES, metrics["iou"])))
     print(json.dumps(result, indent=1))

@@ -87,7 +87,8 @@ def hub_config(model: nn.Module, *, model_name: str | None = None,
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, model_name: str | None = None,
                     class_names: list[str] | None = None) -> Path:
-    """Writes `model.safetensors` (the state dict, float tensors as they are) and `config.json` into
+    """Writes `model.safetensors` (the state dict, float tensors as they are), `config.json` and a model
+    card `README.md` (architecture, licence of the weights, classes, preprocessing, usage) into
     `save_directory` (created if needed) and returns the folder. Class names come from `class_names`
     or `model.class_names`; the rebuild arguments from `model.model_kwargs` (set by create_model)."""
     from safetensors.torch import save_file
@@ -103,19 +104,60 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *, mode
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    num_params = sum(p.numel() for p in model.parameters())
+    (out / "README.md").write_text(_model_card(cfg, None, num_params=num_params))
     return out
 
 
-def _model_card(cfg: dict[str, Any], repo_id: str) -> str:
+# Hub licence ids of the weights' licences (`pretrained_cfg["license"]`, set per family in hybridvit.models)
+_HUB_LICENSES = {"mit": ("mit", None), "apache-2.0": ("apache-2.0", None),
+                 "nvidia-source-code-license-nc": ("other", "https://github.com/NVlabs/FasterViT/blob/main/LICENSE"),
+                 "unspecified": ("unknown", None)}
+
+
+def _model_card(cfg: dict[str, Any], repo_id: str | None, num_params: int | None = None) -> str:
+    """README.md of a Hub folder, after timm's model cards: front matter (library, licence of the weights,
+    tags), the architecture and its paper and code, the classes, the preprocessing and how to load it."""
+    arch, pcfg = cfg["architecture"], cfg.get("pretrained_cfg", {})
+    licence = str(pcfg.get("license", "unspecified"))
+    hub_licence, link = _HUB_LICENSES.get(licence, ("other", None))
     classes = cfg.get("label_names")
-    lines = ["---", "library_name: timm", "license: apache-2.0", "tags:", "- image-classification", "- timm",
-             "- hybridvit", "---", "", f"# {repo_id}", "",
-             f"A `{cfg['architecture']}` model ({cfg['num_classes']} classes) saved by hybridvit's "
-             "`save_pretrained`.", "", "```python", "import hybridvit",
-             f'model = hybridvit.create_model("hf-hub:{repo_id}").eval()', "```", ""]
+    source = f"hf-hub:{repo_id}" if repo_id else "/path/to/this/folder"
+    front = ["---", "library_name: timm", f"license: {hub_licence}"]
+    if hub_licence == "other":
+        front += [f"license_name: {licence}"] + ([f"license_link: {link}"] if link else [])
+    front += ["tags:", "- image-classification", "- timm", "- hybridvit", "---", ""]
+    size = pcfg.get("input_size", [3, 224, 224])
+    args = cfg.get("model_args") or {}
+    paper = str(pcfg.get("paper_ids", ""))
+    lines = [f"# {repo_id or arch}", "",
+             f"A `{arch}` image classifier saved by hybridvit's `save_pretrained`.", "",
+             "## Model details", "",
+             f"- **Architecture:** `{arch}`" + (f" with `{json.dumps(args)}`" if args else "") +
+             (f", {num_params / 1e6:.2f} M parameters" if num_params else ""),
+             f"- **Classes:** {cfg['num_classes']}, {cfg.get('num_features', '?')} features before the classifier",
+             f"- **Licence of the weights:** {licence}" +
+             (" (the licence of the published weights and the official code this architecture comes from; "
+              "weights fine-tuned from them inherit it)" if licence != "unspecified" else
+              " (the official repository states none)"),
+             f"- **Paper:** {paper}" + (f" (https://arxiv.org/abs/{paper.split(':', 1)[1]})"
+                                       if paper.startswith("arXiv:") else ""),
+             f"- **Official code:** {pcfg.get('origin_url', 'unknown')}", ""]
     if classes:
-        lines += ["Classes: " + ", ".join(classes[:50]) + (" ..." if len(classes) > 50 else ""), ""]
-    return "\n".join(lines)
+        shown = ", ".join(f"`{c}`" for c in classes[:100]) + (" ..." if len(classes) > 100 else "")
+        lines += ["## Classes", "", f"{len(classes)} classes, index order: {shown}", ""]
+    lines += ["## Preprocessing", "",
+              f"- input size: {size[-2]}x{size[-1]}, {size[0]} channels (any other size works too)",
+              f"- resize: {pcfg.get('interpolation', 'bicubic')}, crop_pct {pcfg.get('crop_pct')}, "
+              f"crop_mode {pcfg.get('crop_mode', 'center')}",
+              f"- normalise: mean {tuple(pcfg.get('mean', ()))}, std {tuple(pcfg.get('std', ()))}", "",
+              "## Usage", "", "```python", "import hybridvit", "",
+              f'model = hybridvit.create_model("{source}").eval()   # the classes are model.class_names', "",
+              "# or through timm, after `import hybridvit`", "import timm",
+              f'model = timm.create_model("{source if repo_id else "local-dir:/path/to/this/folder"}", '
+              'pretrained=True).eval()',
+              "transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))", "```", ""]
+    return "\n".join(front + lines)
 
 
 def push_to_hub(model: nn.Module, repo_id: str, *, token: str | None = None, private: bool = False,
@@ -128,9 +170,12 @@ def push_to_hub(model: nn.Module, repo_id: str, *, token: str | None = None, pri
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(model, tmp)
-        if model_card:
-            cfg = json.loads((folder / CONFIG_NAME).read_text())
-            (folder / "README.md").write_text(_model_card(cfg, repo_id))
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+        if model_card:  # the card names the repository
+            num_params = sum(p.numel() for p in model.parameters())
+            (folder / "README.md").write_text(_model_card(cfg, repo_id, num_params=num_params))
+        else:
+            (folder / "README.md").unlink()
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                                  revision=revision, repo_type="model")

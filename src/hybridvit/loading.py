@@ -33,6 +33,7 @@ from torch import nn
 from . import hub
 from .checkpoint import extract_state_dict, is_run_checkpoint, read_checkpoint_file, read_run
 from .errors import CheckpointError, ConfigError
+from .models import adapt_input_channels
 from .models._schema import MAX_CLASSES, MAX_IMG_SIZE, check_file_config, schema_for
 from .models._variant import with_input_size
 from .registry import build_model, get_entry
@@ -169,6 +170,7 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], where: str, *,
     own = model.state_dict()
     if not sd or not set(sd) <= set(own):
         sd = model.convert_official(sd)
+    sd = adapt_input_channels(sd, model)  # published RGB first layers -> the model's in_chans
     is_head = lambda k: k.startswith(_head_keys(model))
     head_own = [k for k in own if is_head(k)]
     head_file = [k for k in sd if is_head(k)]

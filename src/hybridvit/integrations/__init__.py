@@ -14,19 +14,30 @@ from typing import Any
 
 class _TimmImportHook(importlib.abc.MetaPathFinder):
     """Registers hybridvit's models into timm's registry right after `import timm` finishes, so that
-    `import hybridvit` does not pay for importing timm (and torchvision) when it is not used."""
+    `import hybridvit` does not pay for importing timm (and torchvision) when it is not used.
+
+    Each spec found for "timm" registers when its module is executed, so that a look-up that only asks
+    whether timm is installed (`importlib.util.find_spec("timm")`, as transformers does before importing
+    it) does not use the hook up; the hook leaves sys.meta_path once timm is imported."""
+
+    _busy = False
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "timm":
+        if fullname != "timm" or self._busy:
             return None
-        sys.meta_path.remove(self)  # once; and lets find_spec below find the real timm
-        spec = importlib.util.find_spec("timm")
+        self._busy = True  # the look-up below asks every finder again, this one included
+        try:
+            spec = importlib.util.find_spec("timm")
+        finally:
+            self._busy = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module: Any) -> None:
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register()
 
         spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]

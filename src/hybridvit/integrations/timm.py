@@ -7,17 +7,23 @@ train/validate/benchmark scripts take them.
 `hybridvit.save_pretrained` (local or on the Hub) loads with
 `timm.create_model("hf-hub:ORG/REPO", pretrained=True)` or `timm.create_model("local-dir:/path", pretrained=True)`.
 
-The models are hybridvit's own classes: timm's generic knobs that they do not have (`global_pool` other
-than average, `drop_block_rate`, `bn_*`) are refused with an error, not ignored.
+The models are hybridvit's own classes with timm's model interface (`default_cfg`, `feature_info`,
+`get_classifier`, `reset_classifier(n, global_pool)`, `no_weight_decay`, `group_matcher`, FX tracing).
+`timm.create_model(name, features_only=True, out_indices=..., feature_cls='getter')` gives hybridvit's
+backbone (timm's default feature_cls too); `device` and `dtype` are honoured. timm's generic knobs that
+they do not have (a `global_pool` other than average / class token or none, `drop_block_rate`, `bn_*`,
+a dilated `output_stride`, `feature_cls` 'hook' or 'fx') are refused with an error, not ignored.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..hub import HF_HUB_PREFIX
@@ -57,31 +63,54 @@ def _timm_cfg(name: str, timm_name: str, fields: set[str]) -> dict[str, Any]:
     return cfg
 
 
+def _feature_kwargs(timm_name: str, kwargs: dict[str, Any]) -> None:
+    """timm's features_only arguments, checked: hybridvit's backbone is timm's 'getter' kind (the maps of
+    `forward_intermediates`), the default too; strides are fixed (no dilated `output_stride`)."""
+    feature_cls = kwargs.pop("feature_cls", None)
+    output_stride = kwargs.pop("output_stride", None)
+    if feature_cls is not None and not (isinstance(feature_cls, str) and feature_cls.lower() == "getter"):
+        raise ValueError(f"{timm_name} (a hybridvit model) builds its features_only backbone from "
+                         f"forward_intermediates (timm's feature_cls='getter'); feature_cls={feature_cls!r} is "
+                         "not supported")
+    if output_stride not in (None, 32):
+        raise ValueError(f"{timm_name} (a hybridvit model) has fixed strides 4, 8, 16, 32 (window and group "
+                         f"attention have no dilated form): output_stride={output_stride} is not supported")
+    kwargs.pop("flatten_sequential", None)  # timm's FX/hook wrappers' argument; the getter needs none
+    feature_cfg = kwargs.pop("feature_cfg", None) or {}
+    if feature_cfg:
+        raise ValueError(f"{timm_name} (a hybridvit model) takes no feature_cfg, got {feature_cfg!r}")
+
+
 def _create(name: str, timm_name: str, pretrained: bool, pretrained_cfg: Any, overlay: dict[str, Any] | None,
             cache_dir: str | os.PathLike | None, kwargs: dict[str, Any]) -> nn.Module:
     if isinstance(pretrained_cfg, str) and pretrained_cfg:
         raise ValueError(f"{timm_name} has no pretrained tag {pretrained_cfg!r}: hybridvit models have one "
                          f"set of weights each (timm.create_model({timm_name!r}, pretrained=True))")
     cfg = {**_as_dict(pretrained_cfg), **(overlay or {})}
-    pool = kwargs.pop("global_pool", "avg")
-    if pool not in ("avg", ""):
-        raise ValueError(f"{timm_name} pools by average only, got global_pool={pool!r}")
+    global_pool = kwargs.pop("global_pool", None)
     for knob in ("drop_block_rate", "bn_momentum", "bn_eps"):
         if knob in kwargs:
             raise ValueError(f"{timm_name} (a hybridvit model) has no {knob}")
+    _feature_kwargs(timm_name, kwargs)
     if not kwargs.get("drop_rate"):
         kwargs.pop("drop_rate", None)  # timm's scripts pass drop_rate=0.0; CabViT has no such argument
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
     kwargs.setdefault("num_classes", cfg.get("num_classes", 1000))
     source = cfg.get("source")
     hub_id = cfg.get("hf_hub_id") if source == "hf-hub" else None
     folder = cfg.get("file") if source == "local-dir" else None
-    if pretrained and (hub_id or folder):
-        model = create_model(name, pretrained=HF_HUB_PREFIX + hub_id if hub_id else folder, cache_dir=cache_dir,
-                             **kwargs)
-    else:
-        model = create_model(name, pretrained=bool(pretrained), **kwargs)
-        if cfg.get("label_names") and model.num_classes == len(cfg["label_names"]):
-            model.class_names = list(cfg["label_names"])
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if pretrained and (hub_id or folder):
+            model = create_model(name, pretrained=HF_HUB_PREFIX + hub_id if hub_id else folder,
+                                 cache_dir=cache_dir, **kwargs)
+        else:
+            model = create_model(name, pretrained=bool(pretrained), **kwargs)
+            if cfg.get("label_names") and model.num_classes == len(cfg["label_names"]):
+                model.class_names = list(cfg["label_names"])
+    if dtype is not None:
+        model.to(dtype=dtype)
+    if global_pool is not None and not model.features_only:
+        model._set_global_pool(global_pool, model.num_classes)
     # the model's own fields (its input size) win; timm's add where the weights came from
     model.pretrained_cfg = {**cfg, **getattr(model, "pretrained_cfg", {}), "architecture": timm_name,
                             "num_classes": model.num_classes}

@@ -51,9 +51,9 @@ class DetectionBackbone(nn.Module):
             model.set_features_only(tuple(range(n)) if out_indices is None else tuple(out_indices))
         self.body = model
         info = model.feature_info
-        self.out_channels: list[int] = [int(i["num_chs"]) for i in info]
-        self.strides: list[int] = [int(i["reduction"]) for i in info]
-        self.names: list[str] = [str(i) for i in range(len(info))]
+        self.out_channels: list[int] = [int(c) for c in info.channels()]
+        self.strides: list[int] = [int(r) for r in info.reduction()]
+        self.names: list[str] = [str(i) for i in range(len(self.out_channels))]
         n_stages = len(getattr(model, "stages", model.stage_info))
         if not -1 <= frozen_stages <= n_stages:
             raise ValueError(f"frozen_stages must be -1 (none), 0 (stem) .. {n_stages} (every stage), "

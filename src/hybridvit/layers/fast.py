@@ -7,7 +7,7 @@ gives the plain computation's values (up to float rounding, checked by the tests
 to read, test or debug the plain path: `HYBRIDVIT_FAST_PATHS=0` in the environment, or
 `set_fast_paths(False)` / `with fast_paths(False): ...` in code.
 
-Tracing (`torch.jit.trace`, export) and compilation always take the plain path: the compiler fuses the
+Tracing (`torch.jit.trace`, `torch.fx`, export) and compilation always take the plain path: the compiler fuses the
 plain ops itself, and a tracer must not bake a cache or a private op into its graph.
 """
 from __future__ import annotations
@@ -17,6 +17,10 @@ import os
 from collections.abc import Iterator
 
 import torch
+from torch.fx import _symbolic_trace
+
+# torch >= 2.5 spells it is_fx_symbolic_tracing (is_fx_tracing also answers under torch.export)
+_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 
 _enabled = os.environ.get("HYBRIDVIT_FAST_PATHS", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -43,9 +47,16 @@ def fast_paths(enable: bool) -> Iterator[None]:
         set_fast_paths(previous)
 
 
+def is_fx_tracing() -> bool:
+    """True while torch.fx.symbolic_trace (or a tracer built on it: torchvision's feature extractor, FX
+    quantization) runs the model with Proxy tensors."""
+    return _fx_symbolic_tracing()
+
+
 def is_tracing() -> bool:
-    """True under torch.jit.trace, torch.compile / torch.export (dynamo) or ONNX export."""
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+    """True under torch.jit.trace, torch.fx symbolic tracing, torch.compile / torch.export (dynamo) or
+    ONNX export."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_tracing()
             or bool(getattr(torch.compiler, "is_exporting", lambda: False)()))
 
 

@@ -46,7 +46,7 @@ def onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype the fused oneDNN linear computes `x` in, None where the plain ops run: CPU, eager
     inference, no dispatch mode (FLOP counters and memory tracers must see the plain, countable ops);
     fp32 without autocast, or bf16 (input or autocast) where the CPU has native bf16."""
-    if not (_ONEDNN_LINEAR and x.device.type == "cpu" and eager_inference()
+    if not (_ONEDNN_LINEAR and eager_inference() and x.device.type == "cpu"
             and _get_current_dispatch_mode() is None):
         return None
     amp = _autocast_cpu_dtype()

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..layers.fast import is_fx_tracing
+
 
 def feature_take_indices(num_stages: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
     """timm's index rule: None -> every stage; an int n -> the last n stages; a sequence -> those stages
@@ -50,6 +52,63 @@ def feature_take_indices(num_stages: int, indices: int | Sequence[int] | None = 
     return take, max(take)
 
 
+_POOL_NAMES = {"avg": "average", "token": "class token"}
+
+
+class FeatureInfo:
+    """The feature taps of a model in the API of timm's `FeatureInfo` (without importing timm).
+
+    `info`: one dict per stage (num_chs, reduction, module, index), all stages of the architecture even
+    when later ones were pruned; `out_indices`: the taps a features_only model returns. `channels()`,
+    `reduction()`, `module_name()` and `get(key)` give the values of `out_indices`, or of the stage(s)
+    `idx` (an int or a list); `get_dicts()` the dicts. Indexing and `len` address `info`. Compares equal
+    to the list of the selected dicts (hybridvit's earlier plain-list feature_info).
+    """
+
+    def __init__(self, info: Sequence[dict[str, Any]], out_indices: Sequence[int]):
+        self.info = [{**d, "index": d.get("index", i)} for i, d in enumerate(info)]
+        self.out_indices = tuple(int(i) for i in out_indices)
+
+    def from_other(self, out_indices: Sequence[int]) -> FeatureInfo:
+        return FeatureInfo(self.info, out_indices)
+
+    def _at(self, idx: int | Sequence[int] | None) -> list[int]:
+        return list(self.out_indices) if idx is None else list(idx) if isinstance(idx, (list, tuple)) else [idx]
+
+    def get(self, key: str, idx: int | Sequence[int] | None = None) -> Any:
+        values = [self.info[i][key] for i in self._at(idx)]
+        return values[0] if isinstance(idx, int) else values
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: int | Sequence[int] | None = None) -> Any:
+        dicts = [dict(self.info[i]) if keys is None else {k: self.info[i][k] for k in keys} for i in self._at(idx)]
+        return dicts[0] if isinstance(idx, int) else dicts
+
+    def channels(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | Sequence[int] | None = None) -> Any:
+        return self.get("module", idx)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, FeatureInfo):
+            return self.info == other.info and self.out_indices == other.out_indices
+        if isinstance(other, list):
+            return [{k: v for k, v in d.items() if k != "index"} for d in self.get_dicts()] == other
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo(out_indices={self.out_indices}, info={self.info})"
+
+
 class HybridModel(nn.Module):
     """Base class of the family models (see the module docstring for the rule on features)."""
 
@@ -61,6 +120,8 @@ class HybridModel(nn.Module):
     head_norm: bool = False  # True: `norm` acts on the pooled vector (part of the head)
     grad_checkpointing: bool = False
     is_fused: bool = False  # set by fuse(): BatchNorms and layer scales folded away, inference only
+    global_pool: str = "avg"  # forward_head's pooling: one of `global_pool_types`
+    global_pool_types: tuple[str, ...] = ("avg", "")  # "": no pooling (the classifier removed)
     min_input_size: int = 1  # per side, for models built without a registry entry (pretrained_cfg's wins)
     # preferred CPU bf16 kernel policy ("auto" | "native" | "fp32"): data only, read by the runtime's
     # `layers.cpu_bf16.model_policy` when it enters the `bf16_kernels` context; the model applies nothing
@@ -78,6 +139,15 @@ class HybridModel(nn.Module):
         elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name of `pretrained_cfg` (the same dict)."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
 
     # -------------------------------------------------------------------------------- input checks
     def _name(self) -> str:
@@ -106,6 +176,8 @@ class HybridModel(nn.Module):
         decided from it in Python, and symbolic sizes there make compilation impractically slow (the
         default `dynamic=None` would turn H and W symbolic at the second input size). Each input size
         compiles once; the batch size may stay dynamic."""
+        if is_fx_tracing():  # symbolic sizes: the shape-dependent parts are FX leaf functions
+            return x.shape[2], x.shape[3]
         self.check_input(x)
         if torch.compiler.is_compiling():
             torch._dynamo.mark_static(x, 2)
@@ -126,7 +198,7 @@ class HybridModel(nn.Module):
         return self._to_map(x, size)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=(2, 3)) if self.global_pool else x
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.head_norm else self.norm(x)
@@ -149,8 +221,8 @@ class HybridModel(nn.Module):
         """forward_features output -> logits (B, num_classes), or the pooled (B, num_features) with
         pre_logits."""
         x = self._pool(x)
-        if self.head_norm:
-            x = self.norm(x)
+        if self.head_norm:  # on the pooled vector; without pooling on the channels of the map
+            x = self.norm(x) if self.global_pool else self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
@@ -187,14 +259,20 @@ class HybridModel(nn.Module):
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
-        """Removes the stages after the last of `indices` (timm's rule), the final norm with
-        `prune_norm` and the classifier with `prune_head`. Returns the kept indices."""
+        """Removes what the taps `indices` leave unused (timm's rule) and returns the kept indices: the
+        stages after the last of them; the final norm with `prune_norm` or when a stage was removed (it
+        is sized for the last stage); the classifier and its pooling (`reset_classifier(0, '')`) with
+        `prune_head` or when a stage was removed (num_features and head_hidden_size become the last kept
+        stage's channels)."""
         take, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if prune_norm and not self.head_norm:
+        if prune_end:
+            self.num_features = self.stage_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
             if self.head_norm:
                 self.norm = nn.Identity()
         return take
@@ -214,23 +292,47 @@ class HybridModel(nn.Module):
         self.features_only = True
 
     @property
-    def feature_info(self) -> list[dict[str, Any]]:
-        """dict(num_chs, reduction, module) of each output (features_only) or of every stage."""
-        if self.features_only:
-            return [dict(self.stage_info[i]) for i in self.out_indices]
-        return [dict(s) for s in self.stage_info]
+    def feature_info(self) -> FeatureInfo:
+        """timm's FeatureInfo of the stages (`info`, every stage of the architecture) with `out_indices`
+        the maps a features_only model returns (every stage for a classifier)."""
+        indices = self.out_indices if self.features_only else range(len(self.stage_info))
+        return FeatureInfo(self.stage_info, indices)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Runs each stage under torch.utils.checkpoint in training (activations recomputed in backward)."""
         self.grad_checkpointing = enable
 
-    def reset_classifier(self, num_classes: int) -> None:
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of forward_head's pre-logits output (the pooled features: no pre-logits layer)."""
+        return self.num_features
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def _set_global_pool(self, global_pool: str, num_classes: int) -> None:
+        if global_pool not in self.global_pool_types:
+            kinds = " or ".join(f"{_POOL_NAMES[t]} ({t!r})" for t in self.global_pool_types if t)
+            raise ValueError(f"{self._name()} pools by {kinds} only, or not at all (''), "
+                             f"got global_pool={global_pool!r}")
+        if not global_pool and num_classes > 0:
+            raise ValueError(f"{self._name()}: pooling can be switched off (global_pool='') only without a "
+                             f"classifier (num_classes=0), got num_classes={num_classes}")
+        self.global_pool = global_pool
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh linear classifier `head` on the pooled `num_features` (none for num_classes=0), on the
-        device and in the dtype of the model."""
+        device and in the dtype of the model; `global_pool` None keeps the pooling (a new classifier after
+        '' restores the model's default), '' removes it (only with num_classes=0: forward then returns the
+        unpooled features)."""
+        if global_pool is None:  # keep the pooling; a classifier on unpooled features gets the default back
+            global_pool = self.global_pool if self.global_pool or num_classes == 0 else type(self).global_pool
+        self._set_global_pool(global_pool, num_classes)
         self.num_classes = num_classes
         ref = next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity())
+        self.head.train(self.training)
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -238,3 +340,46 @@ class HybridModel(nn.Module):
     def no_weight_decay_keywords(self) -> set[str]:
         """Name fragments of parameters trained without weight decay (position-bias tables etc.)."""
         return set()
+
+    def no_weight_decay(self) -> set[str]:
+        """The exact names of every parameter timm's optimizer factory must not decay: position-bias
+        tables and embeddings (`no_weight_decay_keywords`), and every 1-D parameter (biases, norms, layer
+        scales), the same set as hybridvit's own optimizer groups (`train.optim.param_groups`)."""
+        keywords = self.no_weight_decay_keywords()
+        return {n for n, p in self.named_parameters()
+                if p.ndim <= 1 or n.endswith(".bias") or any(k in n for k in keywords)}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter grouping (layer-wise lr decay, `timm.optim.create_optimizer_v2(layer_decay=)`):
+        the stem (and embeddings) first, then one group per stage (`coarse`) or per block, a stage's
+        downsampler and carrier-token initialiser with its first block; the final norm last."""
+        stem = r"^(?:stem|patch_embed|cls_token|pos_embed)"
+        if coarse:
+            return dict(stem=stem, blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=stem, blocks=[(r"^stages\.(\d+)\.(?:downsample|token_init)\.", (0,)),
+                                       (r"^stages\.(\d+)\.blocks\.(?:blocks\.)?(\d+)\.", None),
+                                       (r"^norm", (99999,))])
+
+
+def adapt_input_channels(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state_dict` (in the model's key layout) with its image-facing convolutions (`pretrained_cfg`'s
+    `first_conv`, one name or several) fitted to `model.in_chans`, as timm adapts published RGB weights:
+    for 1 channel the RGB filters are summed (a gray image gives the RGB model's response to that gray
+    image); for n channels they are repeated over the channels (R, G, B, R, ...) and scaled by 3 / n,
+    which keeps the activations' scale (6 channels holding the RGB image twice give its exact response).
+    Weights already of the model's width are left alone."""
+    in_chans = int(getattr(model, "in_chans", 3))
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv") or ()
+    out = dict(state_dict)
+    for name in (first,) if isinstance(first, str) else first:
+        w = out.get(f"{name}.weight")
+        if w is None or w.ndim != 4 or w.shape[1] == in_chans or w.shape[1] != 3:
+            continue
+        dtype = w.dtype
+        w = w.float()
+        if in_chans == 1:
+            w = w.sum(dim=1, keepdim=True)
+        else:
+            w = w.repeat(1, -(-in_chans // 3), 1, 1)[:, :in_chans] * (3 / in_chans)
+        out[f"{name}.weight"] = w.to(dtype)
+    return out

@@ -34,6 +34,7 @@ import math
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -343,12 +344,36 @@ class CaBStage(nn.Module):
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return cab_stage(self, x, hw)
+
+    def run_blocks(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         digests: list[torch.Tensor] = []
         for blk in self.blocks:
             x, d = blk(x, hw, digests)
             if d is not None:
                 digests.append(d)
         return x
+
+
+def cab_stage(stage: CaBStage, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """`stage.run_blocks(x, hw)`: a leaf of torch.fx graphs (digest grids and bias tables are sized from
+    the token grid in Python, which symbolic tracing cannot follow), so the models trace at any size."""
+    return stage.run_blocks(x, hw)
+
+
+def position_embedding(pos_embed: torch.Tensor, grid0: tuple[int, int], hw: tuple[int, int]) -> torch.Tensor:
+    """CabViT-P's (1, 1 + h0*w0, C) embedding of the training grid `grid0` for a (h, w) patch grid: resized
+    bicubically off the training grid (class token unchanged). A torch.fx leaf, like `cab_stage`."""
+    if tuple(hw) == tuple(grid0):
+        return pos_embed
+    cls, pos = pos_embed[:, :1], pos_embed[:, 1:]
+    pos = pos.reshape(1, grid0[0], grid0[1], -1).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False)
+    return torch.cat([cls, pos.flatten(2).transpose(1, 2)], 1)
+
+
+torch.fx.wrap("cab_stage")
+torch.fx.wrap("position_embedding")
 
 
 # ------------------------------------------------------------------------------------------ CabViT-H
@@ -496,6 +521,8 @@ class CabViTP(HybridModel):
 
     num_prefix_tokens = 1
     min_input_size = 16
+    global_pool = "token"
+    global_pool_types = ("token", "")  # "": every normalised token (the classifier removed)
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, img_size: int = 224, patch_size: int = 16,
                  embed_dim: int = 192, depths: tuple[int, ...] = (4, 4, 4), num_heads: int = 3,
@@ -525,14 +552,6 @@ class CabViTP(HybridModel):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
 
-    def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        if tuple(hw) == self.grid0:
-            return self.pos_embed
-        cls, pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        pos = pos.reshape(1, self.grid0[0], self.grid0[1], -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=hw, mode="bicubic", align_corners=False)
-        return torch.cat([cls, pos.flatten(2).transpose(1, 2)], 1)
-
     def _grid(self, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] // self.patch_size, size[1] // self.patch_size
 
@@ -541,7 +560,7 @@ class CabViTP(HybridModel):
         x = self.patch_embed(x)
         B, C, h, w = x.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)
-        return x + self._pos_embed((h, w))
+        return x + position_embedding(self.pos_embed, self.grid0, (h, w))
 
     def _stage(self, i: int, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.stages[i](x, self._grid(size))
@@ -554,7 +573,7 @@ class CabViTP(HybridModel):
         return x  # the normalised tokens: the classifier reads the class token
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0]
+        return x[:, 0] if self.global_pool else x
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from ..errors import CheckpointError

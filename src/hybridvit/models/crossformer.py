@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -233,17 +234,30 @@ class CrossFormerBlock(nn.Module):
         return self.group_size, self.interval if self.long_distance else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        G, interval = self.grouping(x.shape[1], x.shape[2])
         if self.training or not eager_fast():
-            x = x + self.drop_path(self.attn(self.norm1(x), G, interval))
+            x = x + self.drop_path(grouped_attention(self, self.norm1(x)))
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         else:  # no dropout / drop path: the residual adds can join the output projections
-            x = self.attn(self.norm1(x), G, interval, shortcut=x)
+            x = grouped_attention(self, self.norm1(x), x)
             x = self.mlp(self.norm2(x), shortcut=x)
         return self.cooling(x)
 
+    def attend(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """LSDA on the map (B, H, W, C) with the grouping of its size [+ shortcut]."""
+        G, interval = self.grouping(x.shape[1], x.shape[2])
+        return self.attn(x, G, interval, shortcut=shortcut)
+
     def extra_repr(self) -> str:
         return f"group_size={self.group_size}, interval={self.interval}, long_distance={self.long_distance}"
+
+
+def grouped_attention(block: CrossFormerBlock, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+    """`block.attend(x, shortcut)`: a leaf of torch.fx graphs (groups, padding and SDA/LDA are decided
+    from the map size in Python, which symbolic tracing cannot follow), so the models trace at any size."""
+    return block.attend(x, shortcut)
+
+
+torch.fx.wrap("grouped_attention")
 
 
 class CrossFormerStage(nn.Module):
@@ -408,9 +422,10 @@ def _variant(name: str, cfg: dict[str, Any], top1: float, where: str) -> Variant
         name, "crossformer", CrossFormer, cfg, top1=top1,
         weights_hint=(f"the official checkpoint is published only on the links of the official repository "
                       f"({_REPO}): {where}; there is no direct download URL"),
-        # min_input_size 32: each unpadded stride-2 CEL downsampler needs a map of at least 2x2
-        pretrained_cfg=pretrained_cfg(crop_pct=0.875, first_conv="stem.projs.0", license=LICENSE_MIT,
-                                      origin_url=_REPO, paper_ids=paper))
+        # min_input_size 32: each unpadded stride-2 CEL downsampler needs a map of at least 2x2; the four
+        # stem convolutions all read the image
+        pretrained_cfg=pretrained_cfg(crop_pct=0.875, first_conv=tuple(f"stem.projs.{i}" for i in range(4)),
+                                      license=LICENSE_MIT, origin_url=_REPO, paper_ids=paper))
 
 
 def _links(drive: str | None, baidu: str, key: str) -> str:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -386,6 +387,10 @@ class HATStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is not None:
             x = self.downsample(x)
+        return hat_windows(self, x)
+
+    def attend_windows(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks over the windows of the (downsampled) map (B, C, H, W) -> (B, C, H, W)."""
         # window geometry (padding, window count, carrier grid) is decided per map size: plain ints,
         # so torch.compile specialises on them instead of reasoning symbolically about min/ceil
         B, C = x.shape[:2]  # the batch stays symbolic (dynamic batch in torch.export / ONNX)
@@ -412,6 +417,15 @@ class HATStage(nn.Module):
             windows = windows[:, num_ct:]
         x = window_reverse(windows, ws, Hp, Wp)[:, :H, :W]
         return x.permute(0, 3, 1, 2)  # NCHW view of channels_last memory
+
+
+def hat_windows(stage: HATStage, x: torch.Tensor) -> torch.Tensor:
+    """`stage.attend_windows(x)`: a leaf of torch.fx graphs (the window geometry is decided from the map
+    size in Python, which symbolic tracing cannot follow), so the models trace at any input size."""
+    return stage.attend_windows(x)
+
+
+torch.fx.wrap("hat_windows")
 
 
 # ---------------------------------------------------------------------------------------------
