@@ -242,8 +242,19 @@ def _check_classes(num_classes: Any, where: str = "num_classes") -> None:
         raise ValueError(f"{where} must be an integer from 0 to {MAX_CLASSES}, got {num_classes!r}")
 
 
+def _trained_on(run: dict[str, Any]) -> dict[str, str] | None:
+    """Where a run's images came from (its stored training configuration), for eval and analyze."""
+    cfg = run.get("config") or {}
+    keys = ("data", "train_split", "val_split")
+    if isinstance(cfg.get("data"), str) and all(isinstance(cfg.get(k, ""), str) for k in keys):
+        return {"data": cfg["data"], "train_split": cfg.get("train_split") or "train",
+                "val_split": cfg.get("val_split") or "val"}
+    return None
+
+
 def _from_source(source: Source, name: str | None, *, num_classes: int | None, in_chans: int | None,
-                 purpose: str, ema: bool, cache_dir: Any, overrides: dict[str, Any]) -> nn.Module:
+                 purpose: str, ema: bool, cache_dir: Any, overrides: dict[str, Any],
+                 class_names_wanted: list[str] | None = None) -> nn.Module:
     """The model of `source` with its weights loaded, `class_names`, `pretrained_cfg`, `model_name`,
     `model_kwargs` and `load_note` (what loaded from where, which keys start fresh) attached."""
     if num_classes is not None:
@@ -314,16 +325,19 @@ def _from_source(source: Source, name: str | None, *, num_classes: int | None, i
         sd, _ = fit_state_dict(model, extract_state_dict({"state_dict": weights}, wfile), wfile, fresh_head=False)
         model.load_state_dict(sd, strict=False)
         note = f"{arch} from {where}"
-        if num_classes is not None and num_classes != stored_classes:
+        other_names = bool(fresh_ok and class_names and class_names_wanted and class_names != class_names_wanted)
+        if num_classes is not None and (num_classes != stored_classes or other_names):
             if not fresh_ok:
                 raise CheckpointError(f"{where} predicts {stored_classes} classes, not {num_classes}: leave "
                                       "--num-classes out, or fine-tune with hybridvit train --pretrained")
+            why = (f"{stored_classes} -> {num_classes} classes" if num_classes != stored_classes else
+                   f"its classes ({', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}) are "
+                   "not the data's, in the data's order")
             model.reset_classifier(num_classes)
             class_names = None
             fresh = [k for k in model.state_dict() if k.startswith(_head_keys(model))]
-            log.warning("%s", f"{where} predicts {stored_classes} classes, the model {num_classes}: "
-                        f"{_some(fresh)} start fresh (fine-tuning)")
-            note += f"; {', '.join(fresh)} start fresh ({stored_classes} -> {num_classes} classes)"
+            log.warning("%s", f"{where}: {_some(fresh)} start fresh ({why}; fine-tuning)")
+            note += f"; {', '.join(fresh)} start fresh ({why})"
         overrides = kwargs
     pcfg = dict(model.pretrained_cfg)
     if pcfg_file:
@@ -343,6 +357,8 @@ def _from_source(source: Source, name: str | None, *, num_classes: int | None, i
     if model.in_chans != 3:
         model.model_kwargs["in_chans"] = model.in_chans
     model.load_note = note
+    model.weights_source = source.kind
+    model.trained_on = _trained_on(source.run) if source.kind == "run" else None
     return model
 
 
@@ -376,7 +392,7 @@ def create_model(name: str | None, *, pretrained: Any = False, num_classes: int 
 
 def load_for_command(pretrained: Any, model_name: str | None = None, *, num_classes: int | None = None,
                      img_size: int | None = None, ema: bool = False, purpose: str = INFERENCE,
-                     **overrides: Any) -> nn.Module:
+                     class_names: list[str] | None = None, **overrides: Any) -> nn.Module:
     """The model a command works on, in eval mode (every command loads through here).
 
     pretrained: a run checkpoint or run folder, a Hub folder or `hf-hub:ORG/REPO` (these know their
@@ -385,6 +401,8 @@ def load_for_command(pretrained: Any, model_name: str | None = None, *, num_clas
     purpose: INFERENCE (eval, predict, export, bench, analyze: the head must match) or FINETUNE
     (train --pretrained: `num_classes` other than the source's starts a fresh head).
     img_size: below the model's minimum input size, a ValueError naming it (before anything is built).
+    class_names: for FINETUNE, the data's classes: a run or Hub folder whose classes differ (in names or
+    order) starts a fresh head even at the same class count.
     """
     source = resolve(pretrained)
     name = model_name or (source.run["model_name"] if source.kind == "run" else None)
@@ -400,7 +418,7 @@ def load_for_command(pretrained: Any, model_name: str | None = None, *, num_clas
     if img_size:
         overrides["img_size"] = img_size
     model = _from_source(source, name, num_classes=num_classes, in_chans=None, purpose=purpose, ema=ema,
-                         cache_dir=None, overrides=overrides)
+                         cache_dir=None, overrides=overrides, class_names_wanted=class_names)
     if source.kind == "hub":
         check_img_size(model.model_name, img_size)
     return model.eval() if purpose == INFERENCE else model
@@ -422,3 +440,18 @@ def load_model(path: str | os.PathLike, *, ema: bool = False, device: str | torc
     model = _from_source(source, None, num_classes=None, in_chans=None, purpose=INFERENCE, ema=ema, cache_dir=None,
                          overrides={}).eval()
     return model.to(device) if device is not None else model
+
+
+def run_defaults(pretrained: Any) -> dict[str, Any]:
+    """What `hybridvit train --pretrained RUN` takes from a run checkpoint or run folder unless the command
+    line overrides it: {'model': ..., 'img_size': ...} (empty for any other source)."""
+    try:
+        source = resolve(pretrained)
+    except CheckpointError:
+        return {}  # the loader reports it when the model is built
+    if source.kind != "run":
+        return {}
+    out = {"model": source.run["model_name"]}
+    if isinstance(source.run["model_kwargs"].get("img_size"), int):
+        out["img_size"] = source.run["model_kwargs"]["img_size"]
+    return out

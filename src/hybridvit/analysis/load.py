@@ -33,6 +33,27 @@ def load_model(name: str | None, pretrained: str | None = None, img_size: int | 
     return model.eval()
 
 
+def default_images(model: nn.Module) -> list[str]:
+    """The images an analysis takes when none are named: a run's own validation images (said in one line);
+    for random weights the embedded digits (or noise without the train extra); for other trained weights
+    an error asking for images (digits through a photo model would measure nothing)."""
+    import importlib.util
+
+    trained = getattr(model, "trained_on", None)
+    if trained:
+        if trained["data"] == "digits":
+            return ["digits"]
+        from ..data.loader import split_folder
+        folder = str(split_folder(trained["data"], trained["val_split"]))
+        print(f"images: {folder}, the validation folder recorded in the run (pass IMAGE ... for others)")
+        return [folder]
+    if getattr(model, "weights_source", "none") not in ("none", None):
+        raise AnalysisError(f"pass the images to analyse (files or folders, 'digits' or 'random'): "
+                            f"{model.model_name}'s weights ({getattr(model, 'load_note', 'trained weights')}) come "
+                            "with no record of their data")
+    return ["digits" if importlib.util.find_spec("sklearn") and importlib.util.find_spec("PIL") else "random"]
+
+
 def load_images(sources: list[str], model: nn.Module, num_images: int = 8,
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """(normalised input (B, C, S, S), displayable uint8 (B, 3, S, S), names) at the model's input size.
@@ -40,12 +61,11 @@ def load_images(sources: list[str], model: nn.Module, num_images: int = 8,
     sources: image files and/or folders (searched recursively), 'digits' (the embedded digits, the
     default when empty and scikit-learn is installed) or 'random' (Gaussian noise, the fallback).
     """
-    import importlib.util
 
     cfg = model.pretrained_cfg
     size = int(cfg["input_size"][-1])
     if not sources:
-        sources = ["digits" if importlib.util.find_spec("sklearn") and importlib.util.find_spec("PIL") else "random"]
+        sources = default_images(model)
     if sources == ["random"]:
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(num_images, model.in_chans, size, size, generator=g)

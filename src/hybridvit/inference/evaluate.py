@@ -81,12 +81,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a hybridvit run checkpoint (or run folder), an official checkpoint with --model, "
                         "or 'true' for the published weights of --model")
     p.add_argument("--model", help="model name (not needed for a hybridvit run checkpoint)")
-    p.add_argument("--data", default="digits",
-                   help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits'. Class "
-                        "folders are matched to a hybridvit run's classes by name (a subset is fine, an unknown "
-                        "folder is refused); a checkpoint without class names (official weights) takes the "
-                        "sorted folders as its class indices 0, 1, ...")
-    p.add_argument("--split", default="val", help="sub-folder of ROOT to evaluate (default: val)")
+    p.add_argument("--data", default=None,
+                   help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits' "
+                        "(default: the validation folder a hybridvit run records). Class folders are matched to a "
+                        "hybridvit run's classes by name (a subset is fine, an unknown folder is refused); a "
+                        "checkpoint without class names (official weights) takes the sorted folders as its class "
+                        "indices 0, 1, ...")
+    p.add_argument("--split", default=None,
+                   help="sub-folder of ROOT to evaluate (default: the run's validation split, else val)")
     p.add_argument("--num-classes", type=int, help="classes of an official checkpoint (default: 1000)")
     options.add_img_size(p)
     options.add_batch_size(p, 64)
@@ -144,6 +146,24 @@ def _dataset(args: argparse.Namespace, model: nn.Module):
     return ds
 
 
+def run_data(args: argparse.Namespace, model: nn.Module) -> None:
+    """Without --data: the validation folder the run recorded (said in one line), else an error asking for
+    --data; --split defaults to the run's validation split."""
+    from ..data.folder import DataError
+
+    trained = getattr(model, "trained_on", None)
+    if args.split is None:
+        args.split = trained["val_split"] if trained and args.data in (None, trained["data"]) else "val"
+    if args.data is not None:
+        return
+    if not trained:
+        raise DataError(f"pass --data ROOT (the images to evaluate): {args.pretrained} is not a hybridvit run, so it "
+                        "records no validation folder")
+    args.data = trained["data"]
+    where = "the embedded digits" if args.data == "digits" else f"{args.data} (split {args.split})"
+    print(f"data: {where}, the validation data recorded in the run (pass --data to evaluate other images)")
+
+
 def run(args: argparse.Namespace) -> int:
     from .._io import check_output_file, write_json
     from ..data.folder import DataError
@@ -162,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     plan.apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, img_size=args.img_size,
                              ema=args.ema)
+    run_data(args, model)
     ds = _dataset(args, model)
     model.to(device)
     loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, plan.workers,

@@ -86,12 +86,28 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     return kw
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: TrainConfig, num_classes: int, class_names: list[str] | None = None) -> nn.Module:
     from ..loading import FINETUNE, load_for_command
     kw = model_kwargs(cfg)
     if cfg.drop_path_rate is not None:
         kw["drop_path_rate"] = cfg.drop_path_rate
-    return load_for_command(cfg.pretrained, cfg.model, num_classes=num_classes, purpose=FINETUNE, **kw)
+    return load_for_command(cfg.pretrained, cfg.model, num_classes=num_classes, purpose=FINETUNE,
+                            class_names=class_names, **kw)
+
+
+def pretrained_run_config(cfg: TrainConfig, given: set[str] | None) -> TrainConfig:
+    """`--pretrained RUN` (a run checkpoint or folder) starts from the run: its model and input size unless
+    the command line names them."""
+    if not cfg.pretrained or cfg.resume:
+        return cfg
+    import dataclasses
+
+    from ..loading import run_defaults
+    from .config import FIELDS
+    if given is None:
+        given = {k for k in ("model", "img_size") if getattr(cfg, k) != FIELDS[k].default}
+    take = {k: v for k, v in run_defaults(cfg.pretrained).items() if k not in given}
+    return dataclasses.replace(cfg, **take) if take else cfg
 
 
 def _forward_train(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -766,6 +782,7 @@ def train(cfg: TrainConfig, given: set[str] | None = None) -> dict[str, Any]:
     given: the options named on the command line, for the `--resume` policy (`resolve_config`)."""
     t_start = time.time()
     cfg, resumed, changes = resolve_config(cfg, given)
+    cfg = pretrained_run_config(cfg, given)
     check_img_size(cfg.model, cfg.img_size)  # before any folder or data
     ctx = setup_run(cfg, resumed is not None)
     with created_run_dir(ctx.out, create=ctx.info.is_main):
@@ -782,7 +799,9 @@ def _train(ctx: RunContext, resumed: dict[str, Any] | None, t_start: float) -> d
     cfg = ctx.cfg
     classes = find_run_classes(cfg)  # data first: a missing or empty folder fails before the model is built
     num_classes = cfg.num_classes or len(classes)
-    model = build_model(cfg, num_classes)  # same seed on every rank: same initial weights
+    model = build_model(cfg, num_classes, classes)  # same seed on every rank: same initial weights
+    if cfg.pretrained and ctx.info.is_main:
+        ctx.log(f"weights: {model.load_note}")
     model_info = dict(model_name=cfg.model, model_kwargs=model_kwargs(cfg), num_classes=num_classes,
                       class_names=classes, pretrained_cfg=dict(model.pretrained_cfg))
     data = build_data(ctx, model.pretrained_cfg, classes)
