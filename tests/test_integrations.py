@@ -269,3 +269,20 @@ def test_torchvision_maskrcnn_forward_and_training_step(name):
     assert body.body.stages[-1].parameters().__next__().grad is not None
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(stem_before, body.body.stem.parameters()))
+
+
+@pytest.mark.parametrize("smuggled", [{"checkpoint_path": "/etc/passwd"}, {"pretrained": "hf-hub:evil/x"},
+                                      {"exec": 1}, {"num_classes": 2_000_000}])
+def test_timm_hub_config_is_data(tmp_path, smuggled):
+    """Through timm too: a Hub folder's model_args (timm passes them as pretrained_model_args) may set only
+    the family's construction keys; anything else is refused naming the key."""
+    timm = require("timm")
+    model = hybridvit.create_model("fastervit_nano", num_classes=3, **TINY["fastervit_nano"]).eval()
+    folder = hybridvit.save_pretrained(model, tmp_path / "m")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_args"].update(smuggled)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    key = next(iter(smuggled))
+    # 'pretrained' collides with timm's own argument: Python refuses the call before any loading
+    with pytest.raises((ValueError, TypeError), match=repr(key) if key != "pretrained" else "pretrained"):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)

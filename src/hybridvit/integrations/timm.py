@@ -28,6 +28,7 @@ from torch import nn
 
 from ..hub import HF_HUB_PREFIX
 from ..loading import create_model
+from ..models._schema import check_file_config, schema_for
 from ..registry import get_entry, list_models
 
 # timm's register_model reads the pretrained configs of the entrypoint's module from `default_cfgs`
@@ -121,7 +122,12 @@ def _entrypoint(name: str, timm_name: str) -> Callable[..., nn.Module]:
     def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, pretrained_cfg_overlay: Any = None,
                    cache_dir: str | os.PathLike | None = None, pretrained_model_args: Any = None,
                    **kwargs: Any) -> nn.Module:
-        # pretrained_model_args: timm's copy of a hub config's model_args, already merged into kwargs
+        # pretrained_model_args: timm's copy of a hub config's model_args, already merged into kwargs. They
+        # come from a file: checked as data (construction keys of the family only), as hybridvit's own loader does
+        if pretrained_model_args:
+            entry = get_entry(name)
+            check_file_config(pretrained_model_args, schema_for(entry.family, entry.builder),
+                              f"the Hub config of {timm_name}")
         return _create(name, timm_name, pretrained, pretrained_cfg, pretrained_cfg_overlay, cache_dir, kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = timm_name
