@@ -166,3 +166,25 @@ def test_data_checks_accept_a_good_folder_and_name_the_folders(tmp_path):
     assert data_folders(str(root), "train", "val") == {"train_folder": str((root / "train").resolve()),
                                                        "val_folder": str((root / "val").resolve())}
     assert data_folders("digits", "train", "val") == {"train_folder": None, "val_folder": None}
+
+
+def test_one_preprocessing_follows_crop_mode_and_size():
+    """Preprocess (from pretrained_cfg) honours timm's crop modes and a non-square input size."""
+    from PIL import Image
+
+    from hybridvit.data.transforms import Preprocess
+
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 100))  # a white band on the left edge
+    base = {"input_size": (3, 64, 64), "crop_pct": 1.0, "interpolation": "bilinear"}
+    center = Preprocess.from_cfg({**base, "crop_mode": "center"}).geometry(img)
+    squash = Preprocess.from_cfg({**base, "crop_mode": "squash"}).geometry(img)
+    border = Preprocess.from_cfg({**base, "crop_mode": "border", "mean": (0.0, 0.0, 0.0)}).geometry(img)
+    assert center.shape == squash.shape == border.shape == (3, 64, 64)
+    assert center[:, :, :4].float().mean() < 10  # the center crop cut the band away
+    assert squash[:, :, :4].float().mean() > 200  # squash keeps the whole width
+    assert border[:, :10].float().mean() < 10 and border[:, 20:40, :4].float().mean() > 200  # padded, whole image
+    wide = Preprocess.from_cfg({**base, "input_size": (3, 32, 96)})
+    assert wide.geometry(img).shape == (3, 32, 96)
+    x = wide(img)
+    assert x.dtype == torch.float32 and x.shape == (3, 32, 96)

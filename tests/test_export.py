@@ -62,3 +62,26 @@ def test_export_of_a_run_checkpoint_keeps_its_head_and_size(tmp_path, capsys):
     x = torch.randn(3, 3, 48, 48)
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(str(out)).module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_file_carries_its_classes_and_preprocessing(tmp_path):
+    """metadata_props: model name, class names and the one Preprocess (size, crop, interpolation, mean, std)."""
+    pytest.importorskip("onnxscript", reason="ONNX export needs the onnx extra")
+    onnx = pytest.importorskip("onnx", reason="reading the file needs the onnx extra")
+    import json
+
+    from hybridvit.checkpoint import make_run_checkpoint
+    from hybridvit.data.transforms import Preprocess
+
+    model = hybridvit.create_model("fastervit_nano", num_classes=3, img_size=48).eval()
+    ckpt = tmp_path / "best.pt"
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 48}, num_classes=3,
+                                   class_names=["cat", "dog", "eel"], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), ckpt)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--pretrained", str(ckpt), "-o", str(out)]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["hybridvit.model_name"] == "fastervit_nano" and meta["hybridvit.num_classes"] == "3"
+    assert json.loads(meta["hybridvit.class_names"]) == ["cat", "dog", "eel"]
+    assert json.loads(meta["hybridvit.preprocess"]) == Preprocess.from_cfg(model.pretrained_cfg).to_dict()
+    assert json.loads(meta["hybridvit.preprocess"])["input_size"] == [3, 48, 48]

@@ -24,8 +24,27 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, i
     path = Path(path)
     prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
                              dynamic_shapes=dyn, opset_version=opset, external_data=False)
+    prog.model.metadata_props.update(file_metadata(model, img_size))
     atomic_save(path, lambda tmp: prog.save(str(tmp)))
     return path
+
+
+def file_metadata(model: torch.nn.Module, img_size: tuple[int, int]) -> dict[str, str]:
+    """What an exported file carries so that a runtime needs nothing else: the model name, the class names
+    and the preprocessing (`data.transforms.Preprocess` at the exported size), as JSON strings (ONNX
+    `metadata_props`)."""
+    import json
+
+    from ._version import __version__
+    from .data.transforms import Preprocess
+    from .models._variant import with_input_size
+
+    pre = Preprocess.from_cfg(with_input_size(model.pretrained_cfg, model.in_chans, tuple(img_size)))
+    return {"hybridvit.model_name": str(getattr(model, "model_name", "")),
+            "hybridvit.num_classes": str(int(getattr(model, "num_classes", 0))),
+            "hybridvit.class_names": json.dumps(getattr(model, "class_names", None)),
+            "hybridvit.preprocess": json.dumps(pre.to_dict()),
+            "hybridvit.version": __version__}
 
 
 def check_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], batch: int = 2,

@@ -71,9 +71,10 @@ def load_images(sources: list[str], model: nn.Module, num_images: int = 8,
         x = torch.randn(num_images, model.in_chans, size, size, generator=g)
         shown = ((x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)) * 40 + 128).clamp(0, 255)
         return x, shown.to(torch.uint8), [f"random-{i}" for i in range(num_images)]
-    from ..data.transforms import EvalTransform, Normalize
+    from ..data.transforms import Preprocess
 
-    tf = EvalTransform.from_cfg(cfg)
+    pre = Preprocess.from_cfg(cfg)
+    tf = pre.geometry
     pil, names = [], []
     for src in sources:
         if src == "digits":
@@ -102,7 +103,7 @@ def load_images(sources: list[str], model: nn.Module, num_images: int = 8,
             names.append(str(f))
     pil, names = pil[:num_images], names[:num_images]
     shown = torch.stack([tf(im) for im in pil])
-    x = Normalize(cfg["mean"], cfg["std"])(shown)
+    x = pre.normalize(shown)
     if model.in_chans != 3:
         raise AnalysisError(f"{model.model_name} takes {model.in_chans}-channel input: use 'random' images")
     return x, shown, names

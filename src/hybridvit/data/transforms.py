@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the default normalisation of every published variant
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 
@@ -34,31 +36,81 @@ def pil_to_uint8(img) -> torch.Tensor:
 
 
 def input_size(cfg: dict[str, Any]) -> int:
+    """The square side of `cfg`'s input_size (training and the digits take square crops)."""
     size = cfg["input_size"][-1]
     return int(size)
 
 
 class EvalTransform:
-    """Resize the shorter side to size / crop_pct, center-crop size x size (timm's eval transform)."""
+    """timm's evaluation geometry: `crop_mode` 'center' resizes the shorter side to size / crop_pct and
+    center-crops; 'squash' resizes both sides to size / crop_pct (aspect not kept), then center-crops;
+    'border' fits the longer side into size / crop_pct and center-crops or pads with the mean colour.
+    `size` is one side or (H, W). PIL image in, (3, H, W) uint8 tensor out."""
 
-    def __init__(self, size: int, crop_pct: float = 0.875, interpolation: str = "bicubic") -> None:
-        self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
+    def __init__(self, size: int | tuple[int, int], crop_pct: float = 0.875, interpolation: str = "bicubic",
+                 crop_mode: str = "center", fill: tuple[int, int, int] = (0, 0, 0)) -> None:
+        self.hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.size = self.hw[1]
+        self.crop_pct, self.interpolation, self.crop_mode, self.fill = crop_pct, interpolation, crop_mode, fill
+        if crop_mode not in ("center", "squash", "border"):
+            raise ValueError(f"unknown crop_mode {crop_mode!r}; one of center, squash, border")
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> EvalTransform:
-        return cls(input_size(cfg), cfg.get("crop_pct", 0.875), cfg.get("interpolation", "bicubic"))
+        return Preprocess.from_cfg(cfg).geometry
 
     def __call__(self, img, index: int = 0, epoch: int = 0) -> torch.Tensor:
-        scale = math.floor(self.size / self.crop_pct)
+        from PIL import Image
+
+        th, tw = self.hw
+        sh, sw = (math.floor(v / self.crop_pct) for v in self.hw)
         w, h = img.size
-        if w < h:
-            nw, nh = scale, max(1, round(h * scale / w))
+        if self.crop_mode == "squash":
+            nw, nh = sw, sh
+        elif self.crop_mode == "border":
+            k = min(sw / w, sh / h)
+            nw, nh = max(1, round(w * k)), max(1, round(h * k))
+        elif w / h < sw / sh:  # center: the shorter side (relative to the target) fills the scale size
+            nw, nh = sw, max(1, round(h * sw / w))
         else:
-            nw, nh = max(1, round(w * scale / h)), scale
+            nw, nh = max(1, round(w * sh / h)), sh
         img = img.resize((nw, nh), _pil_interpolation(self.interpolation))
-        left, top = (nw - self.size) // 2, (nh - self.size) // 2
-        img = img.crop((left, top, left + self.size, top + self.size))
+        left, top = (nw - tw) // 2, (nh - th) // 2
+        if left < 0 or top < 0:  # border mode: pad to the target with the fill colour
+            canvas = Image.new("RGB", (max(nw, tw), max(nh, th)), self.fill)
+            canvas.paste(img, (max(0, -left), max(0, -top)))
+            img, left, top = canvas, max(0, left), max(0, top)
+        img = img.crop((left, top, left + tw, top + th))
         return pil_to_uint8(img)
+
+
+class Preprocess:
+    """The one preprocessing of a model, built from its `pretrained_cfg` (like timm's `resolve_data_config`
+    + `create_transform`, or an HF image processor): `geometry` (PIL -> uint8 (3, H, W), in the loader
+    workers), `normalize` (uint8 or float (B, 3, H, W) on any device -> normalised float), and `__call__`
+    for one image. evaluate, predict, analyze, the detection adapter and exported files all use it."""
+
+    def __init__(self, size: tuple[int, int], crop_pct: float, crop_mode: str, interpolation: str,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.size, self.crop_pct, self.crop_mode = (int(size[0]), int(size[1])), float(crop_pct), crop_mode
+        self.interpolation, self.mean, self.std = interpolation, tuple(mean), tuple(std)
+        fill = tuple(round(255 * v) for v in (self.mean * 3)[:3])
+        self.geometry = EvalTransform(self.size, self.crop_pct, interpolation, crop_mode, fill)
+        self.normalize = Normalize(self.mean, self.std)
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any]) -> Preprocess:
+        return cls(tuple(cfg["input_size"][-2:]), cfg.get("crop_pct", 0.875), cfg.get("crop_mode") or "center",
+                   cfg.get("interpolation", "bicubic"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+
+    def __call__(self, img) -> torch.Tensor:
+        """One PIL image -> normalised float (3, H, W)."""
+        return self.normalize(self.geometry(img)[None])[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The preprocessing as data (stored in exported files): input size, crop, interpolation, mean, std."""
+        return {"input_size": [3, *self.size], "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
 
 
 class TrainTransform:

@@ -39,12 +39,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: Precisio
     counted once). Returns `images` (0 when none could be read: the metrics are then 0), `skipped` (the
     unreadable paths this process met) and `top5` None when the model has 5 classes or fewer (every
     image would be a top-5 hit). `stop` is asked before each batch: True raises EvaluationStopped."""
-    from ..data.transforms import Normalize
+    from ..data.transforms import Preprocess
 
     precision = precision or Precision(device, None)
     model.eval()
-    cfg = getattr(model, "pretrained_cfg", {})
-    norm = Normalize(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))).to(device)
+    norm = Preprocess.from_cfg(model.pretrained_cfg).normalize.to(device)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images
     skipped: list[str] = []
     n_classes = getattr(model, "num_classes", None)
@@ -115,10 +114,9 @@ def _dataset(args: argparse.Namespace, model: nn.Module):
     folders n01440764, ... do)."""
     from ..data.folder import DataError
     from ..data.loader import build_dataset, is_digits
-    from ..data.transforms import EvalTransform
+    from ..data.transforms import Preprocess
 
-    tf = EvalTransform.from_cfg(model.pretrained_cfg)
-    ds = build_dataset(args.data, args.split, tf)
+    ds = build_dataset(args.data, args.split, Preprocess.from_cfg(model.pretrained_cfg).geometry)
     names = getattr(model, "class_names", None)
     if names and not is_digits(args.data):
         folder = _eval_folder(args.data, args.split)

@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     at least one image was predicted, else a DataError (exit 2)."""
     from .._io import check_output_file, write_json
     from ..data.folder import DataError
-    from ..data.transforms import EvalTransform, Normalize
+    from ..data.transforms import Preprocess
     from ..options import check_positive
     from ..runtime import plan_threads, resolve_device
     from . import load_for_command
@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     classes = model.class_names
     model.to(device)
     cfg = model.pretrained_cfg
-    tf, norm = EvalTransform.from_cfg(cfg), Normalize(cfg["mean"], cfg["std"]).to(device)
+    pre = Preprocess.from_cfg(cfg)
+    tf, norm = pre.geometry, pre.normalize.to(device)
     results: list[dict] = []
     failed: list[str] = []
     n_batches = -(-len(files) // args.batch_size)

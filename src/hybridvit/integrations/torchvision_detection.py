@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..data.transforms import Preprocess
 from ..loading import create_model
 
 _HEAD_PARTS = ("stages", "norm", "head")
@@ -131,11 +132,10 @@ def _rcnn_parts(backbone: FPNBackbone) -> dict[str, Any]:
     from torchvision.ops import MultiScaleRoIAlign
 
     sizes = tuple((8 * s,) for s in backbone.strides)
-    cfg = getattr(backbone.body.body, "pretrained_cfg", {})
+    pre = Preprocess.from_cfg(getattr(backbone.body.body, "pretrained_cfg", None) or {"input_size": (3, 224, 224)})
     return dict(rpn_anchor_generator=AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes)),
                 box_roi_pool=MultiScaleRoIAlign(backbone.featmap_names, output_size=7, sampling_ratio=2),
-                image_mean=list(cfg.get("mean", (0.485, 0.456, 0.406))),
-                image_std=list(cfg.get("std", (0.229, 0.224, 0.225))))
+                image_mean=list(pre.mean), image_std=list(pre.std))
 
 
 def fasterrcnn(name: str, num_classes: int, *, pretrained_backbone: bool | str = False,

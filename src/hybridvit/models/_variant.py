@@ -11,8 +11,7 @@ from typing import Any
 
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported for the variant tables)
 
 # licences of the published weights / official code
 LICENSE_NVIDIA_NC = "nvidia-source-code-license-nc"   # FasterViT: NVIDIA Source Code License-NC (non-commercial)
