@@ -188,7 +188,7 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
             times1[i] += time_runs(s, dev, 3)
     results = []
     for i, (label, model) in enumerate(models):
-        base = getattr(model, "_orig_mod", model)
+        base = getattr(model, "macs_source", None) or getattr(model, "_orig_mod", model)
         macs = count_macs(base, (3, img_size, img_size))  # the counter of `models` and the README
         t = statistics.median(times[i])
         r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device,
@@ -203,10 +203,37 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
 
         if latency:
             r["latency_b1_ms"] = statistics.median(times1[i]) * 1e3
-        if memory:
+        if memory and not hasattr(model, "macs_source"):  # a runtime's own memory is not PyTorch's to count
             r["peak_mem_per_img_mb"] = peak_memory(steps[i], dev) / batch_size / 2 ** 20
         results.append(r)
     return results
+
+
+RUNTIMES = ("torch", "compile", "onnxruntime", "openvino")
+
+
+def runtime_models(model: torch.nn.Module, args: argparse.Namespace, dev: torch.device,
+                   img_size: int) -> list[tuple[str, torch.nn.Module]]:
+    """`model` in each runtime of `args.runtime`, labelled 'NAME [runtime]' (exported files in a temporary
+    folder that lives as long as the process)."""
+    import tempfile
+
+    from .deploy import runtime_model
+
+    if args.train and set(args.runtime) & {"onnxruntime", "openvino"}:
+        raise ValueError("--runtime onnxruntime/openvino time inference only: leave --train out")
+    if dev.type != "cpu" and set(args.runtime) & {"onnxruntime", "openvino"}:
+        raise ValueError("--runtime onnxruntime/openvino run on the CPU here: pass --device cpu")
+    folder = tempfile.mkdtemp(prefix="hybridvit-bench-")
+    out = []
+    for rt in args.runtime:
+        if rt in ("torch", "compile"):
+            m = prepare(model, dev, not args.no_channels_last, rt == "compile", args.train, args.fuse)[0]
+        else:
+            m = runtime_model(model.eval(), rt, (img_size, img_size), folder,
+                              precision="bf16" if args.amp == "bf16" else "fp32")
+        out.append((f"{model.model_name} [{rt}]", m))
+    return out
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -230,6 +257,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_device(p)
     options.add_amp(p, "none")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=None, metavar="RUNTIME",
+                   help="time the (first) model in each of these side by side: torch (eager), compile "
+                        "(torch.compile), onnxruntime and openvino (its ONNX / OpenVINO export; the onnx and "
+                        "openvino extras); with --peak, each row's share of the matmul peak")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--fuse", action="store_true", help="fold conv+BN pairs for inference (model.fuse())")
@@ -267,8 +298,11 @@ def run(args: argparse.Namespace) -> int:
     first = load_for_command(args.pretrained, args.model)  # random weights without --pretrained
     check_img_size(first.model_name, args.img_size)
     img_size = args.img_size or first.pretrained_cfg["input_size"][-1]
-    models = [(first.model_name, prepare(first, dev, not args.no_channels_last, args.compile, args.train,
-                                         args.fuse)[0])]
+    if args.runtime:
+        models = runtime_models(first, args, dev, img_size)
+    else:
+        models = [(first.model_name, prepare(first, dev, not args.no_channels_last, args.compile, args.train,
+                                             args.fuse)[0])]
     models += [prepare(n, dev, not args.no_channels_last, args.compile, args.train, args.fuse)[::-1]
                for n in args.compare]
     for _, m in models:
@@ -284,13 +318,17 @@ def run(args: argparse.Namespace) -> int:
         with bf16_kernels(args.cpu_bf16_kernels, dev, dtype):
             out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
     ref = res[0]["img_per_s"]
-    print(f"{'model':<24}{'img/s':>9}{'ratio':>7}{'b1 ms':>8}{'MB/img':>8}{'GMACs':>7}{'GFLOP/s':>9}")
+    w = max(24, *(len(r["model"]) + 2 for r in res))
+    print(f"{'model':<{w}}{'img/s':>9}{'ratio':>7}{'b1 ms':>8}{'MB/img':>8}{'GMACs':>7}{'GFLOP/s':>9}")
     for r in res:
-        print(f"{r['model']:<24}{r['img_per_s']:>9.1f}{r['img_per_s'] / ref:>7.2f}{r.get('latency_b1_ms', 0):>8.1f}"
+        print(f"{r['model']:<{w}}{r['img_per_s']:>9.1f}{r['img_per_s'] / ref:>7.2f}{r.get('latency_b1_ms', 0):>8.1f}"
               f"{r.get('peak_mem_per_img_mb', 0):>8.1f}{r['gmacs_per_img']:>7.2f}{r['achieved_gflops']:>9.1f}")
     if args.peak:
         pk = out["matmul_peak_gflops"]
-        print(f"matmul peak: {pk:.0f} GFLOP/s; {res[0]['model']} reaches {100 * res[0]['achieved_gflops'] / pk:.0f}%")
+        for r in res:
+            r["pct_of_peak"] = 100 * r["achieved_gflops"] / pk
+        print(f"matmul peak: {pk:.0f} GFLOP/s; " + ", ".join(f"{r['model']} reaches {r['pct_of_peak']:.0f}%"
+                                                           for r in res))
     if args.json:
         write_json(args.json, out)
     return 0

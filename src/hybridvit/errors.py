@@ -1,6 +1,8 @@
 """The exceptions users see, in a leaf module every layer may import (nothing here imports hybridvit)."""
 from __future__ import annotations
 
+from typing import Any
+
 
 class CheckpointError(ValueError):
     """A checkpoint file, Hub folder or configuration that cannot be read, is refused, or does not fit
@@ -10,3 +12,9 @@ class CheckpointError(ValueError):
 class ConfigError(CheckpointError):
     """Configuration stored in a file (config.json's `model_args`, a run's `model_kwargs`) that sets a key
     or value hybridvit does not accept from a file."""
+
+
+def printable(text: Any, limit: int = 200) -> str:
+    """`text` from a file, safe to print: control characters (ANSI escapes, newlines) escaped."""
+    s = str(text)[:limit]
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)

@@ -7,57 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_save, atomic_write
-
-
-def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], dynamic_batch: bool = True,
-                opset: int = 18, dtype: torch.dtype = torch.float32) -> Path:
-    """Writes `model` (eval) as ONNX with input `images` (B, 3, H, W) and output `logits` (B, num_classes)."""
-    try:
-        import onnxscript  # noqa: F401  (the torch.export-based ONNX exporter needs it)
-    except ImportError as e:
-        raise ModuleNotFoundError("ONNX export needs the onnx extra: pip install 'hybridvit[onnx]'",
-                                  name="onnxscript") from e
-    model = model.eval()
-    x = torch.randn(2 if dynamic_batch else 1, model.in_chans, *img_size, dtype=dtype)
-    dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    path = Path(path)
-    prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
-                             dynamic_shapes=dyn, opset_version=opset, external_data=False)
-    prog.model.metadata_props.update(file_metadata(model, img_size))
-    atomic_save(path, lambda tmp: prog.save(str(tmp)))
-    return path
-
-
-def file_metadata(model: torch.nn.Module, img_size: tuple[int, int]) -> dict[str, str]:
-    """What an exported file carries so that a runtime needs nothing else: the model name, the class names
-    and the preprocessing (`data.transforms.Preprocess` at the exported size), as JSON strings (ONNX
-    `metadata_props`)."""
-    import json
-
-    from ._version import __version__
-    from .data.transforms import Preprocess
-    from .models._variant import with_input_size
-
-    pre = Preprocess.from_cfg(with_input_size(model.pretrained_cfg, model.in_chans, tuple(img_size)))
-    return {"hybridvit.model_name": str(getattr(model, "model_name", "")),
-            "hybridvit.num_classes": str(int(getattr(model, "num_classes", 0))),
-            "hybridvit.class_names": json.dumps(getattr(model, "class_names", None)),
-            "hybridvit.preprocess": json.dumps(pre.to_dict()),
-            "hybridvit.version": __version__}
-
-
-def check_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], batch: int = 2,
-               dtype: torch.dtype = torch.float32) -> float:
-    """Max abs difference between onnxruntime and PyTorch outputs for a random batch."""
-    import onnxruntime as ort
-
-    x = torch.randn(batch, model.in_chans, *img_size, dtype=dtype)
-    with torch.no_grad():
-        ref = model.eval()(x).float().numpy()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = sess.run(["logits"], {"images": x.numpy()})
-    return float(abs(out.astype("float32") - ref).max())
+from ._io import atomic_write
+from .deploy import check_onnx, export_onnx, export_openvino  # noqa: F401 (the export functions live in deploy)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,10 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="classes, for --model without a run checkpoint "
                    "(default: 1000)")
     options.add_img_size(p, rect=True, whose="the checkpoint's, else the model's; W defaults to H")
-    p.add_argument("--format", choices=["onnx", "pt2"], default="onnx",
+    p.add_argument("--format", choices=["onnx", "openvino", "pt2"], default="onnx",
                    help="onnx: an ONNX model (opset 18) for ONNX Runtime, OpenVINO, TensorRT..., checked against "
-                        "PyTorch with onnxruntime when it is installed; pt2: a torch.export program (ExportedProgram, "
-                        "load it with torch.export.load) for PyTorch runtimes (default: onnx)")
+                        "PyTorch with onnxruntime when it is installed; openvino: OpenVINO IR (-o NAME.xml, weights "
+                        "in NAME.bin; needs the openvino extra), checked against PyTorch; pt2: a torch.export "
+                        "program (ExportedProgram, load it with torch.export.load) for PyTorch runtimes. ONNX and "
+                        "OpenVINO files carry the model name, class names and preprocessing, so `hybridvit eval` "
+                        "and `predict` run them with no PyTorch model (default: onnx)")
     options.add_amp(p, "none", meaning="the type of the exported weights and input: none (or auto): float32; "
                     "fp16: float16 (for GPU runtimes); bf16: bfloat16")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
@@ -91,6 +45,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--img-size takes H [W], each at least 1, got {' '.join(map(str, args.img_size))}")
     dtype = Precision.from_amp("none" if args.amp == "auto" else args.amp, "cpu").dtype or torch.float32
     check_output_file(args.output, "--output")  # before the model is built and traced
+    if args.format == "openvino":
+        if Path(args.output).suffix != ".xml":
+            raise ValueError(f"--format openvino writes NAME.xml (+ NAME.bin): pass -o {Path(args.output).stem}.xml")
+        from .deploy import _require
+        _require("openvino")
     plan_threads("export", threads=args.threads).apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, ema=args.ema)
     check_img_size(model.model_name, args.img_size)
@@ -107,6 +66,18 @@ def run(args: argparse.Namespace) -> int:
         program = torch.export.export(model, (x,), dynamic_shapes=dyn)
         atomic_write(args.output, lambda f: torch.export.save(program, f))
         print(f"wrote {args.output} ({what}; torch.export program, load with torch.export.load)")
+        return 0
+    if args.format == "openvino":
+        if dtype != torch.float32:
+            raise ValueError("--format openvino writes float32 weights (OpenVINO runs them in bf16 where the CPU "
+                             "has it): leave --amp out")
+        path = export_openvino(model, args.output, size, dynamic_batch=not args.static_batch)
+        from .deploy import ExportedModel
+        x = torch.randn(1 if args.static_batch else 2, model.in_chans, *size)
+        with torch.no_grad():
+            diff = float((ExportedModel(path)(x) - model(x)).abs().max())
+        print(f"wrote {path} and {path.with_suffix('.bin')} ({what}); OpenVINO vs PyTorch max abs difference "
+              f"{diff:.2e}")
         return 0
     path = export_onnx(model, args.output, size, dynamic_batch=not args.static_batch, dtype=dtype)
     if dtype == torch.bfloat16:

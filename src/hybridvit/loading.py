@@ -32,9 +32,10 @@ from torch import nn
 
 from . import hub
 from .checkpoint import extract_state_dict, is_run_checkpoint, read_checkpoint_file, read_run
-from .errors import CheckpointError, ConfigError
+from .deploy import EXPORTED_SUFFIXES
+from .errors import CheckpointError, printable
 from .models import adapt_input_channels
-from .models._schema import MAX_CLASSES, MAX_IMG_SIZE, check_file_config, schema_for
+from .models._schema import MAX_CLASSES, check_file_config, checked_pretrained_cfg, schema_for
 from .models._variant import with_input_size
 from .registry import build_model, get_entry
 from .runtime import check_img_size
@@ -42,12 +43,6 @@ from .runtime import check_img_size
 log = logging.getLogger("hybridvit")
 
 INFERENCE, FINETUNE = "inference", "finetune"
-
-
-def printable(text: Any, limit: int = 200) -> str:
-    """`text` from a file, safe to print: control characters (ANSI escapes, newlines) escaped."""
-    s = str(text)[:limit]
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -77,6 +72,8 @@ def resolve(pretrained: Any) -> Source:
     if spec.startswith(hub.HF_HUB_PREFIX):
         return Source("hub", spec)
     path = Path(spec)
+    if path.suffix in EXPORTED_SUFFIXES and path.is_file():
+        return Source("exported", spec)
     if path.is_dir():
         if (path / hub.CONFIG_NAME).is_file():
             return Source("hub", spec)
@@ -114,36 +111,6 @@ def _checked_names(names: Any, num_classes: int, where: str) -> list[str] | None
         raise CheckpointError(f"{where} names {len(names)} classes but states {num_classes}: the file is "
                               "inconsistent (a damaged or hand-edited file); write it again")
     return [printable(c) for c in names]
-
-
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
-_CROP_MODES = ("center", "squash", "border")
-
-
-def checked_pretrained_cfg(cfg: Any, where: str) -> dict[str, Any]:
-    """A `pretrained_cfg` from a file, when its preprocessing fields have sane types and values."""
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{where}: pretrained_cfg must be an object")
-
-    def sides(v: Any, n: int) -> bool:
-        return isinstance(v, (list, tuple)) and len(v) == n and all(
-            isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_IMG_SIZE for x in v)
-
-    def floats(v: Any) -> bool:
-        return isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-
-    checks = {"input_size": lambda v: sides(v, 3), "min_input_size": lambda v: sides(v, 3),
-              "mean": floats, "std": lambda v: floats(v) and all(x > 0 for x in v),
-              "crop_pct": lambda v: isinstance(v, (int, float)) and 0 < v <= 4,
-              "interpolation": lambda v: v in _INTERPOLATIONS, "crop_mode": lambda v: v in _CROP_MODES}
-    bad = [k for k, ok in checks.items() if k in cfg and not ok(cfg[k])]
-    if "input_size" not in cfg:
-        bad.append("input_size")
-    if bad:
-        raise ConfigError(f"{where}: pretrained_cfg field(s) {', '.join(bad)} missing or invalid (input_size is "
-                          "[channels, height, width]; mean/std lists of numbers; crop_pct a fraction)")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
 # ------------------------------------------------------------------------------------------- fit check
@@ -259,6 +226,8 @@ def _from_source(source: Source, name: str | None, *, num_classes: int | None, i
     `model_kwargs` and `load_note` (what loaded from where, which keys start fresh) attached."""
     if num_classes is not None:
         _check_classes(num_classes)
+    if source.kind == "exported":
+        return _exported(source, name, num_classes=num_classes, purpose=purpose, ema=ema, overrides=overrides)
     if ema and source.kind != "run":
         raise CheckpointError(f"EMA weights are kept in hybridvit run checkpoints; {source.where or 'this'} is "
                               f"{'a Hub folder' if source.kind == 'hub' else 'not one'}: leave ema/--ema out")
@@ -362,6 +331,26 @@ def _from_source(source: Source, name: str | None, *, num_classes: int | None, i
     return model
 
 
+def _exported(source: Source, name: str | None, *, num_classes: int | None, purpose: str, ema: bool,
+              overrides: dict[str, Any]) -> nn.Module:
+    """An exported .onnx / .xml file, run by its runtime (no PyTorch model): for inference only, as it is."""
+    from .deploy import ExportedModel
+
+    if purpose != INFERENCE or ema:
+        what = "fine-tune the run checkpoint it came from" if purpose != INFERENCE else "leave --ema out"
+        raise CheckpointError(f"{source.where} is an exported model (runs in its runtime as it is): {what}")
+    model = ExportedModel(source.where)
+    size = tuple(model.pretrained_cfg["input_size"][1:])
+    asked = overrides.get("img_size")
+    asked = (asked, asked) if isinstance(asked, int) else tuple(asked) if asked else None
+    for what, given, have in (("--model", name, model.model_name), ("--num-classes", num_classes, model.num_classes),
+                              ("--img-size", asked, size)):
+        if given is not None and given != have:
+            raise CheckpointError(f"{source.where} is {model.model_name} exported with {model.num_classes} classes "
+                                  f"at {size[0]}x{size[1]}, not {what} {given}: leave {what} out")
+    return model
+
+
 def create_model(name: str | None, *, pretrained: Any = False, num_classes: int | None = None,
                  in_chans: int | None = None, features_only: bool = False, out_indices: tuple[int, ...] | None = None,
                  cache_dir: Any = None, **overrides: Any) -> nn.Module:
@@ -406,7 +395,7 @@ def load_for_command(pretrained: Any, model_name: str | None = None, *, num_clas
     """
     source = resolve(pretrained)
     name = model_name or (source.run["model_name"] if source.kind == "run" else None)
-    if source.kind == "hub" and not name:
+    if source.kind in ("hub", "exported") and not name:
         name = None
     elif not name and source.kind == "file":
         raise CheckpointError(f"{source.where} is not a hybridvit run checkpoint, so it does not name its model: "

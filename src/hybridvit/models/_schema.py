@@ -142,3 +142,33 @@ def check_file_config(config: dict[str, Any], schema: dict[str, Key], source: st
             raise ConfigError(f"{source}: {field}[{k!r}] must be {_describe(schema[k])}, got {str(v)[:80]!r}")
         out[k] = v
     return out
+
+
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
+_CROP_MODES = ("center", "squash", "border")
+
+
+def checked_pretrained_cfg(cfg: Any, where: str) -> dict[str, Any]:
+    """A `pretrained_cfg` from a file, when its preprocessing fields have sane types and values."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where}: pretrained_cfg must be an object")
+
+    def sides(v: Any, n: int) -> bool:
+        return isinstance(v, (list, tuple)) and len(v) == n and all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_IMG_SIZE for x in v)
+
+    def floats(v: Any) -> bool:
+        return isinstance(v, (list, tuple)) and 1 <= len(v) <= 64 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    checks = {"input_size": lambda v: sides(v, 3), "min_input_size": lambda v: sides(v, 3),
+              "mean": floats, "std": lambda v: floats(v) and all(x > 0 for x in v),
+              "crop_pct": lambda v: isinstance(v, (int, float)) and 0 < v <= 4,
+              "interpolation": lambda v: v in _INTERPOLATIONS, "crop_mode": lambda v: v in _CROP_MODES}
+    bad = [k for k, ok in checks.items() if k in cfg and not ok(cfg[k])]
+    if "input_size" not in cfg:
+        bad.append("input_size")
+    if bad:
+        raise ConfigError(f"{where}: pretrained_cfg field(s) {', '.join(bad)} missing or invalid (input_size is "
+                          "[channels, height, width]; mean/std lists of numbers; crop_pct a fraction)")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}

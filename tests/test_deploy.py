@@ -1,0 +1,123 @@
+"""The deployment path: `export --format openvino` beside ONNX, exported files that carry their classes and
+preprocessing, `eval`/`predict` running them with no PyTorch model (same top-1 as the PyTorch run), and
+`bench --runtime` timing torch, compile, onnxruntime and openvino side by side."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import hybridvit
+from hybridvit.cli import main
+
+pytest.importorskip("onnxscript", reason="exporting needs the onnx extra: pip install 'hybridvit[onnx]'")
+pytest.importorskip("onnxruntime", reason="running ONNX files needs the onnx extra: pip install 'hybridvit[onnx]'")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A 3-class run checkpoint (weights trained a little), its validation folder, and its exports."""
+    from PIL import Image
+
+    from hybridvit.checkpoint import make_run_checkpoint
+
+    tmp = tmp_path_factory.mktemp("deploy")
+    torch.manual_seed(0)
+    model = hybridvit.create_model("fastervit_nano", num_classes=3, img_size=48).eval()
+    ckpt = tmp / "best.pt"
+    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 48}, num_classes=3,
+                                   class_names=["blue", "green", "red"], pretrained_cfg=model.pretrained_cfg,
+                                   state_dict=model.state_dict()), ckpt)
+    g = torch.Generator().manual_seed(1)
+    for _i, cls in enumerate(["blue", "green", "red"]):
+        (tmp / "val" / cls).mkdir(parents=True)
+        for j in range(4):
+            px = (torch.rand(56, 60, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(tmp / "val" / cls / f"{j}.png")
+    files = {"onnx": tmp / "m.onnx"}
+    assert main(["export", "--pretrained", str(ckpt), "-o", str(files["onnx"])]) == 0
+    if _has("openvino"):
+        files["openvino"] = tmp / "m.xml"
+        assert main(["export", "--pretrained", str(ckpt), "--format", "openvino", "-o", str(files["openvino"])]) == 0
+    return tmp, ckpt, files
+
+
+def _has(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def _eval(pretrained, tmp, capsys, name):
+    out = tmp / f"{name}.json"
+    assert main(["eval", "--pretrained", str(pretrained), "--data", str(tmp / "val"), "--json", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    return json.loads(out.read_text())
+
+
+def _predict(pretrained, tmp, capsys, name):
+    out = tmp / f"{name}_pred.json"
+    assert main(["predict", "--pretrained", str(pretrained), str(tmp / "val"), "--json", str(out), "--topk", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_exported_files_run_eval_and_predict_like_pytorch(exported, capsys, fmt):
+    tmp, ckpt, files = exported
+    if fmt not in files:
+        pytest.skip("the openvino extra is not installed: pip install 'hybridvit[openvino]'")
+    torch_eval, file_eval = _eval(ckpt, tmp, capsys, "torch"), _eval(files[fmt], tmp, capsys, fmt)
+    assert file_eval["images"] == torch_eval["images"] == 12
+    assert file_eval["top1"] == torch_eval["top1"] and abs(file_eval["loss"] - torch_eval["loss"]) < 1e-3
+    assert file_eval["classes"] == ["blue", "green", "red"]
+    torch_pred, file_pred = _predict(ckpt, tmp, capsys, "torch"), _predict(files[fmt], tmp, capsys, fmt)
+    assert json.dumps(file_pred, sort_keys=True).count("blue") + json.dumps(file_pred).count("red") > 0
+    top = lambda preds: [(p["image"] if "image" in p else p.get("path"), p["top"][0]["class"]) for p in preds] \
+        if isinstance(preds, list) else preds
+    assert top(file_pred) == top(torch_pred)
+
+
+@pytest.mark.slow
+def test_openvino_file_carries_classes_and_preprocessing(exported):
+    tmp, _, files = exported
+    if "openvino" not in files:
+        pytest.skip("the openvino extra is not installed: pip install 'hybridvit[openvino]'")
+    from hybridvit.deploy import ExportedModel
+    m = ExportedModel(files["openvino"])
+    assert (tmp / "m.bin").is_file()
+    assert m.class_names == ["blue", "green", "red"] and m.model_name == "fastervit_nano" and m.num_classes == 3
+    assert m.pretrained_cfg["input_size"] == (3, 48, 48)
+    ref = hybridvit.load_model(tmp / "best.pt")
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_exported_files_refuse_what_they_cannot_be(exported, capsys):
+    tmp, _, files = exported
+    assert main(["eval", "--pretrained", str(files["onnx"]), "--data", str(tmp / "val"), "--num-classes", "5"]) == 2
+    assert "exported with 3 classes" in capsys.readouterr().err
+    assert main(["export", "--pretrained", str(tmp / "best.pt"), "--format", "openvino", "-o",
+                 str(tmp / "x.onnx")]) == 2
+    assert "NAME.xml" in capsys.readouterr().err
+    from hybridvit.loading import FINETUNE, load_for_command
+    with pytest.raises(hybridvit.checkpoint.CheckpointError, match="fine-tune the run checkpoint"):
+        load_for_command(str(files["onnx"]), num_classes=3, purpose=FINETUNE)
+
+
+@pytest.mark.slow
+def test_bench_times_the_runtimes_side_by_side(exported, tmp_path, capsys):
+    tmp, ckpt, files = exported
+    runtimes = ["torch", "onnxruntime"] + (["openvino"] if "openvino" in files else [])
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--pretrained", str(ckpt), "--runtime", *runtimes, "-b", "2", "--warmup", "1",
+                 "--repeats", "1", "--peak", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in res] == [f"fastervit_nano [{rt}]" for rt in runtimes]
+    assert all(r["img_per_s"] > 0 and 0 < r["pct_of_peak"] for r in res)
+    assert len({r["gmacs_per_img"] for r in res}) == 1  # one MAC count, from the PyTorch model
