@@ -34,7 +34,7 @@ class RunExistsError(ValueError):
 
 
 def run_files(path: Path) -> list[Path]:
-    """The files of a run in `path`. Half-written temporaries of a killed save (`.NAME.tmpPID`) are not a
+    """The files of a run in `path`. Half-written temporaries of a killed save (`.NAME.tmpPID.SUFFIX`) are not a
     run: the run that starts in the folder removes them (`_io.clean_stale_temp_files`)."""
     if not path.is_dir():
         return []
