@@ -87,6 +87,7 @@ def _run_without(blocked: str, *args: str):
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_commands_import_only_what_they_need(tmp_path):
     """`models` works with every extra missing; eval and predict need torch and pillow only; a missing
     package is one error line that says what to install."""

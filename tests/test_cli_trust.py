@@ -112,6 +112,7 @@ def test_default_recipe_follows_the_data(tmp_path, monkeypatch):
     assert small.lr_base_size is None
 
 
+@pytest.mark.slow
 def test_train_on_a_small_folder_uses_the_small_data_recipe(tmp_path):
     pytest.importorskip("kornia", reason="needs the train extra (kornia)")
     from _imagedata import make_folder
@@ -216,6 +217,7 @@ def test_train_checks_its_options_and_recipe_files(capsys, tmp_path):
         C.load_recipe("fastervit_O")
 
 
+@pytest.mark.slow
 def test_explicit_lr_is_used_as_given(tmp_path, capsys):
     # timm's behaviour: --lr is absolute; only the recipe's own lr scales with the global batch
     pytest.importorskip("kornia", reason="needs the train extra (kornia)")

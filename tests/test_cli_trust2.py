@@ -185,6 +185,7 @@ def test_eval_predict_and_analyze_take_threads(tmp_path, colours, capsys):
 
 
 # ---------------------------------------------------------------------------- resume policy
+@pytest.mark.slow
 def test_resume_applies_epochs_lr_and_checkpoint_interval_and_refuses_the_rest(tmp_path, capsys):
     pytest.importorskip("kornia", reason="needs the train extra (kornia)")
     from _imagedata import make_folder
@@ -240,6 +241,7 @@ def _wait_for_steps(proc: subprocess.Popen, log: Path, timeout: float = 120.0) -
     time.sleep(1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path, colours, capsys, sig, code):
@@ -273,6 +275,7 @@ def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path, 
             (out / "train.log").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_signal_to_one_ddp_rank_stops_every_rank_with_one_checkpoint(tmp_path):
     # torchrun's ranks, started by hand (gloo on CPU); SIGTERM reaches rank 1 only (a scheduler killing

@@ -35,6 +35,7 @@ def _worker(rank: int, port: int, opts: dict, out: str) -> None:
                os.path.join(out, f"rank{rank}.pt"))
 
 
+@pytest.mark.slow
 def test_two_process_ddp_gloo(tmp_path):
     _needs_train_extra()
     import hybridvit
@@ -66,6 +67,7 @@ def test_two_process_ddp_gloo(tmp_path):
     assert res["images"] == 10 and res["top1"] == pytest.approx(rows[-1]["val_top1"])
 
 
+@pytest.mark.slow
 def test_ddp_survives_a_micro_batch_unreadable_on_one_rank_only(tmp_path):
     """Batch 1 per rank and an odd number of unreadable images: every epoch pairs some unreadable image
     with a readable one on the other rank. The ranks must skip that step together (DDP's gradient
@@ -121,6 +123,7 @@ def _backbone_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_features_only_backbone_without_find_unused_parameters(tmp_path):
     mp.spawn(_backbone_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"backbone{r}.pt", weights_only=True) for r in range(WORLD))

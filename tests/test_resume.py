@@ -38,6 +38,7 @@ def _args(opts: dict) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_kill_mid_epoch_then_resume_is_exact(tmp_path):
     root = make_folder(tmp_path / "data", n_train=24, n_val=4)  # 48 images: 8 steps per epoch
     ref = train(make_config(None, data=str(root), output=str(tmp_path / "ref"), **OPTS))

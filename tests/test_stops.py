@@ -164,3 +164,30 @@ def test_commands_stop_with_one_line(command, sig, code, tmp_path):
     assert lines[0].startswith(word) and f"hybridvit {command}" in lines[0]
     if command == "export":
         assert not (tmp_path / "m.pt2").exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_sigterm_during_a_checkpoint_save_lets_the_save_finish_then_stops(tmp_path, monkeypatch):
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    from hybridvit.train import run_dir
+    from hybridvit.train.config import make_config
+    from hybridvit.train.engine import TrainingInterrupted, train
+
+    data = _folder(tmp_path / "data", n_train=8, n_val=2)  # 16 images / batch 4: 4 steps per epoch
+    real = run_dir.save_torch
+    calls = []
+
+    def save_and_get_signalled(obj, path, *a, **k):
+        calls.append(path)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being written
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(run_dir, "save_torch", save_and_get_signalled)
+    out = tmp_path / "run"
+    cfg = make_config(None, data=str(data), output=str(out), epochs=5, checkpoint_every=1, model="fastervit_nano",
+                      img_size=32, batch_size=4, threads=1, workers=0, progress=False, plot=False, model_ema=False)
+    with pytest.raises(TrainingInterrupted) as e:
+        train(cfg)
+    assert e.value.exit_code == 143 and len(calls) == 1  # the save finished; no second save was needed
+    state = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert state["scheduler"]["step"] == 1 and not list(out.glob(".*tmp*"))

@@ -71,6 +71,7 @@ def test_no_weight_decay_groups_and_schedule():
     assert lr_at(95, 100, 10, 10, 1.0, 0.1, 0.0) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_train_eval_predict_on_folder_with_corrupt_image(tmp_path, capsys):
     root = make_folder(tmp_path / "data", n_train=16, n_val=8, ext="jpg")
     bad = corrupt_jpeg(root / "train" / "blue" / "broken.jpg")
@@ -124,6 +125,7 @@ def test_empty_folder_fails_before_training(tmp_path, capsys):
     assert not (out / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_full_recipe_path_ema_accumulation_mixup(tmp_path):
     """RandAugment, erasing, mixup/cutmix, EMA, LAMB, gradient accumulation and the plot, for a few steps."""
     pytest.importorskip("matplotlib", reason="needs the train extra (matplotlib)")
@@ -141,6 +143,7 @@ def test_full_recipe_path_ema_accumulation_mixup(tmp_path):
     assert (tmp_path / "run" / "metrics.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_default_embedded_run_and_eval_agree(tmp_path, capsys):
     """`hybridvit train` on the embedded digits (cut to 3 steps), then `hybridvit eval` on its checkpoint."""
     pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")
@@ -159,6 +162,7 @@ def test_default_embedded_run_and_eval_agree(tmp_path, capsys):
     assert ev["input_size"] == [3, 32, 32]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["cabvit_p_tiny", "cabvit_h_l1", "crossformer_t"])
 def test_every_family_trains_on_the_embedded_digits(tmp_path, model):
     """A few steps of each family on the embedded data; the best checkpoint reloads into a fresh model."""
@@ -178,6 +182,7 @@ def test_every_family_trains_on_the_embedded_digits(tmp_path, model):
     hybridvit.load_checkpoint(fresh, s["checkpoint"])
 
 
+@pytest.mark.slow
 def test_bf16_training_on_cpu_runs_its_products_on_fp32_kernels(tmp_path, monkeypatch):
     """`--amp bf16` on a CPU: forward and backward take the model's CPU bf16 policy (layers/cpu_bf16.py)."""
     pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")

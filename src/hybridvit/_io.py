@@ -70,12 +70,13 @@ def check_output_file(path: str | os.PathLike, what: str = "--output") -> Path:
 
 
 def temp_path(path: Path) -> Path:
-    """The temporary file a write goes to before it is renamed (a hidden sibling marked with the process id)."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """The temporary file a write goes to before it is renamed: a hidden sibling marked with the process id,
+    with the same suffix (writers that check it, like torch.export.save, accept it)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
 
 
 def clean_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Removes the temporary files that killed writes left in `folder` (`.NAME.tmpPID`); returns them."""
+    """Removes the temporary files that killed writes left in `folder` (`.NAME.tmpPID.SUFFIX`); returns them."""
     stale = [p for p in Path(folder).glob(".*.tmp*") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)

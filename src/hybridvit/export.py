@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_save
 from .deploy import check_onnx, export_onnx, export_openvino  # noqa: F401 (the export functions live in deploy)
 
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         x = torch.randn(2, model.in_chans, *size, dtype=dtype)
         dyn = None if args.static_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
         program = torch.export.export(model, (x,), dynamic_shapes=dyn)
-        atomic_write(args.output, lambda f: torch.export.save(program, f))
+        atomic_save(args.output, lambda tmp: torch.export.save(program, str(tmp)))
         print(f"wrote {args.output} ({what}; torch.export program, load with torch.export.load)")
         return 0
     if args.format == "openvino":

@@ -17,6 +17,12 @@ class DataError(ValueError):
     """A dataset that cannot be used (missing or empty folder, corrupt image with --strict-data)."""
 
 
+def image_files(folder: str | os.PathLike) -> list[str]:
+    """The image files under `folder`, searched recursively by extension (IMAGE_EXTENSIONS), sorted: the one
+    rule every command uses to find images in a folder."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def find_classes(folder: str | os.PathLike) -> list[str]:
     """Sorted class sub-folder names of `folder`; a clear error when it is missing or holds none."""
     folder = Path(folder)
@@ -50,7 +56,7 @@ class ImageFolder(Dataset):
             if not d.is_dir():
                 raise DataError(f"class folder {str(d)!r} is missing (classes must match those of the "
                                 "training split)")
-            files = sorted(str(p) for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            files = image_files(d)
             if not files:
                 empty.append(str(d))
             self.samples += [(f, label) for f in files]

@@ -34,13 +34,13 @@ def find_images(sources: list[str]) -> list[str]:
     """The image files named by `sources`: files as given (whatever their extension), folders searched
     recursively for image extensions (sorted). A source that does not exist, or a folder without images,
     is a FileNotFoundError naming it."""
-    from ..data.folder import IMAGE_EXTENSIONS
+    from ..data.folder import IMAGE_EXTENSIONS, image_files
 
     files: list[str] = []
     for src in sources:
         p = Path(src)
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            found = image_files(p)
             if not found:
                 raise FileNotFoundError(f"folder {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
             files += found

@@ -14,12 +14,19 @@ Policy (one place, used by `hybridvit train`):
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-# what a run writes into its folder (train/engine.py), and nothing else
-RUN_FILES = ("last.pt", "best.pt", "summary.json", "train.log", "metrics.jsonl", "metrics.png")
+from .._io import OutputError, save_torch, write_json
+
+# what a run writes into its folder, and nothing else: every name is here
+LAST, BEST = "last.pt", "best.pt"  # the run checkpoints: the latest state (resume) and the best validation
+SUMMARY, LOG = "summary.json", "train.log"
+METRICS, PLOT = "metrics.jsonl", "metrics.png"  # one JSON row per epoch, and their curves
+RUN_FILES = (LAST, BEST, SUMMARY, LOG, METRICS, PLOT)
 
 
 class RunExistsError(ValueError):
@@ -27,11 +34,19 @@ class RunExistsError(ValueError):
 
 
 def run_files(path: Path) -> list[Path]:
-    """The files of a run in `path`. Half-written temporaries of a killed save (`.NAME.tmpPID`) are not a
-    run: the run that starts in the folder removes them (checkpoint.clean_stale_temp_files)."""
+    """The files of a run in `path`. Half-written temporaries of a killed save (`.NAME.tmpPID.SUFFIX`) are not a
+    run: the run that starts in the folder removes them (`_io.clean_stale_temp_files`)."""
     if not path.is_dir():
         return []
     return sorted(path / n for n in RUN_FILES if (path / n).exists())
+
+
+def default_run_dir(model: str) -> Path:
+    """runs/<model>-<timestamp>, the folder of a run without --output (`prepare_output_dir` numbers it
+    when taken)."""
+    import time
+
+    return Path("runs") / f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def prepare_output_dir(path: str | Path | None, *, overwrite: bool = False, resume: bool = False,
@@ -98,3 +113,33 @@ def output_dir(path: str | Path | None, *, overwrite: bool = False, resume: bool
     """`prepare_output_dir`, then `created_run_dir` (single process)."""
     with created_run_dir(prepare_output_dir(path, overwrite=overwrite, resume=resume, default=default)) as out:
         yield out
+
+
+# ----------------------------------------------------------------------------------- the files
+def write_checkpoint(ck: dict[str, Any], path: Path) -> None:
+    """A run checkpoint through the one atomic write: a full disk keeps the previous file and says so."""
+    try:
+        save_torch(ck, path)
+    except OutputError as e:
+        raise OutputError(f"{e}, then continue with `hybridvit train --resume {path.parent}`") from e.__cause__
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    write_json(out / SUMMARY, summary)
+
+
+def append_metrics(out: Path, row: dict[str, Any]) -> None:
+    with open(out / METRICS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def metrics_so_far(out: Path, start_epoch: int) -> list[dict[str, Any]]:
+    """The metric rows of the epochs before `start_epoch` (0 for a fresh run), the file rewritten to hold
+    only those."""
+    path = out / METRICS
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["epoch"] < start_epoch]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
