@@ -625,8 +625,11 @@ def measure_signature(g: dict, tensors: tuple, mode: Mode, flex) -> None:
     scale = g["scale"]
     g["bias_aligned"] = None if bias is None else bias_is_aligned(bias)
     if dev.type == "cuda" and hasattr(torch, "_fused_sdp_choice"):
-        g["sdpa_choice"] = SDPBackend(torch._fused_sdp_choice(q, k, v, bias, 0.0, False,
-                                                               scale=scale)).name
+        choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, False, scale=scale)
+        try:
+            g["sdpa_choice"] = SDPBackend(choice).name
+        except (TypeError, ValueError):
+            g["sdpa_choice"] = f"SDPBackend {choice}"
     else:
         g["sdpa_choice"] = "cpu dispatch (flash for CPU or math)"
     g["accepts"] = {}
