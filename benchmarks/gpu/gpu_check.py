@@ -193,6 +193,24 @@ def _timm_modules() -> dict[str, Any]:
     return {k: sys.modules.pop(k) for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]}
 
 
+def _import_official(found: dict, build: bool, shim_first: bool = False) -> str | None:
+    """Imports official.py (and, on a GPU, builds the official FAMILIES, which calls into timm) into `found`;
+    returns None, or the error after removing every module the attempt imported."""
+    before = set(sys.modules)
+    try:
+        if shim_first:  # official.py puts the shim first on sys.path; a failed attempt left it there
+            shim = [p for p in sys.path if p.endswith("officialshim")]
+            sys.path[:0] = shim[:1]
+        import official
+        built = {name: official.OFFICIAL[name]() for name in FAMILIES} if build else {}
+    except BaseException as e:  # official.py exits when its folder is wrong
+        for k in set(sys.modules) - before:
+            del sys.modules[k]
+        return f"{type(e).__name__}: {e}"
+    found["official"], found["official_module"], found["official_built"] = official.OFFICIAL, official, built
+    return None
+
+
 def optional_imports(mode: Mode) -> dict[str, Any]:
     """timm and the official implementations: modules, or the reason they are missing (an error on a GPU).
 
@@ -215,24 +233,24 @@ def optional_imports(mode: Mode) -> dict[str, Any]:
             import einops  # noqa: F401
         except ImportError:
             sys.path += [str(p) for p in sorted((Path(refs).parent / "wheels").glob("einops-*.whl"))]
-        try:
-            import official
-            found["official"], found["official_module"] = official.OFFICIAL, official
+        err = _import_official(found, build=not mode.dry)
+        if err is None:
             found["official_timm"] = "the installed timm" if not isinstance(found["timm"], str) else "the shim"
-        except BaseException as e:  # official.py exits when its folder is wrong
-            found["official"] = f"absent: importing the official code failed ({type(e).__name__}: {e})"
-            if not isinstance(found["timm"], str):
-                real = _timm_modules()
-                try:
-                    sys.path[:0] = [p for p in sys.path if p.endswith("officialshim")][:1]
-                    import official
-                    found["official"], found["official_module"] = official.OFFICIAL, official
-                    found["official_timm"] = f"the shim (with the installed timm: {type(e).__name__}: {e})"
-                except BaseException as e2:
-                    found["official"] += f"; with the shim: {type(e2).__name__}: {e2}"
-                finally:
-                    _timm_modules()
-                    sys.modules.update(real)
+        elif isinstance(found["timm"], str):
+            found["official"] = f"absent: importing the official code failed ({err})"
+        else:
+            # a newer timm without the old names: the official code with the shim, then the real timm back
+            real = _timm_modules()
+            try:
+                err2 = _import_official(found, build=not mode.dry, shim_first=True)
+            finally:
+                _timm_modules()
+                sys.modules.update(real)
+            if err2 is None:
+                found["official_timm"] = f"the shim (with the installed timm: {err})"
+            else:
+                found["official"] = (f"absent: importing the official code failed (with timm: {err}; with the "
+                                     f"shim: {err2})")
     return found
 
 
@@ -285,7 +303,8 @@ def family_models(name: str, found: dict, dry: bool) -> tuple[torch.nn.Module | 
         else:
             ours = hybridvit.create_model(name).eval()
             if have:
-                official = perturb(found["official"][name]().eval())
+                prebuilt = found.get("official_built", {}).pop(name, None)
+                official = perturb((prebuilt or found["official"][name]()).eval())
                 hybridvit.load_checkpoint(ours, {"state_dict": official.state_dict()})
         if official is not None:
             x = torch.randn(1, 3, 224, 224)
