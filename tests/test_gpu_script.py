@@ -169,8 +169,9 @@ def test_loader_plan_keeps_workers_and_pinned_memory_on_cuda():
 
 
 # ------------------------------------------------------------------------------------ the GPU check
-def _run(args: list[str], out: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(RUN), "--dry-run", "--out", str(out), *args], capture_output=True,
+def _run(args: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(RUN), "--dry-run", "--out", str(tmp / "out"), "--work", str(tmp / "work"),
+                           *args], capture_output=True,
                           text=True, timeout=timeout, env={**__import__("os").environ, "PYTHON": sys.executable})
 
 
@@ -178,7 +179,7 @@ def test_gpu_check_budget_stops_work_and_says_so(tmp_path):
     """A section its time budget leaves no room for is recorded as not run, and the exit status is 3."""
     p = _run(["--sections", "tests", "--enforce-budget", "--budget-s", "0.01"], tmp_path, 300)
     assert p.returncode == 3, p.stdout + p.stderr
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    data = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert data["sections"]["env"]["status"] == "ok"
     assert data["sections"]["tests"]["status"] == "partial"
     assert data["sections"]["tests"]["not_run"]
@@ -191,13 +192,14 @@ def test_gpu_check_dry_run(tmp_path):
     official code, timm) is recorded as absent, not passed over."""
     p = _run([], tmp_path, 900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    out = tmp_path / "out"
+    data = json.loads((out / "gpu_check.json").read_text())
     s = data["sections"]
     assert data["dry_run"] is True
     assert list(s) == ["env", "tests", "digits", "inference", "train_step", "train_loop", "attention"]
     assert all(rec["status"] == "ok" for rec in s.values()), {k: v.get("error") for k, v in s.items()}
-    for name in s:
-        assert json.loads((tmp_path / f"{name}.json").read_text())["status"] == "ok"
+    assert sorted(p.name for p in out.iterdir()) == ["cuda_tests.log", "digits_train.log", "gpu_check.json",
+                                                           "gpu_check.md", "train_loop.log"]  # few files: OUT
     assert s["env"]["matmul_peak_tflops"]["bf16"] > 0
     assert s["tests"]["tests"] > 0 and s["tests"]["skipped"] == s["tests"]["tests"]
     assert s["digits"]["epochs"] == 1 and 0 <= s["digits"]["val_top1"] <= 100
@@ -234,6 +236,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert any(g["flex_block_mask"] for g in fams["crossformerpp_s"]["signatures"]) or \
         fams["crossformerpp_s"]["not_measured"]
 
-    md = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "render.py"), str(tmp_path)],
+    md = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "render.py"), str(out)],
                         capture_output=True, text=True, check=True).stdout
     assert "| model |" in md and "fastervit_0" in md and "DRY RUN" in md
+    assert md == (out / "gpu_check.md").read_text()

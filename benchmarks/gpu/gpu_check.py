@@ -3,8 +3,8 @@
 Run it through `benchmarks/gpu/run.sh` (which sets the paths); `run.sh --dry-run` takes the same code
 paths on the CPU with tiny sizes and one repeat (CI runs it: tests/test_gpu_script.py).
 
-Sections, each with its own time budget (seconds of the whole `--budget-s`, see BUDGET_SHARES), each
-writing OUT/<section>.json, and OUT/gpu_check.json holding all of them:
+Sections, each with its own time budget (seconds of the whole `--budget-s`, see BUDGET_SHARES); OUT/gpu_check.json
+holds all of them (rewritten after each section), OUT/gpu_check.md their tables (render.py):
 
   env          GPU, versions, measured bf16/fp16/fp32 matmul peaks, revisions of the official code
   tests        the CUDA-marked tests (tests/test_cuda.py: official fixtures fp32 <= 1e-4, bf16/fp16 autocast
@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "gpu")]
 
 FAMILIES = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
 TIMM = ["convnext_tiny", "swin_tiny_patch4_window7_224"]
@@ -148,7 +149,6 @@ class Report:
             print(f"!! {name}: not run for lack of time: {rec['not_run']}", flush=True)
         self.data["sections"][name] = rec
         self.data["wall_s"] = round(time.monotonic() - self.t0, 2)
-        (self.out / f"{name}.json").write_text(json.dumps(rec, indent=1, default=str))
         (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=1, default=str))
 
 
@@ -355,10 +355,10 @@ def section_env(rec: dict, mode: Mode, found: dict) -> None:
     rec["matmul_n"] = mode.peak_n
 
 
-def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
+def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path, work: Path) -> None:
     import xml.etree.ElementTree as ET
 
-    junit = out / "cuda_tests.xml"
+    junit = work / "cuda_tests.xml"
     if budget.left() < 5:
         rec["not_run"].append("the CUDA tests (no time left)")
         return
@@ -390,8 +390,8 @@ def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
         raise AssertionError(f"CUDA tests: {counts}; first problems: {bad[:5]}")
 
 
-def section_digits(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
-    run = out / "digits_run"
+def section_digits(rec: dict, budget: Budget, mode: Mode, out: Path, work: Path) -> None:
+    run = work / "digits_run"
     if budget.left() < 5:
         rec["not_run"].append("hybridvit train on the digits (no time left)")
         return
@@ -577,8 +577,8 @@ def make_jpeg_folder(root: Path, classes: int, per_class_train: int, per_class_v
     return classes * per_class_train
 
 
-def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, step: dict) -> None:
-    data = out / "jpegs"
+def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, work: Path, step: dict) -> None:
+    data = work / "jpegs"
     if budget.left() < 5:
         rec["not_run"].append("hybridvit train on the JPEG folder (no time left)")
         return
@@ -588,7 +588,7 @@ def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, step: d
     else:
         n_train = make_jpeg_folder(data, 10, 512, 13, 320)  # 40 steps of 128 per epoch
         batch, img, extra = mode.batch, mode.img, []
-    run = out / "train_loop_run"
+    run = work / "train_loop_run"
     cmd = [sys.executable, "-m", "hybridvit", "train", "--data", str(data), "--recipe", "fastervit_0",
            "--model", "fastervit_0", "--epochs", "2", "--batch-size", str(batch), "--img-size", str(img),
            "--amp", mode.amp or "none", "--device", str(mode.device), "--output", str(run), "--overwrite",
@@ -794,6 +794,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU, tiny, one repeat")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/gpu/out"))
+    ap.add_argument("--work", default=None, help="folder for run folders and generated images (default: a new "
+                    "temporary folder)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="time budget of the whole check (default 450 on a GPU, 115 in a dry run)")
     ap.add_argument("--enforce-budget", action="store_true",
@@ -802,6 +804,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     mode = Mode.make(args.dry_run)
     out = Path(args.out)
+    # bulky work files (run folders with checkpoints, generated JPEGs) stay out of OUT, whose files the
+    # device machine sends back (a few files only): OUT holds gpu_check.json, gpu_check.md and three logs
+    work = Path(args.work or tempfile.mkdtemp(prefix="hybridvit_gpu_"))
+    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if mode.dry:
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -819,20 +825,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in args.sections if n != "env"]:
         with report.section(name) as (rec, budget):
             if name == "tests":
-                section_tests(rec, budget, mode, out)
+                section_tests(rec, budget, mode, out, work)
             elif name == "digits":
-                section_digits(rec, budget, mode, out)
+                section_digits(rec, budget, mode, out, work)
             elif name == "inference":
                 section_inference(rec, budget, mode, found, peaks)
             elif name == "train_step":
                 section_train_step(rec, budget, mode, found, peaks)
                 steps = rec
             elif name == "train_loop":
-                section_train_loop(rec, budget, mode, out, steps)
+                section_train_loop(rec, budget, mode, out, work, steps)
             elif name == "attention":
                 section_attention(rec, budget, mode, found)
     print("\n".join(summary_lines(report.data)), flush=True)
-    print(f"JSON: {out / 'gpu_check.json'}")
+    from render import render
+    (out / "gpu_check.md").write_text(render(report.data))
+    print(f"JSON: {out / 'gpu_check.json'}; tables: {out / 'gpu_check.md'}; work files: {work}")
     if report.failed:
         print(f"FAILED sections: {', '.join(report.failed)}", flush=True)
         return 1
