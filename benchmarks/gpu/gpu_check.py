@@ -113,7 +113,7 @@ class Budget:
 
 
 class Report:
-    """Sections' results: OUT/<section>.json and OUT/gpu_check.json rewritten after each section."""
+    """Sections' results, OUT/gpu_check.json rewritten after each section."""
 
     def __init__(self, out: Path, mode: Mode, total_s: float, argv: list[str], enforce: bool = True):
         self.out, self.mode, self.total, self.enforce = out, mode, Budget(total_s), enforce
@@ -491,6 +491,8 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
             rec["not_run"].append(f"compiled {group}")
             continue
         t0 = time.monotonic()
+        from torch._dynamo.utils import counters
+        counters.clear()
         try:
             res = _bench_compiled(group, mode, found)
         except Exception as e:  # the other groups still run; the section fails at its end
@@ -502,9 +504,14 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
             continue
         wall = time.monotonic() - t0
         slowest = max(wall, slowest if rec["compiled"] else 0.0)
+        # graphs and breaks of the whole group (both models; the memory run under a dispatch mode adds graphs)
+        graphs = {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+                  "graph_breaks": sum(counters["graph_break"].values()),
+                  "break_reasons": sorted(counters["graph_break"])[:5]}
         for r in res:
             r["compiled"] = True
             r["group_wall_s"] = round(wall, 1)
+            r["group_dynamo"] = graphs
         _annotate(res, peaks["bf16"], diffs)
         eager = {r["model"]: r for r in rec["eager"]}
         for r in res:
