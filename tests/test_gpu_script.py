@@ -169,6 +169,30 @@ def test_loader_plan_keeps_workers_and_pinned_memory_on_cuda():
 
 
 # ------------------------------------------------------------------------------------ the GPU check
+def test_flex_inputs_reproduce_sdpa_with_bias_and_padding():
+    """The GPU check's FlexAttention (score_mod = the finite bias, BlockMask = the padded keys) computes what
+    SDPA computes with the additive bias, for a per-window padding mask and a broadcast bias."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from hybridvit.layers import MASK_VALUE
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    from gpu_check import _flex_inputs
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 16, 8, generator=g) for _ in range(3))
+    pos = torch.randn(1, 2, 16, 16, generator=g)
+    pad = torch.zeros(4, 1, 1, 16)
+    pad[1, ..., 12:] = MASK_VALUE  # window 1 has 4 padded keys, window 3 has 9
+    pad[3, ..., 7:] = MASK_VALUE
+    for bias in (pos, pos + pad):
+        score_mod, block_mask = _flex_inputs(q, bias)
+        assert (block_mask is not None) == (bias is not pos)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
 def _run(args: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(RUN), "--dry-run", "--out", str(tmp / "out"), "--work", str(tmp / "work"),
                            *args], capture_output=True,
