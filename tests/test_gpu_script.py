@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 from test_cuda import FAMILY_FIXTURES, SIZES, fixture_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridvit
 from hybridvit.layers import attention as A
@@ -140,19 +141,47 @@ def test_meta_device_catches_host_syncs():
             read()
 
 
+class HostTensorsOnDevice(TorchDispatchMode):
+    """Records ops that bring a host tensor (beyond a 0-dim scalar) to the device: a synchronous copy on
+    CUDA (`torch.tensor(...)` or a CPU-made table moved in the forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        devices = {a.device.type for a in flat if a.dim() > 0}
+        out = func(*args, **(kwargs or {}))
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if ("cpu" in devices and "meta" in devices) or (
+                "cpu" in devices and any(o.device.type == "meta" for o in outs)):
+            self.seen.append(str(func))
+        return out
+
+
+def test_host_tensor_detector_can_fail():
+    mode = HostTensorsOnDevice()
+    with mode:
+        torch.arange(4).to("meta") + torch.ones(4, device="meta")
+    assert mode.seen
+
+
 @pytest.mark.parametrize("name", FULL)
 def test_no_host_sync_in_forward_and_backward(name):
     """On the meta device any `.item()`, `.cpu()`, `.tolist()` or data-dependent branch raises, and the
     models take their non-CPU code paths (the CUDA ones): training forward+backward and inference, fp32
-    and bf16, at a size that pads windows and groups."""
+    and bf16, at a size that pads windows and groups; and no host tensor is copied to the device."""
     with torch.device("meta"):
         model = hybridvit.create_model(name)
     x = torch.randn(2, 3, 200, 232, device="meta")
-    model(x).float().logsumexp(-1).mean().backward()
+    with HostTensorsOnDevice() as mode:
+        model(x).float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.eval().to(torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), mode:
         assert model(x.to(torch.bfloat16)).shape == (2, 1000)
+    assert mode.seen == []
 
 
 # ------------------------------------------------------------------------------------ data loading
