@@ -800,7 +800,8 @@ def summary_lines(data: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU, tiny, one repeat")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/gpu/out"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/gpu/out"),
+                    help="folder for gpu_check.json, gpu_check.md and logs (default: $OUT, else benchmarks/gpu/out)")
     ap.add_argument("--work", default=None, help="folder for run folders and generated images (default: a new "
                     "temporary folder)")
     ap.add_argument("--budget-s", type=float, default=None,
