@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 from test_cuda import FAMILY_FIXTURES, SIZES, fixture_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridvit
 from hybridvit.layers import attention as A
@@ -140,19 +141,47 @@ def test_meta_device_catches_host_syncs():
             read()
 
 
+class HostTensorsOnDevice(TorchDispatchMode):
+    """Records ops that bring a host tensor (beyond a 0-dim scalar) to the device: a synchronous copy on
+    CUDA (`torch.tensor(...)` or a CPU-made table moved in the forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        devices = {a.device.type for a in flat if a.dim() > 0}
+        out = func(*args, **(kwargs or {}))
+        outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        if ("cpu" in devices and "meta" in devices) or (
+                "cpu" in devices and any(o.device.type == "meta" for o in outs)):
+            self.seen.append(str(func))
+        return out
+
+
+def test_host_tensor_detector_can_fail():
+    mode = HostTensorsOnDevice()
+    with mode:
+        torch.arange(4).to("meta") + torch.ones(4, device="meta")
+    assert mode.seen
+
+
 @pytest.mark.parametrize("name", FULL)
 def test_no_host_sync_in_forward_and_backward(name):
     """On the meta device any `.item()`, `.cpu()`, `.tolist()` or data-dependent branch raises, and the
     models take their non-CPU code paths (the CUDA ones): training forward+backward and inference, fp32
-    and bf16, at a size that pads windows and groups."""
+    and bf16, at a size that pads windows and groups; and no host tensor is copied to the device."""
     with torch.device("meta"):
         model = hybridvit.create_model(name)
     x = torch.randn(2, 3, 200, 232, device="meta")
-    model(x).float().logsumexp(-1).mean().backward()
+    with HostTensorsOnDevice() as mode:
+        model(x).float().logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     model.eval().to(torch.bfloat16)
-    with torch.no_grad():
+    with torch.no_grad(), mode:
         assert model(x.to(torch.bfloat16)).shape == (2, 1000)
+    assert mode.seen == []
 
 
 # ------------------------------------------------------------------------------------ data loading
@@ -169,8 +198,33 @@ def test_loader_plan_keeps_workers_and_pinned_memory_on_cuda():
 
 
 # ------------------------------------------------------------------------------------ the GPU check
-def _run(args: list[str], out: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(RUN), "--dry-run", "--out", str(out), *args], capture_output=True,
+def test_flex_inputs_reproduce_sdpa_with_bias_and_padding():
+    """The GPU check's FlexAttention (score_mod = the finite bias, BlockMask = the padded keys) computes what
+    SDPA computes with the additive bias, for a per-window padding mask and a broadcast bias."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from hybridvit.layers import MASK_VALUE
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    from gpu_check import _flex_inputs
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 16, 8, generator=g) for _ in range(3))
+    pos = torch.randn(1, 2, 16, 16, generator=g)
+    pad = torch.zeros(4, 1, 1, 16)
+    pad[1, ..., 12:] = MASK_VALUE  # window 1 has 4 padded keys, window 3 has 9
+    pad[3, ..., 7:] = MASK_VALUE
+    for bias in (pos, pos + pad):
+        score_mod, block_mask = _flex_inputs(q, bias)
+        assert (block_mask is not None) == (bias is not pos)
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+
+
+def _run(args: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(RUN), "--dry-run", "--out", str(tmp / "out"), "--work", str(tmp / "work"),
+                           *args], capture_output=True,
                           text=True, timeout=timeout, env={**__import__("os").environ, "PYTHON": sys.executable})
 
 
@@ -178,7 +232,7 @@ def test_gpu_check_budget_stops_work_and_says_so(tmp_path):
     """A section its time budget leaves no room for is recorded as not run, and the exit status is 3."""
     p = _run(["--sections", "tests", "--enforce-budget", "--budget-s", "0.01"], tmp_path, 300)
     assert p.returncode == 3, p.stdout + p.stderr
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    data = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert data["sections"]["env"]["status"] == "ok"
     assert data["sections"]["tests"]["status"] == "partial"
     assert data["sections"]["tests"]["not_run"]
@@ -191,13 +245,14 @@ def test_gpu_check_dry_run(tmp_path):
     official code, timm) is recorded as absent, not passed over."""
     p = _run([], tmp_path, 900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    out = tmp_path / "out"
+    data = json.loads((out / "gpu_check.json").read_text())
     s = data["sections"]
     assert data["dry_run"] is True
     assert list(s) == ["env", "tests", "digits", "inference", "train_step", "train_loop", "attention"]
     assert all(rec["status"] == "ok" for rec in s.values()), {k: v.get("error") for k, v in s.items()}
-    for name in s:
-        assert json.loads((tmp_path / f"{name}.json").read_text())["status"] == "ok"
+    assert sorted(p.name for p in out.iterdir()) == ["cuda_tests.log", "digits_train.log", "gpu_check.json",
+                                                           "gpu_check.md", "train_loop.log"]  # few files: OUT
     assert s["env"]["matmul_peak_tflops"]["bf16"] > 0
     assert s["tests"]["tests"] > 0 and s["tests"]["skipped"] == s["tests"]["tests"]
     assert s["digits"]["epochs"] == 1 and 0 <= s["digits"]["val_top1"] <= 100
@@ -234,6 +289,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert any(g["flex_block_mask"] for g in fams["crossformerpp_s"]["signatures"]) or \
         fams["crossformerpp_s"]["not_measured"]
 
-    md = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "render.py"), str(tmp_path)],
+    md = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu" / "render.py"), str(out)],
                         capture_output=True, text=True, check=True).stdout
     assert "| model |" in md and "fastervit_0" in md and "DRY RUN" in md
+    assert md == (out / "gpu_check.md").read_text()

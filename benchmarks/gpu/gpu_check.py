@@ -3,8 +3,8 @@
 Run it through `benchmarks/gpu/run.sh` (which sets the paths); `run.sh --dry-run` takes the same code
 paths on the CPU with tiny sizes and one repeat (CI runs it: tests/test_gpu_script.py).
 
-Sections, each with its own time budget (seconds of the whole `--budget-s`, see BUDGET_SHARES), each
-writing OUT/<section>.json, and OUT/gpu_check.json holding all of them:
+Sections, each with its own time budget (seconds of the whole `--budget-s`, see BUDGET_SHARES); OUT/gpu_check.json
+holds all of them (rewritten after each section), OUT/gpu_check.md their tables (render.py):
 
   env          GPU, versions, measured bf16/fp16/fp32 matmul peaks, revisions of the official code
   tests        the CUDA-marked tests (tests/test_cuda.py: official fixtures fp32 <= 1e-4, bf16/fp16 autocast
@@ -23,8 +23,8 @@ writing OUT/<section>.json, and OUT/gpu_check.json holding all of them:
 
 A section that breaks is recorded with its traceback and the run goes on to the next one; the exit status
 is then 1 (a break is never a skip). Work a section's budget does not leave time for is listed under
-`not_run` and printed; then the exit status is 3. Official code or timm absent: an error on a GPU, a
-recorded `absent` note in a dry run.
+`not_run` and printed; then the exit status is 3. Official code or timm absent: a recorded `absent` note,
+which fails the sections that compare against them on a GPU (after they measured what they could).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "benchmarks" / "gpu")]
 
 FAMILIES = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
 TIMM = ["convnext_tiny", "swin_tiny_patch4_window7_224"]
@@ -56,11 +57,13 @@ CPU_DIGITS_TOP1 = 97.22
 DIGITS_TOL = 2.0
 # seconds per section on the GPU (450 s in all, scaled by --budget-s) and in a dry run (115 s); time a
 # section leaves unused is not carried over
-BUDGET_SHARES = {"env": 10, "tests": 110, "digits": 40, "inference": 140, "train_step": 35, "train_loop": 55,
-                 "attention": 60}
+BUDGET_SHARES = {"env": 10, "tests": 140, "digits": 30, "inference": 140, "train_step": 30, "train_loop": 55,
+                 "attention": 45}
 DRY_SHARES = {"env": 3, "tests": 12, "digits": 15, "inference": 30, "train_step": 12, "train_loop": 20,
               "attention": 23}
-COMPILE_COST_S = 45.0  # a torch.compile of one model at batch 128 on a H100 (estimate): needed before starting one
+# a torch.compile'd group (official + hybridvit) at batch 128 on a H100, before one was measured (estimate);
+# later groups start only when the budget holds the slowest group measured so far
+COMPILE_COST_S = 90.0
 
 
 @dataclass
@@ -85,14 +88,17 @@ class Mode:
 
     @classmethod
     def make(cls, dry: bool) -> Mode:
-        groups = [[n] for n in FAMILIES] + [[f"timm/{t}" for t in TIMM]]
+        # compiled groups in order of importance: the paper's headline model, the timm references, the others
+        groups = [["fastervit_0"], [f"timm/{t}" for t in TIMM], ["crossformerpp_s"], ["cabvit_h_l2"]]
         if dry:
             # the official fixtures' tiny configurations (DRY_FIXTURES), fp32 throughput (bf16 is emulated on
-            # CPUs without bf16 instructions), the training step of one family
-            return cls(True, torch.device("cpu"), 2, 224, 1, 1, 512, 1, 1, 2, None, 2, groups, ["fastervit_0"], True)
+            # CPUs without bf16 instructions), one compiled group (dynamo's tracing takes 10-40 s per model on
+            # 2 shared CPUs) and the training step of one family
+            return cls(True, torch.device("cpu"), 2, 224, 1, 1, 512, 1, 1, 2, None, 2, [["cabvit_h_l2"]],
+                       ["fastervit_0"], True)
         if not torch.cuda.is_available():
             raise SystemExit("gpu_check: no CUDA device (use --dry-run to rehearse on the CPU)")
-        return cls(False, torch.device("cuda"), 128, 224, 10, 3, 8192, 128, 20, 4, "bf16", 128, groups, FAMILIES,
+        return cls(False, torch.device("cuda"), 128, 224, 10, 3, 8192, 128, 20, 2, "bf16", 128, groups, FAMILIES,
                    True)
 
 
@@ -107,7 +113,7 @@ class Budget:
 
 
 class Report:
-    """Sections' results: OUT/<section>.json and OUT/gpu_check.json rewritten after each section."""
+    """Sections' results, OUT/gpu_check.json rewritten after each section."""
 
     def __init__(self, out: Path, mode: Mode, total_s: float, argv: list[str], enforce: bool = True):
         self.out, self.mode, self.total, self.enforce = out, mode, Budget(total_s), enforce
@@ -143,7 +149,6 @@ class Report:
             print(f"!! {name}: not run for lack of time: {rec['not_run']}", flush=True)
         self.data["sections"][name] = rec
         self.data["wall_s"] = round(time.monotonic() - self.t0, 2)
-        (self.out / f"{name}.json").write_text(json.dumps(rec, indent=1, default=str))
         (self.out / "gpu_check.json").write_text(json.dumps(self.data, indent=1, default=str))
 
 
@@ -188,6 +193,24 @@ def _timm_modules() -> dict[str, Any]:
     return {k: sys.modules.pop(k) for k in [k for k in sys.modules if k == "timm" or k.startswith("timm.")]}
 
 
+def _import_official(found: dict, build: bool, shim_first: bool = False) -> str | None:
+    """Imports official.py (and, on a GPU, builds the official FAMILIES, which calls into timm) into `found`;
+    returns None, or the error after removing every module the attempt imported."""
+    before = set(sys.modules)
+    try:
+        if shim_first:  # official.py puts the shim first on sys.path; a failed attempt left it there
+            shim = [p for p in sys.path if p.endswith("officialshim")]
+            sys.path[:0] = shim[:1]
+        import official
+        built = {name: official.OFFICIAL[name]() for name in FAMILIES} if build else {}
+    except BaseException as e:  # official.py exits when its folder is wrong
+        for k in set(sys.modules) - before:
+            del sys.modules[k]
+        return f"{type(e).__name__}: {e}"
+    found["official"], found["official_module"], found["official_built"] = official.OFFICIAL, official, built
+    return None
+
+
 def optional_imports(mode: Mode) -> dict[str, Any]:
     """timm and the official implementations: modules, or the reason they are missing (an error on a GPU).
 
@@ -210,29 +233,33 @@ def optional_imports(mode: Mode) -> dict[str, Any]:
             import einops  # noqa: F401
         except ImportError:
             sys.path += [str(p) for p in sorted((Path(refs).parent / "wheels").glob("einops-*.whl"))]
-        try:
-            import official
-            found["official"], found["official_module"] = official.OFFICIAL, official
+        err = _import_official(found, build=not mode.dry)
+        if err is None:
             found["official_timm"] = "the installed timm" if not isinstance(found["timm"], str) else "the shim"
-        except BaseException as e:  # official.py exits when its folder is wrong
-            found["official"] = f"absent: importing the official code failed ({type(e).__name__}: {e})"
-            if not isinstance(found["timm"], str):
-                real = _timm_modules()
-                try:
-                    sys.path[:0] = [p for p in sys.path if p.endswith("officialshim")][:1]
-                    import official
-                    found["official"], found["official_module"] = official.OFFICIAL, official
-                    found["official_timm"] = f"the shim (with the installed timm: {type(e).__name__}: {e})"
-                except BaseException as e2:
-                    found["official"] += f"; with the shim: {type(e2).__name__}: {e2}"
-                finally:
-                    _timm_modules()
-                    sys.modules.update(real)
-    if not mode.dry:
-        missing = [v for k, v in found.items() if isinstance(v, str) and k != "official_timm"]
-        if missing:
-            raise RuntimeError("the GPU check compares against timm and the official code: " + "; ".join(missing))
+        elif isinstance(found["timm"], str):
+            found["official"] = f"absent: importing the official code failed ({err})"
+        else:
+            # a newer timm without the old names: the official code with the shim, then the real timm back
+            real = _timm_modules()
+            try:
+                err2 = _import_official(found, build=not mode.dry, shim_first=True)
+            finally:
+                _timm_modules()
+                sys.modules.update(real)
+            if err2 is None:
+                found["official_timm"] = f"the shim (with the installed timm: {err})"
+            else:
+                found["official"] = (f"absent: importing the official code failed (with timm: {err}; with the "
+                                     f"shim: {err2})")
     return found
+
+
+def require_references(rec: dict, mode: Mode) -> None:
+    """On a GPU the comparisons need timm and the official code: a section that measured without them
+    fails at its end (after measuring what it could)."""
+    if not mode.dry and rec.get("absent"):
+        raise RuntimeError("the GPU check compares against timm and the official code: "
+                           + "; ".join(f"{k}: {v}" for k, v in rec["absent"].items()))
 
 
 _MODELS: dict[str, tuple[torch.nn.Module | None, torch.nn.Module, float | None]] = {}
@@ -276,7 +303,8 @@ def family_models(name: str, found: dict, dry: bool) -> tuple[torch.nn.Module | 
         else:
             ours = hybridvit.create_model(name).eval()
             if have:
-                official = perturb(found["official"][name]().eval())
+                prebuilt = found.get("official_built", {}).pop(name, None)
+                official = perturb((prebuilt or found["official"][name]()).eval())
                 hybridvit.load_checkpoint(ours, {"state_dict": official.state_dict()})
         if official is not None:
             x = torch.randn(1, 3, 224, 224)
@@ -327,10 +355,10 @@ def section_env(rec: dict, mode: Mode, found: dict) -> None:
     rec["matmul_n"] = mode.peak_n
 
 
-def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
+def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path, work: Path) -> None:
     import xml.etree.ElementTree as ET
 
-    junit = out / "cuda_tests.xml"
+    junit = work / "cuda_tests.xml"
     if budget.left() < 5:
         rec["not_run"].append("the CUDA tests (no time left)")
         return
@@ -362,8 +390,8 @@ def section_tests(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
         raise AssertionError(f"CUDA tests: {counts}; first problems: {bad[:5]}")
 
 
-def section_digits(rec: dict, budget: Budget, mode: Mode, out: Path) -> None:
-    run = out / "digits_run"
+def section_digits(rec: dict, budget: Budget, mode: Mode, out: Path, work: Path) -> None:
+    run = work / "digits_run"
     if budget.left() < 5:
         rec["not_run"].append("hybridvit train on the digits (no time left)")
         return
@@ -457,12 +485,14 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
     rec["compiled"] = []
     rec["compile_backend"] = "eager (dynamo only, dry run)" if mode.dry else "inductor"
     rec["amp"] = mode.amp or "fp32 (dry run)"
+    slowest = COMPILE_COST_S if not mode.dry else 5.0
     for group in mode.compile_groups:
-        need = (2 * COMPILE_COST_S) if not mode.dry else 5.0
-        if budget.left() < need:
+        if budget.left() < slowest:
             rec["not_run"].append(f"compiled {group}")
             continue
         t0 = time.monotonic()
+        from torch._dynamo.utils import counters
+        counters.clear()
         try:
             res = _bench_compiled(group, mode, found)
         except Exception as e:  # the other groups still run; the section fails at its end
@@ -472,9 +502,16 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
             continue
         if not res:
             continue
+        wall = time.monotonic() - t0
+        slowest = max(wall, slowest if rec["compiled"] else 0.0)
+        # graphs and breaks of the whole group (both models; the memory run under a dispatch mode adds graphs)
+        graphs = {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+                  "graph_breaks": sum(counters["graph_break"].values()),
+                  "break_reasons": sorted(counters["graph_break"])[:5]}
         for r in res:
             r["compiled"] = True
-            r["group_wall_s"] = round(time.monotonic() - t0, 1)
+            r["group_wall_s"] = round(wall, 1)
+            r["group_dynamo"] = graphs
         _annotate(res, peaks["bf16"], diffs)
         eager = {r["model"]: r for r in rec["eager"]}
         for r in res:
@@ -484,6 +521,7 @@ def section_inference(rec: dict, budget: Budget, mode: Mode, found: dict, peaks:
         torch._dynamo.reset()
     if rec.get("compile_errors"):
         raise RuntimeError(f"torch.compile failed for {', '.join(rec['compile_errors'])}: {rec['compile_errors']}")
+    require_references(rec, mode)
 
 
 def _bench_compiled(group: list[str], mode: Mode, found: dict) -> list[dict]:
@@ -508,11 +546,13 @@ def section_train_step(rec: dict, budget: Budget, mode: Mode, found: dict, peaks
             continue
         pairs = _pairs(mode, found, False, True, [name])
         res = bench_models(pairs, batch_size=mode.train_batch, img_size=mode.img, device=str(mode.device),
-                           amp=mode.amp, train=True, optimizer="adamw", repeats=mode.repeats, warmup=mode.warmup,
+                           amp=mode.amp, train=True, optimizer="adamw", repeats=max(1, mode.repeats // 2),
+                           warmup=mode.warmup,
                            latency=False, memory=True)
         _annotate(res, peaks["bf16"], {})
         rec["results"] += res
         del pairs
+    require_references(rec, mode)
 
 
 def _write_jpegs(args: tuple[Path, int, int, int]) -> None:
@@ -544,8 +584,8 @@ def make_jpeg_folder(root: Path, classes: int, per_class_train: int, per_class_v
     return classes * per_class_train
 
 
-def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, step: dict) -> None:
-    data = out / "jpegs"
+def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, work: Path, step: dict) -> None:
+    data = work / "jpegs"
     if budget.left() < 5:
         rec["not_run"].append("hybridvit train on the JPEG folder (no time left)")
         return
@@ -555,7 +595,7 @@ def section_train_loop(rec: dict, budget: Budget, mode: Mode, out: Path, step: d
     else:
         n_train = make_jpeg_folder(data, 10, 512, 13, 320)  # 40 steps of 128 per epoch
         batch, img, extra = mode.batch, mode.img, []
-    run = out / "train_loop_run"
+    run = work / "train_loop_run"
     cmd = [sys.executable, "-m", "hybridvit", "train", "--data", str(data), "--recipe", "fastervit_0",
            "--model", "fastervit_0", "--epochs", "2", "--batch-size", str(batch), "--img-size", str(img),
            "--amp", mode.amp or "none", "--device", str(mode.device), "--output", str(run), "--overwrite",
@@ -623,8 +663,11 @@ def measure_signature(g: dict, tensors: tuple, mode: Mode, flex) -> None:
     scale = g["scale"]
     g["bias_aligned"] = None if bias is None else bias_is_aligned(bias)
     if dev.type == "cuda" and hasattr(torch, "_fused_sdp_choice"):
-        g["sdpa_choice"] = SDPBackend(torch._fused_sdp_choice(q, k, v, bias, 0.0, False,
-                                                               scale=scale)).name
+        choice = torch._fused_sdp_choice(q, k, v, bias, 0.0, False, scale=scale)
+        try:
+            g["sdpa_choice"] = SDPBackend(choice).name
+        except (TypeError, ValueError):
+            g["sdpa_choice"] = f"SDPBackend {choice}"
     else:
         g["sdpa_choice"] = "cpu dispatch (flash for CPU or math)"
     g["accepts"] = {}
@@ -664,6 +707,7 @@ def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> Non
     flex = flex_attention if mode.dry else torch.compile(flex_attention, dynamic=False)
     rec["flex"] = "eager flex_attention (dry run)" if mode.dry else "torch.compile(flex_attention)"
     rec["families"] = {}
+    slowest = 3.0 if mode.dry else 15.0  # a signature's measurement (a flex compile) before one was timed
     for name in FAMILIES:
         ours = copy.deepcopy(family_models(name, found, mode.dry)[1])
         ours = ours.to(dev).eval()
@@ -696,10 +740,13 @@ def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> Non
             if len(fam["signatures"]) >= mode.attention_signatures:  # the costliest shapes only, by design
                 fam["not_measured"].append({key: g[key] for key in ("q", "k", "bias", "calls")})
                 continue
-            if budget.left() < (3 if mode.dry else 15):
+            if budget.left() < slowest:
                 rec["not_run"].append(f"{name} {g['q']}x{g['k']}")
                 continue
+            t0 = time.monotonic()
             measure_signature(g, (q, k, v, bias), mode, flex)
+            g["wall_s"] = round(time.monotonic() - t0, 2)
+            slowest = max(slowest, g["wall_s"])
             fam["signatures"].append(g)
         rec["families"][name] = fam
         del ours
@@ -753,7 +800,10 @@ def summary_lines(data: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU, tiny, one repeat")
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/gpu/out"))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks/gpu/out"),
+                    help="folder for gpu_check.json, gpu_check.md and logs (default: $OUT, else benchmarks/gpu/out)")
+    ap.add_argument("--work", default=None, help="folder for run folders and generated images (default: a new "
+                    "temporary folder)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="time budget of the whole check (default 450 on a GPU, 115 in a dry run)")
     ap.add_argument("--enforce-budget", action="store_true",
@@ -762,6 +812,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     mode = Mode.make(args.dry_run)
     out = Path(args.out)
+    # bulky work files (run folders with checkpoints, generated JPEGs) stay out of OUT, whose files the
+    # device machine sends back (a few files only): OUT holds gpu_check.json, gpu_check.md and three logs
+    work = Path(args.work or tempfile.mkdtemp(prefix="hybridvit_gpu_"))
+    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     if mode.dry:
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -779,20 +833,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in [n for n in args.sections if n != "env"]:
         with report.section(name) as (rec, budget):
             if name == "tests":
-                section_tests(rec, budget, mode, out)
+                section_tests(rec, budget, mode, out, work)
             elif name == "digits":
-                section_digits(rec, budget, mode, out)
+                section_digits(rec, budget, mode, out, work)
             elif name == "inference":
                 section_inference(rec, budget, mode, found, peaks)
             elif name == "train_step":
                 section_train_step(rec, budget, mode, found, peaks)
                 steps = rec
             elif name == "train_loop":
-                section_train_loop(rec, budget, mode, out, steps)
+                section_train_loop(rec, budget, mode, out, work, steps)
             elif name == "attention":
                 section_attention(rec, budget, mode, found)
     print("\n".join(summary_lines(report.data)), flush=True)
-    print(f"JSON: {out / 'gpu_check.json'}")
+    from render import render
+    (out / "gpu_check.md").write_text(render(report.data))
+    print(f"JSON: {out / 'gpu_check.json'}; tables: {out / 'gpu_check.md'}; work files: {work}")
     if report.failed:
         print(f"FAILED sections: {', '.join(report.failed)}", flush=True)
         return 1

@@ -2,7 +2,8 @@
 # Prepares the ignored folder official/ (repository root) that benchmarks/gpu/run.sh compares against:
 #   official/refs/NVlabs+FasterViT/  official/refs/cheerss+CrossFormer/  official/refs/hkzhang91+CabViT/
 #       the trees of the three public repositories at their HEAD (never committed: /official/ is ignored)
-#   official/wheels/einops-*.whl  einops for the official CabViT, used where it is not installed
+#   official/wheels/   einops (the official CabViT imports it) and kornia + kornia_rs for the GPU machine,
+#                      used where they are not installed
 #   official/tools/official.py + officialshim/
 #       the importer of the project's shared tools (shared/tools/official): builds the official models;
 #       the shim supplies the old-timm names their code imports where timm is not installed
@@ -46,6 +47,11 @@ fi
 py="${PYTHON:-$(command -v python3 || command -v python)}"
 rm -rf "$dest/wheels" && mkdir -p "$dest/wheels"
 "$py" -m pip download --quiet --no-deps -d "$dest/wheels" "einops==0.8.2"
+# kornia (hybridvit's GPU augmentation in `hybridvit train`), absent from the GPU machine's image (Python 3.12,
+# no network there): run.sh installs these into a temporary folder where kornia is missing
+"$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$dest/wheels" "kornia==0.9.0" "kornia_rs==0.2.0"
 rm -rf "$dest/tools" && mkdir -p "$dest/tools"
 cp "$tools/official.py" "$dest/tools/"
 cp -r "$tools/officialshim" "$dest/tools/"

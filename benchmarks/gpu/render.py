@@ -60,7 +60,9 @@ def render(data: dict) -> str:
         out.append("|---|---|---|---|---|---|---|---|---|")
         for r in inf["eager"]:
             c = comp.get(r["model"], {})
-            out.append(f"| {r['model']} | {_f(r['img_per_s'])} | {_f(c.get('img_per_s'))} | "
+            dyn = c.get("group_dynamo")
+            breaks = f" ({dyn['graph_breaks']} graph breaks in its group)" if dyn else ""
+            out.append(f"| {r['model']} | {_f(r['img_per_s'])} | {_f(c.get('img_per_s'))}{breaks} | "
                        f"{_x(r.get('ratio_vs_official'))} / {_x(c.get('ratio_vs_official'))} | "
                        f"{_x(r.get('ratio_vs_convnext_tiny'))} | "
                        f"{_x(r.get('ratio_vs_swin_tiny_patch4_window7_224'))} | "

@@ -26,6 +26,15 @@ if [ -n "${HV_OFFICIAL_REFS:-}" ]; then
     tools="${HV_OFFICIAL_TOOLS:-$root/official/tools}"
     export PYTHONPATH="$PYTHONPATH:$tools"
 fi
+# the GPU machine has no network and no kornia (`hybridvit train` needs it): the wheels prepare_official.sh
+# put in official/wheels are installed into a temporary folder
+if ! "$py" -c "import kornia" 2>/dev/null && ls "$root"/official/wheels/kornia-*.whl >/dev/null 2>&1; then
+    site="${TMPDIR:-/tmp}/hybridvit_gpu_site"
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$root"/official/wheels/kornia*.whl
+    export PYTHONPATH="$PYTHONPATH:$site"
+fi
+export PYTHONUNBUFFERED=1
 # sixteen cores on the GPU machine: compile workers and loader workers use them; no oversubscription in tests
 export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-${TMPDIR:-/tmp}/hybridvit_inductor_cache}"
 exec "$py" "$root/benchmarks/gpu/gpu_check.py" "$@"
