@@ -43,7 +43,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: Precisio
 
     precision = precision or Precision(device, None)
     model.eval()
-    norm = Preprocess.from_cfg(model.pretrained_cfg).normalize.to(device)
+    norm = Preprocess.from_cfg(getattr(model, "pretrained_cfg", None) or {}).normalize.to(device)
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images
     skipped: list[str] = []
     n_classes = getattr(model, "num_classes", None)
