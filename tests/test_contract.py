@@ -7,10 +7,13 @@ pretrained_cfg), which costs no memory or compute.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import load_fixture
 
 import hybridvit
 from hybridvit.layers import fast_paths
@@ -275,6 +278,112 @@ def test_default_compile_over_two_input_sizes(name):
         for size in [(64, 64), (64, 96)]:
             x = torch.randn(1, 3, *size)
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-4)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileCase:
+    """A model compiled with fullgraph=True (any graph break raises) and dynamic=False, and how its outputs are
+    checked: after a training step through the compiled model (train), with eager's output computed first so
+    that the compiled model reads the eval caches eager filled (eager_first), against fixed official logits
+    (build returns them), and again after load_state_dict of new weights (reload)."""
+    build: Callable[[], tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]]
+    atol: float
+    rtol: float
+    train: bool = False
+    eager_first: bool = False
+    reload: Callable[[], torch.nn.Module] | None = None
+
+
+def _cabvit_h_fixture():
+    from test_cabvit import fixture_model
+
+    return fixture_model(load_fixture("cabvit_h_tiny"))
+
+
+def _compile_fastervit_padded():
+    from test_fastervit import _small_model
+
+    return _small_model(num_classes=3), torch.randn(2, 3, 72, 40), None
+
+
+def _compile_crossformerpp_fixture():
+    from test_crossformer import fixture_model
+
+    return fixture_model("crossformerpp_tiny"), torch.randn(1, 3, 64, 96), None
+
+
+def _small_pp():
+    from test_crossformer import _small_pp
+
+    return _small_pp()
+
+
+def _compile_crossformerpp_small():
+    return _small_pp().eval(), torch.randn(1, 3, 64, 64), None
+
+
+def _compile_cabvit_h():
+    return _cabvit_h_fixture(), torch.randn(1, 3, 64, 96), None
+
+
+def _compile_cabvit_p():
+    from test_cabvit import TINY_P
+
+    return hybridvit.create_model("cabvit_p_tiny", **TINY_P).eval(), torch.randn(1, 3, 64, 96), None
+
+
+def _compile_cabvit_h_fused_at_training_size():
+    # the training grid takes the index-buffer path of the bias (cabvit_h covers another grid)
+    fx = load_fixture("cabvit_h_tiny")
+    return copy.deepcopy(_cabvit_h_fixture()).fuse(), fx["input"], fx["logits"]
+
+
+FP32 = dict(atol=1e-5, rtol=1.3e-6)  # torch.testing.assert_close's float32 default
+COMPILE_CASES = {
+    # training (tables computed) and inference (tables read) at a padded size (masks, carrier grid from the
+    # actual size)
+    "fastervit_train_and_eval_padded": CompileCase(_compile_fastervit_padded, atol=1e-5, rtol=1e-5, train=True),
+    "crossformerpp_fixture": CompileCase(_compile_crossformerpp_fixture, **FP32, eager_first=True),
+    # the DPB eval cache read under compile; new weights: the compiled model computes the DPB
+    "crossformerpp_eval_cache_then_new_weights": CompileCase(_compile_crossformerpp_small, **FP32, eager_first=True,
+                                                             reload=_small_pp),
+    "cabvit_h": CompileCase(_compile_cabvit_h, atol=1e-6, rtol=1e-5),  # torch.allclose(atol=1e-6)
+    "cabvit_p": CompileCase(_compile_cabvit_p, atol=1e-6, rtol=1e-5),
+    "cabvit_h_fused_at_training_size": CompileCase(_compile_cabvit_h_fused_at_training_size, atol=1e-4, rtol=0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_compile_fullgraph_equals_eager(case):
+    """torch.compile(fullgraph=True, dynamic=False) of every family, at padded sizes, with the eval caches
+    cold and warm, after training and after new weights: no graph break, and eager's (or the official)
+    outputs. The eager backend still traces the whole model with dynamo and skips code generation (slow on
+    CPU); HV_COMPILE_BACKEND=inductor also checks the generated kernels."""
+    spec = COMPILE_CASES[case]
+    torch._dynamo.reset()
+    model, x, official = spec.build()
+    backend = os.environ.get("HV_COMPILE_BACKEND", "eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    if spec.train:
+        torch.manual_seed(1)
+        model.train()
+        compiled(x).sum().backward()
+        model.eval()
+    with torch.no_grad():
+        eager = model(x) if spec.eager_first else None
+        out = compiled(x)
+        if official is not None:
+            ref = official
+        elif eager is not None:
+            ref = eager
+        else:
+            ref = model(x)
+        torch.testing.assert_close(out, ref, atol=spec.atol, rtol=spec.rtol)
+    if spec.reload is not None:
+        model.load_state_dict(spec.reload().state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=spec.atol, rtol=spec.rtol)
 
 
 def test_fast_path_switch_from_the_environment():

@@ -178,18 +178,15 @@ def test_training_step_with_padding_has_finite_grads():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_bf16_autocast_and_compile_fullgraph():
+def test_bf16_autocast():
+    # compiled without graph breaks: test_contract.py::test_compile_fullgraph_equals_eager[crossformerpp_fixture]
     model = fixture_model("crossformerpp_tiny")
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         ref = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(x)
-        # dynamo with fullgraph=True fails on any graph break; the eager backend skips codegen (slow on CPU)
-        compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
-        out = compiled(x)
     assert torch.isfinite(low).all() and (low.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item() + 0.05
-    torch.testing.assert_close(out, ref)
 
 
 def test_errors_are_actionable():
@@ -270,19 +267,6 @@ def test_dpb_cache_not_stale_after_training_load_and_dtype_change():
         dbl = model(x.double())
     assert all(d(d.group_size).dtype == torch.float64 for d in _dpbs(model))
     torch.testing.assert_close(dbl, model(x.double()).detach(), atol=1e-12, rtol=0)
-
-
-def test_eval_cache_under_compile_fullgraph():
-    torch._dynamo.reset()  # a fresh compile cache: the model class was compiled by another test
-    model = _small_pp().eval()
-    x = torch.randn(1, 3, 64, 64)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend="eager")
-    with torch.no_grad():
-        ref = model(x)
-        torch.testing.assert_close(compiled(x), ref)
-    model.load_state_dict(_small_pp().state_dict())  # new weights: the compiled model computes the DPB
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
 
 
 @pytest.mark.parametrize("H,W,G,S", [(16, 16, 4, 4), (16, 16, 4, 1), (14, 14, 14, 1), (8, 4, 4, 1), (7, 10, 3, 2)])
