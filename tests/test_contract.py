@@ -233,6 +233,91 @@ def test_check_input(real):
 
 
 # ------------------------------------------------------------------------- caches, tracing, compilation
+def _stale_fastervit():
+    """test_fastervit's small model (carrier tokens, layer scale, propagation; 16 cached position tables), a
+    copy with other weights, and a training step on another batch."""
+    from test_fastervit import _small_model
+
+    def other():
+        m = _small_model()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        return m.eval()
+
+    def step(model, x):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model.train()(torch.randn(2, 3, 64, 64)).square().mean().backward()
+        opt.step()
+
+    return _small_model().eval(), other(), torch.randn(1, 3, 64, 64), step
+
+
+def _stale_crossformerpp():
+    """test_crossformer's small CrossFormer++ (DPB eval caches), a second one, and a cross-entropy step."""
+    import torch.nn.functional as F
+    from test_crossformer import _small_pp
+
+    def step(model, x):
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    model, other = _small_pp().eval(), _small_pp().eval()
+    return model, other, torch.randn(2, 3, 64, 64), step
+
+
+def _dpbs_are_float64(model):
+    from hybridvit.models.crossformer import DynamicPositionBias
+
+    dpbs = [m for m in model.modules() if isinstance(m, DynamicPositionBias)]
+    assert dpbs and all(d(d.group_size).dtype == torch.float64 for d in dpbs)  # recomputed, not rounded
+
+
+STALE_CASES = {  # build, fp32 tolerance, float64 tolerance, a check after the cast to float64
+    "fastervit_tables": (_stale_fastervit, dict(atol=1e-6, rtol=1e-6), dict(atol=1e-7, rtol=1e-7), None),
+    "crossformerpp_dpb": (_stale_crossformerpp, dict(atol=1e-5, rtol=0), dict(atol=1e-12, rtol=0),
+                          _dpbs_are_float64),
+}
+
+
+@pytest.mark.parametrize("case", list(STALE_CASES))
+def test_eval_caches_follow_training_loading_in_place_edits_and_casting(case):
+    """The eval-mode position caches (FasterViT's tables, CrossFormer's DPB) are never stale: after a training
+    step and eval(), after load_state_dict in eval mode, after in-place edits (an EMA update) without eval()
+    again, and after a cast to float64, the cached forward equals the plain one (autograd on: every table
+    computed from its MLP)."""
+    build, tol, tol64, check64 = STALE_CASES[case]
+    model, other, x, step = build()
+    with torch.no_grad():
+        before = model(x)
+    step(model, x)  # training changes the position MLPs; back in eval the caches follow
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, model(x).detach(), **tol)
+    model.load_state_dict(other.state_dict())  # in eval mode
+    with torch.no_grad():
+        loaded = model(x)
+        torch.testing.assert_close(loaded, other(x), **tol)
+    torch.testing.assert_close(loaded, other(x).detach(), **tol)
+    with torch.no_grad():  # in-place edits (an EMA update) in eval mode, without eval() again
+        model(x)
+        for p in model.parameters():
+            p.mul_(0.9)
+        fast = model(x)
+    torch.testing.assert_close(fast, model(x).detach(), **tol)
+    model = model.to(torch.float64)  # the caches are recomputed in the new dtype
+    with torch.no_grad():
+        fast = model(x.double())
+    if check64 is not None:
+        check64(model)
+    torch.testing.assert_close(fast, model(x.double()).detach(), **tol64)
+
+
 @pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t"])
 def test_in_place_weight_edit_in_eval_is_never_stale(name):
     """An external EMA (torch.optim.swa_utils.AveragedModel) edits the eval model's weights in place and
