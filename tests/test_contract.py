@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 
 import pytest
@@ -19,14 +20,28 @@ import hybridvit
 from hybridvit.layers import fast_paths
 from hybridvit.registry import get_entry, list_models, meta_model
 
-# one per family and kind; CrossFormer and CabViT-P narrowed and shortened (every code path, less compute),
-# FasterViT with its optional parts on (carrier tokens in both HAT stages, layer scales, propagation)
+# the smallest registered model of each kind (test_real_models_cover_every_kind keeps this in step with the
+# registry); CrossFormer and CabViT-P narrowed and shortened (every code path, less compute), FasterViT with
+# its optional parts on (carrier tokens in both HAT stages, layer scales, propagation)
 REAL = {"fastervit_nano": dict(hat=(False, False, True, True), layer_scale=0.1, layer_scale_conv=0.1,
                                do_propagation=True),
         "crossformer_t": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2)),
         "crossformerpp_s": dict(embed_dim=16, depths=(1, 1, 3, 1), num_heads=(1, 1, 2, 2)),
         "cabvit_h_l1": {}, "cabvit_p_tiny": dict(embed_dim=32, depths=(2, 2, 1), num_heads=2)}
 ALL = list_models()
+
+
+def _kind(name: str) -> str:
+    """A registered name without its size: fastervit_4_21k_224 -> fastervit, crossformerpp_s -> crossformerpp,
+    cabvit_h_l1 -> cabvit_h."""
+    return re.sub(r"_(nano|tiny|small|base|l\d|[a-z]|\d.*)$", "", name)
+
+
+def _real(*kinds: str) -> list[str]:
+    """The real-run models of these kinds."""
+    return [n for n in REAL if _kind(n) in kinds]
+
+
 ODD = (250, 330)
 TIMM_FIELDS = {"input_size", "min_input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std",
                "first_conv", "classifier", "pool_size", "license", "origin_url", "paper_ids", "num_classes"}
@@ -60,6 +75,17 @@ def _check_maps(name, model, maps, size, feature_info):
 
 
 # ------------------------------------------------------------------------------------------ every model
+def test_real_models_cover_every_kind():
+    """Every kind of registered model runs for real here, with its smallest registered model."""
+    from hybridvit.registry import count_params
+
+    kinds = {_kind(n) for n in ALL}
+    assert sorted(_kind(n) for n in REAL) == sorted(kinds)
+    for name in REAL:
+        same = [n for n in ALL if _kind(n) == _kind(name)]
+        assert count_params(meta_model(name)) == min(count_params(meta_model(n)) for n in same), name
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_model_on_meta(name):
     """Every registered model on the meta device: pretrained_cfg fields, forward / forward_features /
@@ -318,7 +344,7 @@ def test_eval_caches_follow_training_loading_in_place_edits_and_casting(case):
     torch.testing.assert_close(fast, model(x.double()).detach(), **tol64)
 
 
-@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t"])
+@pytest.mark.parametrize("name", _real("fastervit", "crossformer"))  # the cached position tables
 def test_in_place_weight_edit_in_eval_is_never_stale(name):
     """An external EMA (torch.optim.swa_utils.AveragedModel) edits the eval model's weights in place and
     never calls eval() again: its outputs must follow at once (the cached position tables are keyed on
@@ -341,7 +367,7 @@ def test_in_place_weight_edit_in_eval_is_never_stale(name):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape-dependent geometry: a trace is per size
-@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t", "cabvit_h_l1", "cabvit_p_tiny"])
+@pytest.mark.parametrize("name", _real("fastervit", "crossformer", "cabvit_h", "cabvit_p"))
 def test_jit_trace_equals_eager(name):
     model = _model(name).eval()
     x = torch.randn(1, 3, 64, 96)
@@ -350,7 +376,7 @@ def test_jit_trace_equals_eager(name):
         torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t"])
+@pytest.mark.parametrize("name", _real("fastervit", "crossformer"))
 def test_default_compile_over_two_input_sizes(name):
     """torch.compile with default arguments (dynamic=None): the second input size recompiles with H and W
     kept static (`HybridModel._input_size`) instead of tracing the window geometry symbolically (which
@@ -621,7 +647,7 @@ def test_in_chans_adapts_published_first_layers(in_chans, tmp_path):
     over the channels and scaled by 3/n (6 channels holding the image twice give the RGB model's logits)."""
     from hybridvit.models import adapt_input_channels
 
-    for name in ("fastervit_nano", "crossformer_t", "cabvit_p_tiny"):
+    for name in _real("fastervit", "crossformer", "cabvit_p"):
         rgb = _model(name).eval()
         path = tmp_path / f"{name}.pt"
         torch.save(rgb.state_dict(), path)
