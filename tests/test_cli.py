@@ -40,6 +40,7 @@ def test_unknown_pattern_and_model_errors():
         hybridvit.create_model("crossformer_pp_s")
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_version_and_help_import_no_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])

@@ -376,6 +376,7 @@ def test_jit_trace_equals_eager(name):
         torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # cold torch.compile
 @pytest.mark.parametrize("name", _real("fastervit", "crossformer"))
 def test_default_compile_over_two_input_sizes(name):
     """torch.compile with default arguments (dynamic=None): the second input size recompiles with H and W
@@ -497,6 +498,7 @@ def test_compile_fullgraph_equals_eager(case):
             torch.testing.assert_close(compiled(x), model(x), atol=spec.atol, rtol=spec.rtol)
 
 
+@pytest.mark.slow  # two Python subprocesses
 def test_fast_path_switch_from_the_environment():
     import subprocess
     import sys
