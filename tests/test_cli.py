@@ -351,12 +351,10 @@ def test_bench_unknown_model_lists_close_names(capsys):
     assert "fastervit_9" in msg and "Did you mean" in msg
 
 
-
 def test_compare_with_timm_without_timm_names_the_extra(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     msg = user_error(["bench", "-m", "fastervit_nano", "--compare", "timm:resnet18"], capsys)
     assert "pip install 'hybridvit[timm]'" in msg
-
 
 
 @pytest.mark.parametrize("size", ["0", "-3"])

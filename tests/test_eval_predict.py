@@ -28,7 +28,6 @@ def test_eval_matches_a_subset_of_classes_by_name(tmp_path, colours, capsys):
     assert "top-1 50.00%" in capsys.readouterr().out  # red right, blue wrong: by name
 
 
-
 def test_eval_refuses_folders_that_are_not_the_runs_classes(tmp_path, colours, capsys):
     ckpt = run_checkpoint(tmp_path / "run.pt", ["blue", "red"], "red")
     (colours / "val" / "purple").mkdir()
@@ -43,7 +42,6 @@ def test_eval_refuses_folders_that_are_not_the_runs_classes(tmp_path, colours, c
     assert "none of its class folders is a class of the model (BLUE, RED)" in err
 
 
-
 def test_eval_of_a_checkpoint_without_class_names_is_by_position(tmp_path, colours, capsys):
     # an official checkpoint names no classes: the sorted folders are its class indices 0, 1, ...
     # (ImageNet's synset folders sort into the official order); kept as documented behaviour
@@ -52,7 +50,6 @@ def test_eval_of_a_checkpoint_without_class_names_is_by_position(tmp_path, colou
     assert main(["eval", "--pretrained", str(path), "--model", "fastervit_nano", "--num-classes", "2",
                  "--img-size", "32", "--data", str(colours), *FAST]) == 0
     assert "top-1 50.00%" in capsys.readouterr().out  # index 1 = "red", the second sorted folder
-
 
 
 def test_predict_takes_files_and_folders_and_skips_unreadable_images(tmp_path, colours, capsys):

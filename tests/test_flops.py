@@ -20,14 +20,12 @@ class _Attention(nn.Module):
         return F.scaled_dot_product_attention(x, x, x)
 
 
-
 def test_attention_on_cpu_tensors_is_counted():
     # PyTorch's counter misses the CPU flash kernel: real tensors counted 0 where meta ones counted bmm
     b, h, n, d = 2, 3, 16, 8
     real = count_macs(_Attention(), torch.randn(b, h, n, d))
     meta = count_macs(_Attention(), torch.empty(b, h, n, d, device="meta"))
     assert real == meta == 2 * b * h * n * n * d
-
 
 
 def test_macs_per_image_do_not_depend_on_batch_device_or_layout():
@@ -48,7 +46,6 @@ def test_macs_per_image_do_not_depend_on_batch_device_or_layout():
     assert min(stages) > 0 and sum(stages) < one == mods["CrossFormer"]
 
 
-
 def test_models_and_bench_report_the_same_gmacs(tmp_path):
     assert main(["models", "fastervit_nano", "--json", str(tmp_path / "m.json")]) == 0
     assert main(["bench", "-m", "fastervit_nano", "-b", "1", "--warmup", "0", "--repeats", "1", "--threads", "1",
@@ -57,7 +54,6 @@ def test_models_and_bench_report_the_same_gmacs(tmp_path):
     bench = json.loads((tmp_path / "b.json").read_text())
     assert round(bench["results"][0]["gmacs_per_img"], 2) == listed > 0
     assert bench["environment"]["threads"] == 1
-
 
 
 def test_stage_profile_is_channels_first_for_every_family():
@@ -73,7 +69,6 @@ def test_stage_profile_is_channels_first_for_every_family():
         assert [s["out_shape"][0] for s in stages] == chans, name
         assert stages[0]["out_shape"][1:] == (size[1] // 4, size[2] // 4), name
         assert all(s["macs"] > 0 for s in stages) and sum(s["macs"] for s in stages) < count_macs(model), name
-
 
 
 def test_shapes_are_channels_first():

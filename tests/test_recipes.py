@@ -26,7 +26,6 @@ def test_default_recipe_follows_the_data(tmp_path, monkeypatch):
     assert small.lr_base_size is None
 
 
-
 @pytest.mark.slow
 def test_train_on_a_small_folder_uses_the_small_data_recipe(tmp_path):
     pytest.importorskip("kornia", reason="needs the train extra (kornia)")
@@ -42,7 +41,6 @@ def test_train_on_a_small_folder_uses_the_small_data_recipe(tmp_path):
     assert (cfg["mixup"], cfg["cutmix"], cfg["reprob"], cfg["randaugment"]) == (0.0, 0.0, 0.0, None)
 
 
-
 def test_run_header_says_recipe_augmentation_lr_and_threads():
     plan = plan_threads("train", cpus=2)
     head = C.run_header(C.make_config("small-data"), plan.describe(), 32, n_train=320)
@@ -52,14 +50,12 @@ def test_run_header_says_recipe_augmentation_lr_and_threads():
     assert "mixup 0.8" in big and "lr 0.001 at batch 1024 -> 1.56e-05 at batch 16" in big
 
 
-
 def test_help_defaults_are_those_of_the_default_run():
     assert C.help_default("epochs") == ("default 5 for the embedded digits, 30 for folders under 5000 images "
                                         "(recipe small-data), 10 for larger ones")
     assert C.help_default("mixup") == ("default 0.0 for the embedded digits and folders under 5000 images, "
                                        "0.8 for larger folders")
     assert C.help_default("opt") == "default adamw"
-
 
 
 def test_train_checks_its_options_and_recipe_files(capsys, tmp_path):
@@ -71,7 +67,6 @@ def test_train_checks_its_options_and_recipe_files(capsys, tmp_path):
     assert "recipe file nope.toml not found" in msg and "unknown recipe" not in msg
     with pytest.raises(ValueError, match="unknown recipe 'fastervit_O'. Did you mean"):
         C.load_recipe("fastervit_O")
-
 
 
 @pytest.mark.slow

@@ -25,13 +25,11 @@ def test_an_existing_run_is_refused_unless_asked(tmp_path):
         prepare_output_dir(tmp_path / "missing", resume=True)
 
 
-
 def test_default_run_folders_get_a_number(tmp_path):
     base = tmp_path / "runs" / "fastervit_nano-20250101-000000"
     assert prepare_output_dir(None, default=base) == base
     base.mkdir(parents=True)
     assert prepare_output_dir(None, default=base).name == base.name + "-2"
-
 
 
 def test_a_failed_start_leaves_no_folder(tmp_path):
@@ -47,12 +45,10 @@ def test_a_failed_start_leaves_no_folder(tmp_path):
     assert (tmp_path / "run2" / "last.pt").exists()  # resumable: kept
 
 
-
 def test_train_has_an_overwrite_option():
     from hybridvit.cli import build_parser
     assert build_parser().parse_args(["train", "--overwrite"]).overwrite is True
     assert C.make_config().overwrite is False
-
 
 
 def test_metrics_plot_keeps_one_colour_per_series(tmp_path, monkeypatch):

@@ -24,7 +24,6 @@ def test_threads_and_workers_never_oversubscribe(cpus, command):
         assert p.threads + p.workers <= cpus
 
 
-
 def test_thread_plan_keeps_what_the_user_asked():
     assert plan_threads("train", cpus=2) == plan_threads("train", cpus=2, threads=1, workers=1)
     p = plan_threads("train", cpus=16, threads=2)
@@ -35,7 +34,6 @@ def test_thread_plan_keeps_what_the_user_asked():
     assert (cuda.threads, cuda.workers) == (1, 8)
     with pytest.raises(ValueError, match="--threads must be at least 1"):
         plan_threads("eval", threads=0)
-
 
 
 def test_export_takes_threads():
@@ -91,7 +89,6 @@ def test_minimum_input_sizes_per_family(monkeypatch):
     # timm's min_input_size field, where the registry has it, wins over the table
     monkeypatch.setitem(get_entry("fastervit_nano").pretrained_cfg, "min_input_size", (3, 48, 48))
     assert min_img_size("fastervit_nano") == 48
-
 
 
 def test_too_small_images_are_refused_before_anything_is_built(tmp_path, colours, capsys):

@@ -206,7 +206,6 @@ def _start_training(out: Path, data: Path, env: dict[str, str] | None = None, *e
                             stderr=subprocess.PIPE, text=True)
 
 
-
 def _wait_for_steps(proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
     """Until training has started (the run header is in train.log), then a moment for a few steps."""
     t0 = time.time()
@@ -215,7 +214,6 @@ def _wait_for_steps(proc: subprocess.Popen, log: Path, timeout: float = 120.0) -
         assert time.time() - t0 < timeout, "training did not start"
         time.sleep(0.2)
     time.sleep(1.0)
-
 
 
 @pytest.mark.slow
@@ -250,7 +248,6 @@ def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path, 
         assert summary["epochs"] == epochs
         assert f"resumed {out / 'last.pt'} at epoch {epochs}, step {state['step_in_epoch']}/8" in \
             (out / "train.log").read_text()
-
 
 
 @pytest.mark.slow
