@@ -74,3 +74,11 @@ def pytest_runtest_makereport(item, call):
                            f"{call.excinfo.value}")
         return report
     return None
+
+
+# -------------------------------------------------------- shared image folders
+@pytest.fixture
+def colours(tmp_path):
+    from _imagedata import make_folder
+    return make_folder(tmp_path / "data", n_train=1, n_val=2, size=24)  # {train,val}/{blue,red}
+

@@ -1,7 +1,10 @@
-"""`hybridvit models` and the command-line entry point."""
+"""`hybridvit models` and the command-line entry point: shared options, help texts, imports per command, and
+user errors that are one line saying what to do."""
 import json
+import sys
 
 import pytest
+from _helpers import user_error
 
 import hybridvit
 from hybridvit.cli import main
@@ -37,6 +40,7 @@ def test_unknown_pattern_and_model_errors():
         hybridvit.create_model("crossformer_pp_s")
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_version_and_help_import_no_command(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
@@ -339,3 +343,23 @@ def test_readme_troubleshooting_lines_are_what_the_commands_print(tmp_path, caps
     for q in quoted:
         pattern = "[^\n]*?".join(re.escape(piece) for piece in q.split("…"))
         assert re.search(pattern, text), f"the README quotes {q!r}, but no command printed it:\n{text}"
+
+
+# ------------------------------------------------------------- one-line errors
+def test_bench_unknown_model_lists_close_names(capsys):
+    msg = user_error(["bench", "-m", "fastervit_nano", "--compare", "fastervit_9", "--warmup", "0"], capsys)
+    assert "fastervit_9" in msg and "Did you mean" in msg
+
+
+def test_compare_with_timm_without_timm_names_the_extra(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    msg = user_error(["bench", "-m", "fastervit_nano", "--compare", "timm:resnet18"], capsys)
+    assert "pip install 'hybridvit[timm]'" in msg
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_bad_image_size_is_refused_up_front(size, capsys, tmp_path):
+    assert "--img-size" in user_error(["bench", "-m", "fastervit_nano", "--img-size", size], capsys)
+    assert "--img-size" in user_error(["export", "-m", "fastervit_nano", "--img-size", size, "-o",
+                                       str(tmp_path / "m.onnx")], capsys)
+

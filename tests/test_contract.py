@@ -7,23 +7,41 @@ pretrained_cfg), which costs no memory or compute.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import re
+from collections.abc import Callable
 
 import pytest
 import torch
+from conftest import load_fixture
 
 import hybridvit
 from hybridvit.layers import fast_paths
 from hybridvit.registry import get_entry, list_models, meta_model
 
-# one per family and kind; CrossFormer and CabViT-P narrowed and shortened (every code path, less compute),
-# FasterViT with its optional parts on (carrier tokens in both HAT stages, layer scales, propagation)
+# the smallest registered model of each kind (test_real_models_cover_every_kind keeps this in step with the
+# registry); CrossFormer and CabViT-P narrowed and shortened (every code path, less compute), FasterViT with
+# its optional parts on (carrier tokens in both HAT stages, layer scales, propagation)
 REAL = {"fastervit_nano": dict(hat=(False, False, True, True), layer_scale=0.1, layer_scale_conv=0.1,
                                do_propagation=True),
         "crossformer_t": dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 1, 2, 2)),
         "crossformerpp_s": dict(embed_dim=16, depths=(1, 1, 3, 1), num_heads=(1, 1, 2, 2)),
         "cabvit_h_l1": {}, "cabvit_p_tiny": dict(embed_dim=32, depths=(2, 2, 1), num_heads=2)}
 ALL = list_models()
+
+
+def _kind(name: str) -> str:
+    """A registered name without its size: fastervit_4_21k_224 -> fastervit, crossformerpp_s -> crossformerpp,
+    cabvit_h_l1 -> cabvit_h."""
+    return re.sub(r"_(nano|tiny|small|base|l\d|[a-z]|\d.*)$", "", name)
+
+
+def _real(*kinds: str) -> list[str]:
+    """The real-run models of these kinds."""
+    return [n for n in REAL if _kind(n) in kinds]
+
+
 ODD = (250, 330)
 TIMM_FIELDS = {"input_size", "min_input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std",
                "first_conv", "classifier", "pool_size", "license", "origin_url", "paper_ids", "num_classes"}
@@ -57,6 +75,17 @@ def _check_maps(name, model, maps, size, feature_info):
 
 
 # ------------------------------------------------------------------------------------------ every model
+def test_real_models_cover_every_kind():
+    """Every kind of registered model runs for real here, with its smallest registered model."""
+    from hybridvit.registry import count_params
+
+    kinds = {_kind(n) for n in ALL}
+    assert sorted(_kind(n) for n in REAL) == sorted(kinds)
+    for name in REAL:
+        same = [n for n in ALL if _kind(n) == _kind(name)]
+        assert count_params(meta_model(name)) == min(count_params(meta_model(n)) for n in same), name
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_every_model_on_meta(name):
     """Every registered model on the meta device: pretrained_cfg fields, forward / forward_features /
@@ -230,7 +259,92 @@ def test_check_input(real):
 
 
 # ------------------------------------------------------------------------- caches, tracing, compilation
-@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t"])
+def _stale_fastervit():
+    """test_fastervit's small model (carrier tokens, layer scale, propagation; 16 cached position tables), a
+    copy with other weights, and a training step on another batch."""
+    from test_fastervit import _small_model
+
+    def other():
+        m = _small_model()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        return m.eval()
+
+    def step(model, x):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model.train()(torch.randn(2, 3, 64, 64)).square().mean().backward()
+        opt.step()
+
+    return _small_model().eval(), other(), torch.randn(1, 3, 64, 64), step
+
+
+def _stale_crossformerpp():
+    """test_crossformer's small CrossFormer++ (DPB eval caches), a second one, and a cross-entropy step."""
+    import torch.nn.functional as F
+    from test_crossformer import _small_pp
+
+    def step(model, x):
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+        opt.step()
+
+    torch.manual_seed(0)
+    model, other = _small_pp().eval(), _small_pp().eval()
+    return model, other, torch.randn(2, 3, 64, 64), step
+
+
+def _dpbs_are_float64(model):
+    from hybridvit.models.crossformer import DynamicPositionBias
+
+    dpbs = [m for m in model.modules() if isinstance(m, DynamicPositionBias)]
+    assert dpbs and all(d(d.group_size).dtype == torch.float64 for d in dpbs)  # recomputed, not rounded
+
+
+STALE_CASES = {  # build, fp32 tolerance, float64 tolerance, a check after the cast to float64
+    "fastervit_tables": (_stale_fastervit, dict(atol=1e-6, rtol=1e-6), dict(atol=1e-7, rtol=1e-7), None),
+    "crossformerpp_dpb": (_stale_crossformerpp, dict(atol=1e-5, rtol=0), dict(atol=1e-12, rtol=0),
+                          _dpbs_are_float64),
+}
+
+
+@pytest.mark.parametrize("case", list(STALE_CASES))
+def test_eval_caches_follow_training_loading_in_place_edits_and_casting(case):
+    """The eval-mode position caches (FasterViT's tables, CrossFormer's DPB) are never stale: after a training
+    step and eval(), after load_state_dict in eval mode, after in-place edits (an EMA update) without eval()
+    again, and after a cast to float64, the cached forward equals the plain one (autograd on: every table
+    computed from its MLP)."""
+    build, tol, tol64, check64 = STALE_CASES[case]
+    model, other, x, step = build()
+    with torch.no_grad():
+        before = model(x)
+    step(model, x)  # training changes the position MLPs; back in eval the caches follow
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+    assert (after - before).abs().max() > 1e-3
+    torch.testing.assert_close(after, model(x).detach(), **tol)
+    model.load_state_dict(other.state_dict())  # in eval mode
+    with torch.no_grad():
+        loaded = model(x)
+        torch.testing.assert_close(loaded, other(x), **tol)
+    torch.testing.assert_close(loaded, other(x).detach(), **tol)
+    with torch.no_grad():  # in-place edits (an EMA update) in eval mode, without eval() again
+        model(x)
+        for p in model.parameters():
+            p.mul_(0.9)
+        fast = model(x)
+    torch.testing.assert_close(fast, model(x).detach(), **tol)
+    model = model.to(torch.float64)  # the caches are recomputed in the new dtype
+    with torch.no_grad():
+        fast = model(x.double())
+    if check64 is not None:
+        check64(model)
+    torch.testing.assert_close(fast, model(x.double()).detach(), **tol64)
+
+
+@pytest.mark.parametrize("name", _real("fastervit", "crossformer"))  # the cached position tables
 def test_in_place_weight_edit_in_eval_is_never_stale(name):
     """An external EMA (torch.optim.swa_utils.AveragedModel) edits the eval model's weights in place and
     never calls eval() again: its outputs must follow at once (the cached position tables are keyed on
@@ -253,7 +367,7 @@ def test_in_place_weight_edit_in_eval_is_never_stale(name):
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape-dependent geometry: a trace is per size
-@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t", "cabvit_h_l1", "cabvit_p_tiny"])
+@pytest.mark.parametrize("name", _real("fastervit", "crossformer", "cabvit_h", "cabvit_p"))
 def test_jit_trace_equals_eager(name):
     model = _model(name).eval()
     x = torch.randn(1, 3, 64, 96)
@@ -262,7 +376,8 @@ def test_jit_trace_equals_eager(name):
         torch.testing.assert_close(traced(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t"])
+@pytest.mark.slow  # cold torch.compile
+@pytest.mark.parametrize("name", _real("fastervit", "crossformer"))
 def test_default_compile_over_two_input_sizes(name):
     """torch.compile with default arguments (dynamic=None): the second input size recompiles with H and W
     kept static (`HybridModel._input_size`) instead of tracing the window geometry symbolically (which
@@ -277,6 +392,113 @@ def test_default_compile_over_two_input_sizes(name):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-4)
 
 
+@dataclasses.dataclass(frozen=True)
+class CompileCase:
+    """A model compiled with fullgraph=True (any graph break raises) and dynamic=False, and how its outputs are
+    checked: after a training step through the compiled model (train), with eager's output computed first so
+    that the compiled model reads the eval caches eager filled (eager_first), against fixed official logits
+    (build returns them), and again after load_state_dict of new weights (reload)."""
+    build: Callable[[], tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]]
+    atol: float
+    rtol: float
+    train: bool = False
+    eager_first: bool = False
+    reload: Callable[[], torch.nn.Module] | None = None
+
+
+def _cabvit_h_fixture():
+    from test_cabvit import fixture_model
+
+    return fixture_model(load_fixture("cabvit_h_tiny"))
+
+
+def _compile_fastervit_padded():
+    from test_fastervit import _small_model
+
+    return _small_model(num_classes=3), torch.randn(2, 3, 72, 40), None
+
+
+def _compile_crossformerpp_fixture():
+    from test_crossformer import fixture_model
+
+    return fixture_model("crossformerpp_tiny"), torch.randn(1, 3, 64, 96), None
+
+
+def _small_pp():
+    from test_crossformer import _small_pp
+
+    return _small_pp()
+
+
+def _compile_crossformerpp_small():
+    return _small_pp().eval(), torch.randn(1, 3, 64, 64), None
+
+
+def _compile_cabvit_h():
+    return _cabvit_h_fixture(), torch.randn(1, 3, 64, 96), None
+
+
+def _compile_cabvit_p():
+    from test_cabvit import TINY_P
+
+    return hybridvit.create_model("cabvit_p_tiny", **TINY_P).eval(), torch.randn(1, 3, 64, 96), None
+
+
+def _compile_cabvit_h_fused_at_training_size():
+    # the training grid takes the index-buffer path of the bias (cabvit_h covers another grid)
+    fx = load_fixture("cabvit_h_tiny")
+    return copy.deepcopy(_cabvit_h_fixture()).fuse(), fx["input"], fx["logits"]
+
+
+FP32 = dict(atol=1e-5, rtol=1.3e-6)  # torch.testing.assert_close's float32 default
+COMPILE_CASES = {
+    # training (tables computed) and inference (tables read) at a padded size (masks, carrier grid from the
+    # actual size)
+    "fastervit_train_and_eval_padded": CompileCase(_compile_fastervit_padded, atol=1e-5, rtol=1e-5, train=True),
+    "crossformerpp_fixture": CompileCase(_compile_crossformerpp_fixture, **FP32, eager_first=True),
+    # the DPB eval cache read under compile; new weights: the compiled model computes the DPB
+    "crossformerpp_eval_cache_then_new_weights": CompileCase(_compile_crossformerpp_small, **FP32, eager_first=True,
+                                                             reload=_small_pp),
+    "cabvit_h": CompileCase(_compile_cabvit_h, atol=1e-6, rtol=1e-5),  # torch.allclose(atol=1e-6)
+    "cabvit_p": CompileCase(_compile_cabvit_p, atol=1e-6, rtol=1e-5),
+    "cabvit_h_fused_at_training_size": CompileCase(_compile_cabvit_h_fused_at_training_size, atol=1e-4, rtol=0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(COMPILE_CASES))
+def test_compile_fullgraph_equals_eager(case):
+    """torch.compile(fullgraph=True, dynamic=False) of every family, at padded sizes, with the eval caches
+    cold and warm, after training and after new weights: no graph break, and eager's (or the official)
+    outputs. The eager backend still traces the whole model with dynamo and skips code generation (slow on
+    CPU); HV_COMPILE_BACKEND=inductor also checks the generated kernels."""
+    spec = COMPILE_CASES[case]
+    torch._dynamo.reset()
+    model, x, official = spec.build()
+    backend = os.environ.get("HV_COMPILE_BACKEND", "eager")
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+    if spec.train:
+        torch.manual_seed(1)
+        model.train()
+        compiled(x).sum().backward()
+        model.eval()
+    with torch.no_grad():
+        eager = model(x) if spec.eager_first else None
+        out = compiled(x)
+        if official is not None:
+            ref = official
+        elif eager is not None:
+            ref = eager
+        else:
+            ref = model(x)
+        torch.testing.assert_close(out, ref, atol=spec.atol, rtol=spec.rtol)
+    if spec.reload is not None:
+        model.load_state_dict(spec.reload().state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), atol=spec.atol, rtol=spec.rtol)
+
+
+@pytest.mark.slow  # two Python subprocesses
 def test_fast_path_switch_from_the_environment():
     import subprocess
     import sys
@@ -427,7 +649,7 @@ def test_in_chans_adapts_published_first_layers(in_chans, tmp_path):
     over the channels and scaled by 3/n (6 channels holding the image twice give the RGB model's logits)."""
     from hybridvit.models import adapt_input_channels
 
-    for name in ("fastervit_nano", "crossformer_t", "cabvit_p_tiny"):
+    for name in _real("fastervit", "crossformer", "cabvit_p"):
         rgb = _model(name).eval()
         path = tmp_path / f"{name}.pt"
         torch.save(rgb.state_dict(), path)

@@ -142,6 +142,7 @@ def test_bench_training_step_runs_in_bf16(widened):
     assert widened
 
 
+@pytest.mark.slow  # cold torch.compile
 def test_compile_fullgraph_under_autocast_takes_no_mode():
     """A compiled model makes its own kernels: the runtime's policy for it is "native" (no mode entered)."""
     model, x = _models()["cabvit_h"]

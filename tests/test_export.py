@@ -5,6 +5,8 @@ import torch
 import hybridvit
 from hybridvit.cli import main
 
+pytestmark = pytest.mark.slow  # every test here exports (ONNX, torch.export)
+
 
 def test_pt2_export_runs_at_another_batch_size(tmp_path):
     out = tmp_path / "nano.pt2"

@@ -228,6 +228,7 @@ def _run(args: list[str], tmp: Path, timeout: float) -> subprocess.CompletedProc
                           text=True, timeout=timeout, env={**__import__("os").environ, "PYTHON": sys.executable})
 
 
+@pytest.mark.slow  # runs benchmarks/gpu/run.sh
 def test_gpu_check_budget_stops_work_and_says_so(tmp_path):
     """A section its time budget leaves no room for is recorded as not run, and the exit status is 3."""
     p = _run(["--sections", "tests", "--enforce-budget", "--budget-s", "0.01"], tmp_path, 300)

@@ -246,6 +246,7 @@ def test_push_to_hub_uploads_the_folder(tmp_path, monkeypatch):
     assert torch.equal(calls[3][1], logits(model))
 
 
+@pytest.mark.slow  # a real training run
 def test_trained_run_to_hub_folder(tmp_path, capsys):
     """A `hybridvit train` run's best checkpoint -> model with the run's classes -> save_pretrained ->
     create_model(pretrained=DIR): same logits, same classes, same preprocessing."""

@@ -122,6 +122,7 @@ def test_norm_eval_keeps_batchnorm_statistics():
     assert any(not torch.equal(a, b) for a, b in zip(moved, stats))
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_import_hybridvit_does_not_import_timm():
     code = "import sys, hybridvit; assert 'timm' not in sys.modules and 'torchvision' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=_env())
@@ -135,6 +136,7 @@ def _env() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- timm
+@pytest.mark.slow  # Python subprocesses
 def test_timm_registry_both_import_orders():
     require("timm")
     for code in ("import hybridvit, timm", "import timm, hybridvit"):

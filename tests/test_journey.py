@@ -35,6 +35,7 @@ def _onnx_top1(onnx_path, model, n_classes: int) -> tuple[float, int]:
     return 100 * hits / len(ds), len(ds)
 
 
+@pytest.mark.slow  # a real training run, ONNX export
 def test_train_eval_predict_export_analyze_bench(tmp_path, capsys):
     import hybridvit
 

@@ -122,7 +122,8 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow) if c == "export" else c  # ONNX export
+                                     for c in COMMANDS])
 def test_every_command_loads_through_the_one_factory(run_ckpt, tmp_path, monkeypatch, command):
     if command == "export":
         pytest.importorskip("onnxscript", reason="export needs the onnx extra")

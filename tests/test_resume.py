@@ -1,4 +1,5 @@
-"""Kill a training process mid-epoch, resume it, and get bit-identical final weights."""
+"""Resume: kill a training process mid-epoch, resume it, and get bit-identical final weights; a resume applies
+what may change (epochs, lr, checkpoint interval) and refuses the rest."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,10 @@ import torch
 
 pytest.importorskip("kornia", reason="needs the train extra (kornia)")
 
+from _helpers import FAST, TINY_TRAIN, error_line  # noqa: E402
 from _imagedata import make_folder  # noqa: E402
 
+from hybridvit.cli import main  # noqa: E402
 from hybridvit.train.config import make_config  # noqa: E402
 from hybridvit.train.engine import train  # noqa: E402
 
@@ -77,3 +80,41 @@ def test_kill_mid_epoch_then_resume_is_exact(tmp_path):
     ema_a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["state_dict_ema"]
     ema_b = torch.load(last, weights_only=True)["state_dict_ema"]
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+
+# --------------------------------------------------------------- resume policy
+@pytest.mark.slow
+def test_resume_applies_epochs_lr_and_checkpoint_interval_and_refuses_the_rest(tmp_path, capsys):
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    from _imagedata import make_folder
+
+    from hybridvit.train.optim import lr_at
+
+    data = make_folder(tmp_path / "data", n_train=4, n_val=1, size=24)  # 2 steps per epoch
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--epochs", "2", "--output", str(out), *TINY_TRAIN]) == 0
+    capsys.readouterr()
+    err = error_line(["train", "--resume", str(out), "--model", "cabvit_h_l1", "--batch-size", "2", "--epochs", "3",
+                  *FAST], capsys)
+    assert "--model cabvit_h_l1 (the run has fastervit_nano)" in err and "--batch-size 2 (the run has 4)" in err
+    assert "--epochs" not in err.split("differ")[0] and "leave them out" in err
+    assert "already completed 2 epochs" in error_line(["train", "--resume", str(out), "--epochs", "1", *FAST], capsys)
+    # same values as the run's are no change: accepted
+    assert main(["train", "--resume", str(out), "--epochs", "3", "--lr", "5e-4", "--checkpoint-every", "1",
+                 "--model", "fastervit_nano", "--batch-size", "4", *FAST]) == 0
+    log = (out / "train.log").read_text()
+    assert "resume: --epochs 3 (was 2)" in log and "resume: --lr 0.0005 (was 0.001)" in log
+    assert "resume: --checkpoint-every 1 (was 0)" in log
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = summary["config"]
+    assert (summary["epochs"], cfg["lr"], cfg["checkpoint_every"]) == (3, 5e-4, 1)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    # the schedule of the extended run: cosine over 3 epochs at the new peak lr
+    steps = rows[0]["step"]
+    total, warm = 3 * steps, round(cfg["warmup_epochs"] * steps)
+    assert rows[2]["lr"] == pytest.approx(lr_at(rows[2]["step"] - 1, total, warm, 0, 5e-4, cfg["min_lr"],
+                                                 cfg["warmup_lr"]))
+    state = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert state["scheduler"]["total"] == total
+

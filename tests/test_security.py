@@ -204,6 +204,7 @@ TINY = ["--model", "fastervit_nano", "--img-size", "32", "--batch-size", "8", "-
         "--no-progress", "--no-plot", "--randaugment", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0"]
 
 
+@pytest.mark.slow  # a real training run
 def test_full_disk_during_training_and_stale_temp_files(tmp_path, monkeypatch, capsys):
     pytest.importorskip("kornia", reason="needs the train extra (kornia)")
     from _imagedata import make_folder
@@ -234,6 +235,7 @@ def test_full_disk_during_training_and_stale_temp_files(tmp_path, monkeypatch, c
     assert load_model(out / "last.pt").num_classes == 2
 
 
+@pytest.mark.slow  # a training run
 def test_epoch_without_readable_image_stops_naming_the_folder(tmp_path, capsys):
     pytest.importorskip("kornia", reason="needs the train extra (kornia)")
     from _imagedata import make_folder
@@ -313,6 +315,7 @@ TS_VARIANTS = {
 }
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_the_payload_runs_under_torch_load(tmp_path):
     """The crafted archive is a real attack: torch.load itself dispatches it to torch.jit.load, which
     runs its code (here in a child process). hybridvit never calls torch.load on a file."""
@@ -445,6 +448,7 @@ def test_huge_tensor_claims_are_refused_through_every_entry(tmp_path, capsys, en
     assert str(path) in message and "100000000000 bytes" in message
 
 
+@pytest.mark.slow  # a Python subprocess
 def test_huge_tensor_claims_are_refused_before_allocation(tmp_path):
     """A legacy header claiming a 100 GB storage, and a zip record claiming more than it holds, are refused
     by the reader without allocating (the child's peak memory stays far below the claim)."""

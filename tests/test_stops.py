@@ -1,7 +1,8 @@
 """Stops (issue 19): a signal to the whole process group, as `timeout`, SLURM and Kubernetes send it. Loader
 workers ignore SIGINT/SIGTERM; training ends with 143 (130 for SIGINT), a resumable last.pt and no
 traceback, also when the signal lands in validation; eval, predict, export and bench stop with one line and
-130/143. Every process here runs in its own session (`setsid`) and the test signals the group."""
+130/143. Those processes run in their own session (`setsid`) and the test signals the group. A signal to the
+training process alone (Ctrl-C, SIGTERM) or to one DDP rank also leaves one resumable checkpoint."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import FAST, TINY_TRAIN
 
 import hybridvit
 from hybridvit.checkpoint import make_run_checkpoint
+from hybridvit.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
 
@@ -191,3 +194,92 @@ def test_a_sigterm_during_a_checkpoint_save_lets_the_save_finish_then_stops(tmp_
     assert e.value.exit_code == 143 and len(calls) == 1  # the save finished; no second save was needed
     state = torch.load(out / "last.pt", weights_only=True)["train_state"]
     assert state["scheduler"]["step"] == 1 and not list(out.glob(".*tmp*"))
+
+
+# --------------------------------------- a signal to one process, one DDP rank
+def _start_training(out: Path, data: Path, env: dict[str, str] | None = None, *extra: str) -> subprocess.Popen:
+    """`hybridvit train` of 50 epochs in a new process (stopped by the tests long before it ends)."""
+    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    code = "import sys; from hybridvit.cli import main; sys.exit(main())"
+    return subprocess.Popen([sys.executable, "-c", code, "train", "--data", str(data), "--epochs", "50",
+                             "--output", str(out), *TINY_TRAIN, *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_steps(proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    """Until training has started (the run header is in train.log), then a moment for a few steps."""
+    t0 = time.time()
+    while not (log.is_file() and "augmentation:" in log.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout, "training did not start"
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path, colours, capsys, sig, code):
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    from _imagedata import make_folder
+
+    data = make_folder(tmp_path / "more", n_train=16, n_val=2, size=24)  # 8 steps per epoch
+    out = tmp_path / "run"
+    proc = _start_training(out, data)
+    try:
+        _wait_for_steps(proc, out / "train.log")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert f"Continue with: hybridvit train --resume {out}" in stderr
+    assert f"{sig.name}: training stopped at epoch" in stderr
+    assert not list(out.glob(".*tmp*"))  # no half-written temporary file
+    ck = torch.load(out / "last.pt", weights_only=True)
+    state = ck["train_state"]
+    assert state["scheduler"]["step"] == state["epoch"] * 8 + state["step_in_epoch"] >= 1
+    assert "stopped by" in (out / "train.log").read_text()
+    if sig == signal.SIGINT:  # resume it: finishing the interrupted epoch is enough
+        epochs = state["epoch"] + 1
+        assert main(["train", "--resume", str(out), "--epochs", str(epochs), *FAST]) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["epochs"] == epochs
+        assert f"resumed {out / 'last.pt'} at epoch {epochs}, step {state['step_in_epoch']}/8" in \
+            (out / "train.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_signal_to_one_ddp_rank_stops_every_rank_with_one_checkpoint(tmp_path):
+    # torchrun's ranks, started by hand (gloo on CPU); SIGTERM reaches rank 1 only (a scheduler killing
+    # one task): the ranks agree at the next step, write last.pt together and all exit 143, none hangs
+    pytest.importorskip("kornia", reason="needs the train extra (kornia)")
+    import socket
+
+    from _imagedata import make_folder
+
+    data = make_folder(tmp_path / "more", n_train=16, n_val=2, size=24)  # 32 images / (2 x 4): 4 steps
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+        procs.append(_start_training(out, data, env, "--device", "cpu"))
+    try:
+        _wait_for_steps(procs[0], out / "train.log")
+        procs[1].send_signal(signal.SIGTERM)
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], results
+    assert f"Continue with: hybridvit train --resume {out}" in results[0][1]
+    assert not list(out.glob(".*tmp*"))
+    state = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert state["world_size"] == 2 and state["scheduler"]["step"] == state["epoch"] * 4 + state["step_in_epoch"]
+
