@@ -100,8 +100,9 @@ class Preprocess:
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> Preprocess:
-        return cls(tuple(cfg.get("input_size", (3, 224, 224))[-2:]), cfg.get("crop_pct", 0.875), cfg.get("crop_mode") or "center",
-                   cfg.get("interpolation", "bicubic"), cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        return cls(tuple(cfg.get("input_size", (3, 224, 224))[-2:]), cfg.get("crop_pct", 0.875),
+                   cfg.get("crop_mode") or "center", cfg.get("interpolation", "bicubic"),
+                   cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
 
     def __call__(self, img) -> torch.Tensor:
         """One PIL image -> normalised float (3, H, W)."""
