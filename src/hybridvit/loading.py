@@ -231,98 +231,125 @@ def _from_source(source: Source, name: str | None, *, num_classes: int | None, i
     if ema and source.kind != "run":
         raise CheckpointError(f"EMA weights are kept in hybridvit run checkpoints; {source.where or 'this'} is "
                               f"{'a Hub folder' if source.kind == 'hub' else 'not one'}: leave ema/--ema out")
-    fresh_ok = purpose == FINETUNE
-    class_names = None
-    pcfg_file: dict[str, Any] | None = None
     if source.kind in ("none", "published", "file"):
-        if not name:
-            raise CheckpointError(f"{source.where} is not a hybridvit run checkpoint, so it does not name its "
-                                  "model: pass the model name (--model NAME; `hybridvit models` lists them)"
-                                  if source.kind == "file" else "pass a model name (--model NAME)")
-        where = _download(name) if source.kind == "published" else source.where  # before anything is built
-        model = build_model(name, num_classes=1000 if num_classes is None else num_classes,
-                            in_chans=in_chans or 3, **overrides)
-        if source.kind == "none":
-            note = f"{name} with random weights"
-        else:
-            obj = read_checkpoint_file(where) if source.obj is None else source.obj
-            sd = extract_state_dict(obj, where)
-            if num_classes is None and source.kind == "file":  # the file's own class count, when it has one
-                sd = sd if set(sd) <= set(model.state_dict()) else model.convert_official(sd)
-                have = _classes_in(sd, model)
-                if have is not None and have != model.num_classes and 0 < have <= MAX_CLASSES:
-                    model.reset_classifier(have)
-            sd, fresh = fit_state_dict(model, sd, where, fresh_head=fresh_ok, why="fine-tuning")
-            model.load_state_dict(sd, strict=False)
-            note = f"{name} from {where}" + (f"; {', '.join(fresh)} start fresh" if fresh else "")
+        model, note = _from_registry(source, name, num_classes, in_chans, overrides, purpose == FINETUNE)
+        class_names, pcfg_file = None, None
     else:
-        if source.kind == "run":
-            run = source.run
-            arch, stored_classes, stored_kwargs = run["model_name"], run["num_classes"], run["model_kwargs"]
-            class_names, pcfg_file, where = run["class_names"], run["pretrained_cfg"], source.where
-            if ema and not run.get("state_dict_ema"):
-                raise CheckpointError(f"{where} has no EMA weights (the run was trained without --model-ema)")
-            weights = run["state_dict_ema"] if ema else run["state_dict"]
-        else:
-            config_path, weights_path, where = hub.resolve(source.where, cache_dir=cache_dir)
-            cfg = hub.read_config(config_path)
-            try:
-                entry = get_entry(cfg["architecture"])
-            except ValueError as e:
-                raise CheckpointError(f"{config_path} names architecture {printable(cfg['architecture'])!r}, "
-                                      "which hybridvit does not have") from e
-            arch, stored_classes = cfg["architecture"], cfg.get("num_classes", 1000)
-            schema = schema_for(entry.family, entry.builder)
-            stored_kwargs = check_file_config(cfg.get("model_args") or {}, schema, str(config_path))
-            check_file_config({"num_classes": stored_classes}, schema, str(config_path), "config")
-            class_names = _checked_names(cfg.get("label_names"), stored_classes, str(config_path))
-            if cfg.get("pretrained_cfg"):
-                pcfg_file = checked_pretrained_cfg(cfg["pretrained_cfg"], str(config_path))
-            weights = None
-        if name is not None and name != arch:
-            raise CheckpointError(f"{where} holds a {arch} model, not {name}: leave the model name out (the file "
-                                  f"knows its model) or pass {arch}")
-        name = arch
-        kwargs = {**stored_kwargs, **overrides}
-        chans = int(kwargs.pop("in_chans", 3))
-        chans = in_chans or chans
-        model = build_model(arch, num_classes=stored_classes, in_chans=chans, **kwargs)
-        if weights is None:
-            weights = hub.read_weights(weights_path)
-        # the file's own class count is its statement: its head must match it, always
-        wfile = where if source.kind == "run" else str(weights_path)
-        sd, _ = fit_state_dict(model, extract_state_dict({"state_dict": weights}, wfile), wfile, fresh_head=False)
-        model.load_state_dict(sd, strict=False)
-        note = f"{arch} from {where}"
-        other_names = bool(fresh_ok and class_names and class_names_wanted and class_names != class_names_wanted)
-        if num_classes is not None and (num_classes != stored_classes or other_names):
-            if not fresh_ok:
-                raise CheckpointError(f"{where} predicts {stored_classes} classes, not {num_classes}: leave "
-                                      "--num-classes out, or fine-tune with hybridvit train --pretrained")
-            why = (f"{stored_classes} -> {num_classes} classes" if num_classes != stored_classes else
-                   f"its classes ({', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}) are "
-                   "not the data's, in the data's order")
-            model.reset_classifier(num_classes)
-            class_names = None
-            fresh = [k for k in model.state_dict() if k.startswith(_head_keys(model))]
-            log.warning("%s", f"{where}: {_some(fresh)} start fresh ({why}; fine-tuning)")
-            note += f"; {', '.join(fresh)} start fresh ({why})"
-        overrides = kwargs
+        stored = _stored_run(source, ema) if source.kind == "run" else _stored_hub(source, cache_dir)
+        model, note, class_names, overrides = _from_stored(stored, name, num_classes, in_chans, overrides,
+                                                           purpose == FINETUNE, class_names_wanted)
+        name, pcfg_file = stored["arch"], stored["pretrained_cfg"]
+    return _attach(model, source, name, class_names, pcfg_file, overrides, note)
+
+
+def _from_registry(source: Source, name: str | None, num_classes: int | None, in_chans: int | None,
+                   overrides: dict[str, Any], fresh_ok: bool) -> tuple[nn.Module, str]:
+    """Random weights, the published weights or a checkpoint file, into the registered model `name`."""
+    if not name:
+        raise CheckpointError(f"{source.where} is not a hybridvit run checkpoint, so it does not name its "
+                              "model: pass the model name (--model NAME; `hybridvit models` lists them)"
+                              if source.kind == "file" else "pass a model name (--model NAME)")
+    where = _download(name) if source.kind == "published" else source.where  # before anything is built
+    model = build_model(name, num_classes=1000 if num_classes is None else num_classes, in_chans=in_chans or 3,
+                        **overrides)
+    if source.kind == "none":
+        return model, f"{name} with random weights"
+    obj = read_checkpoint_file(where) if source.obj is None else source.obj
+    sd = extract_state_dict(obj, where)
+    if num_classes is None and source.kind == "file":  # the file's own class count, when it has one
+        sd = sd if set(sd) <= set(model.state_dict()) else model.convert_official(sd)
+        have = _classes_in(sd, model)
+        if have is not None and have != model.num_classes and 0 < have <= MAX_CLASSES:
+            model.reset_classifier(have)
+    sd, fresh = fit_state_dict(model, sd, where, fresh_head=fresh_ok, why="fine-tuning")
+    model.load_state_dict(sd, strict=False)
+    return model, f"{name} from {where}" + (f"; {', '.join(fresh)} start fresh" if fresh else "")
+
+
+def _stored_run(source: Source, ema: bool) -> dict[str, Any]:
+    """What a run checkpoint states of its model (checked by `resolve`), and its weights."""
+    run, where = source.run, source.where
+    if ema and not run.get("state_dict_ema"):
+        raise CheckpointError(f"{where} has no EMA weights (the run was trained without --model-ema)")
+    return {"arch": run["model_name"], "num_classes": run["num_classes"], "kwargs": run["model_kwargs"],
+            "class_names": run["class_names"], "pretrained_cfg": run["pretrained_cfg"], "where": where,
+            "weights_file": where, "weights": lambda: run["state_dict_ema"] if ema else run["state_dict"]}
+
+
+def _stored_hub(source: Source, cache_dir: Any) -> dict[str, Any]:
+    """What a Hub folder's config.json states of its model, checked as data; its weights read on demand."""
+    config_path, weights_path, where = hub.resolve(source.where, cache_dir=cache_dir)
+    cfg = hub.read_config(config_path)
+    try:
+        entry = get_entry(cfg["architecture"])
+    except ValueError as e:
+        raise CheckpointError(f"{config_path} names architecture {printable(cfg['architecture'])!r}, which "
+                              "hybridvit does not have") from e
+    classes = cfg.get("num_classes", 1000)
+    schema = schema_for(entry.family, entry.builder)
+    kwargs = check_file_config(cfg.get("model_args") or {}, schema, str(config_path))
+    check_file_config({"num_classes": classes}, schema, str(config_path), "config")
+    return {"arch": cfg["architecture"], "num_classes": classes, "kwargs": kwargs,
+            "class_names": _checked_names(cfg.get("label_names"), classes, str(config_path)),
+            "pretrained_cfg": checked_pretrained_cfg(cfg["pretrained_cfg"], str(config_path))
+            if cfg.get("pretrained_cfg") else None,
+            "where": where, "weights_file": str(weights_path), "weights": lambda: hub.read_weights(weights_path)}
+
+
+def _from_stored(stored: dict[str, Any], name: str | None, num_classes: int | None, in_chans: int | None,
+                 overrides: dict[str, Any], fresh_ok: bool, class_names_wanted: list[str] | None
+                 ) -> tuple[nn.Module, str, list[str] | None, dict[str, Any]]:
+    """The model a run or Hub folder describes, its weights loaded (its head must match its own class
+    count); a fine-tune to other classes then starts a fresh head. Returns (model, note, class names,
+    construction overrides)."""
+    arch, where, stored_classes, class_names = stored["arch"], stored["where"], stored["num_classes"], \
+        stored["class_names"]
+    if name is not None and name != arch:
+        raise CheckpointError(f"{where} holds a {arch} model, not {name}: leave the model name out (the file "
+                              f"knows its model) or pass {arch}")
+    kwargs = {**stored["kwargs"], **overrides}
+    chans = in_chans or int(kwargs.pop("in_chans", 3))
+    kwargs.pop("in_chans", None)
+    model = build_model(arch, num_classes=stored_classes, in_chans=chans, **kwargs)
+    wfile = stored["weights_file"]
+    sd, _ = fit_state_dict(model, extract_state_dict({"state_dict": stored["weights"]()}, wfile), wfile,
+                           fresh_head=False)
+    model.load_state_dict(sd, strict=False)
+    note = f"{arch} from {where}"
+    other_names = bool(fresh_ok and class_names and class_names_wanted and class_names != class_names_wanted)
+    if num_classes is not None and (num_classes != stored_classes or other_names):
+        if not fresh_ok:
+            raise CheckpointError(f"{where} predicts {stored_classes} classes, not {num_classes}: leave "
+                                  "--num-classes out, or fine-tune with hybridvit train --pretrained")
+        why = (f"{stored_classes} -> {num_classes} classes" if num_classes != stored_classes else
+               f"its classes ({', '.join(class_names[:5])}{' ...' if len(class_names) > 5 else ''}) are "
+               "not the data's, in the data's order")
+        model.reset_classifier(num_classes)
+        class_names = None
+        fresh = [k for k in model.state_dict() if k.startswith(_head_keys(model))]
+        log.warning("%s", f"{where}: {_some(fresh)} start fresh ({why}; fine-tuning)")
+        note += f"; {', '.join(fresh)} start fresh ({why})"
+    return model, note, class_names, kwargs
+
+
+def _attach(model: nn.Module, source: Source, name: str, class_names: list[str] | None,
+            pcfg_file: dict[str, Any] | None, overrides: dict[str, Any], note: str) -> nn.Module:
+    """Classes, preprocessing (the file's, at the size asked), name, rebuild arguments and provenance."""
     pcfg = dict(model.pretrained_cfg)
     if pcfg_file:
         pcfg.update({k: v for k, v in pcfg_file.items() if k not in ("url", "file", "hf_hub_id", "source")})
-    pcfg = with_input_size(pcfg, model.in_chans, overrides.get("img_size") if "img_size" in overrides else None)
+    pcfg = with_input_size(pcfg, model.in_chans, overrides.get("img_size"))
     pcfg["num_classes"] = model.num_classes
-    if source.kind == "hub":
-        pcfg.update(hf_hub_id=source.where[len(hub.HF_HUB_PREFIX):], source="hf-hub") \
-            if source.where.startswith(hub.HF_HUB_PREFIX) else pcfg.update(
-                file=str(Path(source.where).resolve()), source="local-dir")
+    if source.kind == "hub" and source.where.startswith(hub.HF_HUB_PREFIX):
+        pcfg.update(hf_hub_id=source.where[len(hub.HF_HUB_PREFIX):], source="hf-hub")
+    elif source.kind == "hub":
+        pcfg.update(file=str(Path(source.where).resolve()), source="local-dir")
     elif source.kind in ("file", "run"):
         pcfg.update(file=source.where, source="file")
     model.pretrained_cfg = pcfg
     model.class_names = class_names
     model.model_name = name
-    model.model_kwargs = {k: v for k, v in overrides.items()}
+    model.model_kwargs = dict(overrides)
     if model.in_chans != 3:
         model.model_kwargs["in_chans"] = model.in_chans
     model.load_note = note
