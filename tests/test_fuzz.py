@@ -3,6 +3,7 @@ bounded time: HYBRIDVIT_FUZZ_SECONDS, 60 by default (CI); set it higher to fuzz 
 from __future__ import annotations
 
 import argparse
+import base64
 import os
 import pickle
 import random
@@ -14,6 +15,25 @@ import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
+
+
+# inputs the fuzzer found failing, fixed since: a protocol-4 BYTEARRAY8 claiming 5.5 GB (the pure-Python
+# unpickler allocated the claimed length before reading it)
+FOUND = ["gASVJAAAAAAAAAB9lCiMAWGWXZQoSwEAAABARwB6AACMAXOVZYyUAU5idYiGlC4="]
+
+
+def test_inputs_the_fuzzer_found_are_refused_without_allocating(tmp_path):
+    import resource
+
+    from hybridvit.checkpoint import CheckpointError, read_checkpoint_file
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i, found in enumerate(FOUND):
+        path = tmp_path / f"found_{i}.pt"
+        path.write_bytes(base64.b64decode(found))
+        with pytest.raises(CheckpointError, match="refused"):
+            read_checkpoint_file(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB: nothing near 5.5 GB
 
 
 class _Payload:
@@ -61,6 +81,8 @@ def write_seeds(corpus: Path, marker: Path) -> list[Path]:
         seeds[f"{path.name}.flip"] = bytes(flipped)
     for name, data in seeds.items():
         (corpus / name).write_bytes(data)
+    for i, found in enumerate(FOUND):  # inputs the fuzzer once failed on, kept as seeds
+        (corpus / f"found_{i}.pkl").write_bytes(base64.b64decode(found))
     return sorted(corpus.iterdir())
 
 

@@ -161,9 +161,22 @@ class Unpickler(Unpickler_base):
 
     dispatch = dict(Unpickler_base.dispatch)
 
-    def __init__(self, file: Any, *, persistent_load: Any = None, **kwargs: Any) -> None:
+    def __init__(self, file: Any, *, persistent_load: Any = None, limit: int | None = None, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
         self._persistent = persistent_load
+        self._limit = limit  # bytes the pickle can hold at most (its file's size): no length claim beyond it
+
+    def load_bytearray8(self) -> None:
+        # the pure-Python unpickler allocates the claimed length before reading: check it first
+        import struct
+        (n,) = struct.unpack("<Q", self.read(8))
+        if self._limit is not None and n > self._limit or n > (1 << 40):
+            raise RefusedError(f"a bytearray of {n} bytes in a pickle of {self._limit} bytes")
+        b = bytearray(n)
+        if self.readinto(b) != n:
+            raise UnpicklingError("the pickle ends inside a bytearray")
+        self.append(b)
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:

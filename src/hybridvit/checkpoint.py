@@ -172,7 +172,9 @@ def _zip_agreement(path: Path, size: int) -> tuple[Any, dict[str, int]]:
                 raise _refuse(path, f"its record {name} has no local header where the directory says")
             data_offset = info.header_offset + 30 + int.from_bytes(local[26:28], "little") \
                 + int.from_bytes(local[28:30], "little")
-            if data_offset + info.file_size > size or reader.get_record_offset(name) != data_offset:
+            torch_size = reader.get_record_size(name) if hasattr(reader, "get_record_size") else info.file_size
+            if data_offset + info.file_size > size or reader.get_record_offset(name) != data_offset \
+                    or torch_size != info.file_size:
                 raise _refuse(path, f"zip readers place its record {name} differently (a crafted archive)")
             sizes[name] = info.file_size
     return reader, sizes
@@ -210,7 +212,7 @@ def _read_zip(path: Path, size: int) -> Any:
         return storages[key]
 
     data = reader.get_record("data.pkl")
-    return _unpickle.Unpickler(io.BytesIO(data), persistent_load=persistent_load).load()
+    return _unpickle.Unpickler(io.BytesIO(data), persistent_load=persistent_load, limit=len(data)).load()
 
 
 def _read_legacy(path: Path, size: int) -> Any:
@@ -222,7 +224,7 @@ def _read_legacy(path: Path, size: int) -> Any:
         f = _Bounded(raw, size)
 
         def restricted(**kwargs: Any) -> Any:
-            return _unpickle.Unpickler(f, **kwargs).load()
+            return _unpickle.Unpickler(f, limit=size, **kwargs).load()
 
         if restricted() != _LEGACY_MAGIC:
             raise CheckpointError(f"{path} is a pickle file but not one written by torch.save; hybridvit reads "
