@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from . import _unpickle
-from .models import adapt_input_channels
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -136,7 +135,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike | dict[str, Any]) 
     own = model.state_dict()
     if not set(sd) <= set(own) or not sd:
         sd = model.convert_official(sd)
-    sd = adapt_input_channels(sd, model)  # published RGB first layers -> the model's in_chans
+    sd = model.adapt_input_channels(sd) if hasattr(model, "adapt_input_channels") else sd  # RGB -> in_chans
     head_prefixes = tuple(getattr(model, "classifier_prefixes", ("head.",)))
     is_head = lambda k: k.startswith(head_prefixes)
     # A classifier of another shape (other num_classes) or none at all stays freshly initialised.

@@ -326,6 +326,12 @@ class HybridModel(nn.Module):
                      if num_classes > 0 else nn.Identity())
         self.head.train(self.training)
 
+    def adapt_input_channels(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state_dict` with published RGB first layers fitted to this model's `in_chans` (the module
+        function `adapt_input_channels`; `checkpoint.load_checkpoint` calls it, as it calls
+        `convert_official`, without importing the models)."""
+        return adapt_input_channels(state_dict, self)
+
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 
