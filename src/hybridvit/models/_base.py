@@ -268,7 +268,7 @@ class HybridModel(nn.Module):
         self.stages = self.stages[:max_index + 1]
         if prune_end:
             self.num_features = self.stage_info[max_index]["num_chs"]
-        if prune_norm or prune_end:
+        if (prune_norm or prune_end) and not self.head_norm:  # a head's norm goes with the head
             self.norm = nn.Identity()
         if prune_head or prune_end:
             self.reset_classifier(0, "")
