@@ -609,6 +609,11 @@ def test_prune_drops_what_the_taps_leave_unused(real):
         same = copy.deepcopy(model)
         same.prune_intermediate_layers([n - 1], prune_head=False)
         torch.testing.assert_close(same(x), expected)
+        same.prune_intermediate_layers([n - 1], prune_norm=True, prune_head=False)
+        if model.head_norm:  # CabViT-H: its norm is part of the head, which stays
+            torch.testing.assert_close(same(x), expected)
+        else:  # the features end at the raw last stage
+            torch.testing.assert_close(same.forward_intermediates(x, indices=[n - 1], norm=True)[1][0], taps[-1])
     for i in range(n - 1):
         pruned = copy.deepcopy(model)
         assert pruned.prune_intermediate_layers([i]) == [i]

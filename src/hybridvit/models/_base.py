@@ -269,7 +269,7 @@ class HybridModel(nn.Module):
         self.stages = self.stages[:max_index + 1]
         if prune_end:
             self.num_features = self.stage_info[max_index]["num_chs"]
-        if prune_norm or prune_end:
+        if (prune_norm or prune_end) and not self.head_norm:  # a head's norm goes with the head
             self.norm = nn.Identity()
         if prune_head or prune_end:
             self.reset_classifier(0, "")
@@ -333,6 +333,12 @@ class HybridModel(nn.Module):
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity())
         self.head.train(self.training)
+
+    def adapt_input_channels(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state_dict` with published RGB first layers fitted to this model's `in_chans` (the module
+        function `adapt_input_channels`; `loading.fit_state_dict` calls that, as it calls
+        `convert_official`, without importing the models)."""
+        return adapt_input_channels(state_dict, self)
 
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
