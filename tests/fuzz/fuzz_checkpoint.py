@@ -47,6 +47,8 @@ def one_input(data: bytes) -> None:
     except CheckpointError as e:
         if not str(e):
             raise AssertionError("a CheckpointError without a message") from e
+    except SystemExit as e:  # libFuzzer would only say "fuzz target exited": report it as the failure it is
+        raise AssertionError(f"reading the file raised SystemExit({e.code})") from e
     if os.path.exists(MARKER):
         raise AssertionError(f"code from the file ran: {MARKER} exists")
 
