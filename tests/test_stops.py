@@ -78,8 +78,10 @@ def test_a_group_signal_during_training_leaves_a_resumable_run(tmp_path, sig, co
 
 def test_a_group_sigterm_during_validation_stops_it_and_resume_finishes_it(tmp_path):
     pytest.importorskip("kornia", reason="needs the train extra (kornia)")
-    # one training step per epoch, then a long validation (600 images): the signal lands in validation
+    # one training step per epoch, then a long validation (600 large images, seconds to decode even on a fast
+    # machine): the signal lands in validation
     data = _folder(tmp_path / "data", n_train=4, n_val=300)
+    _large_validation_images(data / "val")
     out = tmp_path / "run"
     proc = _start(["train", "--data", str(data), "--epochs", "1", "--max-steps-per-epoch", "1", "--output", str(out),
                    "--workers", "1", *TRAIN])
@@ -102,6 +104,18 @@ def test_a_group_sigterm_during_validation_stops_it_and_resume_finishes_it(tmp_p
     assert resumed.returncode == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["val_images"] == 600 and summary["epochs"] == 1
+
+
+def _large_validation_images(val: Path) -> None:
+    """Every validation image replaced by a hard link to one 900x900 PNG (decoding dominates validation)."""
+    import numpy as np
+    from PIL import Image
+
+    big = val.parent / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(big)
+    for f in val.rglob("*.png"):
+        f.unlink()
+        os.link(big, f)
 
 
 def _checkpoint(path: Path) -> Path:
