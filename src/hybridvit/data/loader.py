@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import signal
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -134,14 +135,17 @@ class EpochSampler(Sampler[int]):
         return len(self.indices())
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """A loader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C, `timeout`, SLURM and Kubernetes
     signal the whole process group, and workers that died of it would break the main process's save.
     The main process alone decides to stop; its workers end with it."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # blocked since the fork (see _Loader): ignored now, a signal pending from before is discarded
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 # the iterators whose worker processes may still run
@@ -150,9 +154,18 @@ _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 
 class _Loader(DataLoader):
     def __iter__(self):
-        it = super().__iter__()
-        if self.num_workers > 0:
-            _LIVE_ITERATORS.add(it)
+        if self.num_workers == 0:
+            return super().__iter__()
+        # workers are forked with SIGINT/SIGTERM blocked: torch's worker installs its own SIGTERM handler
+        # (which dies of a signal that is not its parent's) before our worker_init_fn ignores the signals,
+        # and a group signal landing in that window would kill a worker at the start of an epoch or a
+        # validation. Blocked, it waits; the main process gets its own copy as soon as this returns.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            it = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _LIVE_ITERATORS.add(it)
         return it
 
 
