@@ -31,8 +31,11 @@ TRAIN = ["--model", "fastervit_nano", "--img-size", "32", "--batch-size", "4", "
 def _start(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
     code = "import sys; from hybridvit.cli import main; sys.exit(main())"
+    # the child starts with SIGINT at its default action, as in a terminal: a test run launched in the
+    # background of a non-interactive shell inherits SIGINT ignored, and Python then keeps ignoring it
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, **kw)
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> tuple[str, str]:
