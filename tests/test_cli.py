@@ -92,20 +92,26 @@ def _run_without(blocked: str, *args: str):
 
 
 @pytest.mark.slow
-def test_commands_import_only_what_they_need(tmp_path):
-    """`models` works with every extra missing; eval and predict need torch and pillow only; a missing
-    package is one error line that says what to install."""
+def _blue_red_run(path):
+    """A run checkpoint of fastervit_nano at 32 px for the classes blue and red (random weights)."""
     import torch
-    from _imagedata import make_folder
 
     from hybridvit.checkpoint import make_run_checkpoint
 
-    root = make_folder(tmp_path / "data", n_train=1, n_val=2)
     model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
-    ckpt = tmp_path / "run.pt"
     torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
                                    class_names=["blue", "red"], pretrained_cfg=model.pretrained_cfg,
-                                   state_dict=model.state_dict()), ckpt)
+                                   state_dict=model.state_dict()), path)
+    return path
+
+
+def test_commands_import_only_what_they_need(tmp_path):
+    """`models` works with every extra missing; eval and predict need torch and pillow only; a missing
+    package is one error line that says what to install."""
+    from _imagedata import make_folder
+
+    root = make_folder(tmp_path / "data", n_train=1, n_val=2)
+    ckpt = _blue_red_run(tmp_path / "run.pt")
     r = _run_without(_TRAIN_EXTRA + ",PIL", "models", "--no-macs", "fastervit_*")
     assert r.returncode == 0 and "fastervit_nano" in r.stdout, r.stderr
     r = _run_without(_TRAIN_EXTRA, "eval", "--pretrained", str(ckpt), "--data", str(root), "--no-progress")
@@ -228,18 +234,11 @@ def test_name_suggestions_handle_case_and_look_alike_characters():
 
 
 def test_eval_of_a_folder_without_a_readable_image_is_an_error(tmp_path, capsys):
-    import torch
     from _imagedata import make_folder
-
-    from hybridvit.checkpoint import make_run_checkpoint
 
     pytest.importorskip("PIL", reason="needs pillow")
     root = make_folder(tmp_path / "data", n_train=1, n_val=2)
-    model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
-    ckpt = tmp_path / "run.pt"
-    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
-                                   class_names=["blue", "red"], pretrained_cfg=model.pretrained_cfg,
-                                   state_dict=model.state_dict()), ckpt)
+    ckpt = _blue_red_run(tmp_path / "run.pt")
     broken = sorted((root / "val").rglob("*.png"))
     broken[0].write_bytes(b"not an image")
     res = tmp_path / "eval.json"
@@ -264,11 +263,9 @@ def test_readme_troubleshooting_lines_are_what_the_commands_print(tmp_path, caps
     import shutil
     from pathlib import Path
 
-    import torch
     from _imagedata import make_folder
 
     from hybridvit import _io
-    from hybridvit.checkpoint import make_run_checkpoint
     from hybridvit.cli import Terminated
     from hybridvit.inference import evaluate as evaluate_mod
 
@@ -293,11 +290,7 @@ def test_readme_troubleshooting_lines_are_what_the_commands_print(tmp_path, caps
     (unk / "val" / "green").mkdir()
     (unk / "val" / "red" / "000.png").rename(unk / "val" / "green" / "000.png")
     run("train", "--data", str(unk), "--no-progress", "--output", str(tmp_path / "r3"))
-    model = hybridvit.create_model("fastervit_nano", num_classes=2, img_size=32)
-    ckpt = tmp_path / "run.pt"
-    torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
-                                   class_names=["blue", "red"], pretrained_cfg=model.pretrained_cfg,
-                                   state_dict=model.state_dict()), ckpt)
+    ckpt = _blue_red_run(tmp_path / "run.pt")
     ev = make_folder(tmp_path / "ev", n_train=1, n_val=2)
     (ev / "val" / "red" / "000.png").write_bytes(b"x")
     run("eval", "--pretrained", str(ckpt), "--data", str(ev), "--no-progress", "--workers", "0")

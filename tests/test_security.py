@@ -90,20 +90,26 @@ ENTRY_POINTS = {
 }
 
 
+def _refusal(entry, path, tmp_path, capsys) -> str:
+    """The message `entry` refuses `path` with: a CheckpointError from the API, or a command's one
+    `error:` line and exit status 2."""
+    if entry.startswith("api_"):
+        with pytest.raises(CheckpointError) as err:
+            ENTRY_POINTS[entry](path, tmp_path)
+        return str(err.value)
+    assert ENTRY_POINTS[entry](path, tmp_path) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and len(message.strip().splitlines()) == 1
+    return message
+
+
 def _check_never_runs(tmp_path, capsys, entry, fmt, payload_type):
     marker = tmp_path / "marker"
     path = tmp_path / "evil.pth"
     write_payload(path, fmt, payload_type(marker))
     if entry == "train_pretrained":
         pytest.importorskip("sklearn", reason="training on the embedded digits needs the train extra")
-    if entry.startswith("api_"):
-        with pytest.raises(CheckpointError) as err:
-            ENTRY_POINTS[entry](path, tmp_path)
-        message = str(err.value)
-    else:
-        assert ENTRY_POINTS[entry](path, tmp_path) == 2
-        message = capsys.readouterr().err
-        assert message.startswith("error: ") and len(message.strip().splitlines()) == 1
+    message = _refusal(entry, path, tmp_path, capsys)
     assert str(path) in message
     assert not marker.exists()
 
@@ -335,14 +341,7 @@ def test_torchscript_payload_never_runs(tmp_path, capsys, entry, variant):
     marker, path = tmp_path / "marker", tmp_path / "evil.pth"
     _torchscript_payload(path, marker)
     TS_VARIANTS[variant](path)
-    if entry.startswith("api_"):
-        with pytest.raises(CheckpointError) as err:
-            ENTRY_POINTS[entry](path, tmp_path)
-        message = str(err.value)
-    else:
-        assert ENTRY_POINTS[entry](path, tmp_path) == 2
-        message = capsys.readouterr().err
-        assert message.startswith("error: ") and len(message.strip().splitlines()) == 1
+    message = _refusal(entry, path, tmp_path, capsys)
     assert str(path) in message and "inert" not in message
     assert any(w in message for w in ("TorchScript", "refused", "damaged zip", "not a torch.save archive"))
     assert not marker.exists()
@@ -437,15 +436,8 @@ def test_crafted_files_of_the_right_size_load(tmp_path):
 def test_huge_tensor_claims_are_refused_through_every_entry(tmp_path, capsys, entry, fmt):
     path = tmp_path / "huge.pth"
     (_legacy_claiming if fmt == "legacy" else _zip_claiming)(path, 25 * 10**9)
-    if entry.startswith("api_"):
-        with pytest.raises(CheckpointError, match="before") as err:
-            ENTRY_POINTS[entry](path, tmp_path)
-        message = str(err.value)
-    else:
-        assert ENTRY_POINTS[entry](path, tmp_path) == 2
-        message = capsys.readouterr().err
-        assert message.startswith("error: ") and message.count("\n") == 1
-    assert str(path) in message and "100000000000 bytes" in message
+    message = _refusal(entry, path, tmp_path, capsys)
+    assert str(path) in message and "100000000000 bytes" in message and "before" in message
 
 
 @pytest.mark.slow  # a Python subprocess

@@ -109,7 +109,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: tuple[i
     return path
 
 
-def _metadata_onnx(path: Path) -> dict[str, str]:
+def _metadata_onnx(path: Path) -> tuple[dict[str, str], Any]:
     ort = _require("onnxruntime")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return dict(sess.get_modelmeta().custom_metadata_map), sess

@@ -422,12 +422,10 @@ def load_for_command(pretrained: Any, model_name: str | None = None, *, num_clas
     """
     source = resolve(pretrained)
     name = model_name or (source.run["model_name"] if source.kind == "run" else None)
-    if source.kind in ("hub", "exported") and not name:
-        name = None
-    elif not name and source.kind == "file":
+    if not name and source.kind == "file":
         raise CheckpointError(f"{source.where} is not a hybridvit run checkpoint, so it does not name its model: "
                               "pass --model NAME (see `hybridvit models`)")
-    elif not name:
+    elif not name and source.kind not in ("hub", "exported"):  # those name their model
         raise ValueError("pass --model NAME (see `hybridvit models`) or --pretrained RUN_CHECKPOINT")
     if name:
         check_img_size(name, img_size)
