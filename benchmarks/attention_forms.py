@@ -3,7 +3,7 @@ side in one process (interleaved repeats), fp32 and bf16, eager and torch.compil
 
     python benchmarks/attention_forms.py --out benchmarks/results/cpu_attention_forms.json
 
-The shapes are recorded from real forward passes (layers.attention.trace_attention) of fastervit_0,
+The shapes are recorded from real forward passes (analysis.capture.trace_attention, fp32: the SDPA path) of fastervit_0,
 crossformerpp_s and cabvit_h_l2 at --batch (16) and 224 px. Each row: the shape, the median time of each
 form and explicit/SDPA (below 1: explicit faster). The summary gives, per model and dtype, the time all
 its attention calls take in each form (the sum over its calls).
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 import hybridvit
-from hybridvit.layers.attention import _attend_explicit, prepare_bias, trace_attention
+from hybridvit.analysis.capture import trace_attention
+from hybridvit.layers.attention import _attend_explicit, prepare_bias
 
 MODELS = ("fastervit_0", "crossformerpp_s", "cabvit_h_l2")
 

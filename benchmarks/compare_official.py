@@ -24,7 +24,7 @@ import torch
 
 import hybridvit
 from hybridvit.bench import bench_models, environment, matmul_peak_gflops, prepare
-from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, cpu_has_native_bf16, use_fp32_kernels
+from hybridvit.layers.accel.cpu_bf16 import Bf16ByFp32Kernels, cpu_has_native_bf16, use_fp32_kernels
 from hybridvit.precision import Precision
 
 MODELS = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
@@ -71,6 +71,9 @@ def main() -> int:
     ap.add_argument("--train", action="store_true", help="also time a training step")
     ap.add_argument("--train-only", action="store_true", help="time only the training step")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--compile-mode", nargs="+", default=["freezing"], choices=["freezing", "default"],
+                    help="how to compile (hybridvit.bench.compile_model), each side the same way; several: "
+                         "each timed")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timm", nargs="*", default=[],
@@ -99,7 +102,7 @@ def main() -> int:
             peak = matmul_peak_gflops(dev, dtype, n=n)
             out["matmul_peak_gflops"][amp] = max(peak, out["matmul_peak_gflops"].get(amp, 0.0))
             if amp == "bf16" and use_fp32_kernels("auto", dev.type, True):
-                # what hybridvit runs bf16 products with on this CPU (layers/cpu_bf16.py)
+                # what hybridvit runs bf16 products with on this CPU (layers/accel/cpu_bf16.py)
                 with Bf16ByFp32Kernels():
                     peak = matmul_peak_gflops(dev, dtype, n=2048)
                 key = "bf16_fp32_kernels"
@@ -131,7 +134,7 @@ def main() -> int:
             print(f"{name}: bf16 max abs error vs fp32 official logits: {errs}", flush=True)
         modes = [True] if args.train_only else [False, True] if args.train else [False]
         for train in modes:
-            for compiled in ([False, True] if args.compile else [False]):
+            for compiled in ([False, *args.compile_mode] if args.compile else [False]):
                 pairs = []
                 variants = [("official", official, False), ("hybridvit", ours, False)]
                 if args.fuse and not train:

@@ -2,7 +2,7 @@
 
 Each lever is switched off by restoring the computation it replaced (the plain ops), on again by the
 library's default; the same model is timed both ways in alternating rounds:
-- fused_linear: bf16 eval linears through oneDNN with cached bf16 weights (layers/fused_linear.py)
+- fused_linear: bf16 eval linears through oneDNN with cached bf16 weights (layers/accel/fused_linear.py)
   vs autocast's linear + separate GELU / add;
 - bf16_attention: explicit bf16 attention for a trainable bias in training (layers/attention.py) vs
   SDPA, which takes its fp32 math path there;
@@ -27,7 +27,8 @@ import torch
 
 import hybridvit
 from hybridvit.bench import environment, make_step, time_runs
-from hybridvit.layers import attention, fused_linear
+from hybridvit.layers import attention
+from hybridvit.layers.accel import fused_linear
 from hybridvit.models import cabvit
 
 # lever -> (model, train, batch size)

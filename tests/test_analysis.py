@@ -19,8 +19,8 @@ from hybridvit.analysis.amplitude import blocks, cooling_layers
 from hybridvit.analysis.attention import attended_distance, capture, group_index, query_map
 from hybridvit.analysis.load import load_images, load_model
 from hybridvit.cli import main
-from hybridvit.layers import attention as attention_layer
-from hybridvit.layers.attention import capture_attention
+from hybridvit.layers.accel import fast_paths_enabled
+from hybridvit.analysis.capture import capture_attention
 from hybridvit.models.crossformer import group_tokens
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -69,7 +69,9 @@ def test_capture_gives_the_fused_output_and_rows_that_sum_to_one(name):
         fused = model.eval()(x)
         with capture_attention(model) as cap:
             captured = model(x)
-    assert attention_layer._CAPTURE is None  # switched off again: the fused path is back
+    assert fast_paths_enabled()  # switched on again: the fused path is back
+    with torch.no_grad():
+        assert torch.equal(model(x), fused)
     assert (captured - fused).abs().max().item() <= 1e-5
     expected = [n for n, m in model.named_modules() if hasattr(m, "qkv") and hasattr(m, "proj")]
     assert sorted({r["module"] for r in cap.records}) == sorted(expected)

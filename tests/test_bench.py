@@ -1,4 +1,5 @@
 """`hybridvit bench` machinery: interleaved timing, memory, MACs (no speed claims here)."""
+import pytest
 import torch
 from torch import nn
 
@@ -43,6 +44,7 @@ def test_bench_training_step_updates_weights():
     assert not torch.equal(before, m[0].weight)
 
 
+@pytest.mark.slow  # a real benchmark with the matmul peak
 def test_bench_command_writes_json_with_peak(tmp_path, capsys):
     import json
 
@@ -57,3 +59,24 @@ def test_bench_command_writes_json_with_peak(tmp_path, capsys):
     assert {r["bf16_products"] for r in res["results"]} == {"fp32 kernels"}
     assert res["matmul_peak_gflops"] > 0 and "--cpu-bf16-kernels" in res["command"]
     assert "matmul peak" in capsys.readouterr().out
+
+
+def test_compile_modes_are_checked():
+    from hybridvit.bench import COMPILE_MODES, compile_model
+
+    assert COMPILE_MODES[0] == "freezing"  # what `hybridvit bench --compile` uses for inference
+    with pytest.raises(ValueError, match="compile mode must be one of freezing, default"):
+        compile_model(_convnet(4), mode="fast")
+
+
+@pytest.mark.slow  # a cold inductor compile
+def test_frozen_compile_gives_the_eager_output():
+    from hybridvit.bench import compile_model
+
+    model = _convnet(8)
+    x = torch.randn(2, 3, 16, 16)
+    compiled = compile_model(model)
+    with torch.inference_mode():
+        ref = model(x)
+        out = compiled(x)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)

@@ -105,6 +105,7 @@ def _blue_red_run(path):
     return path
 
 
+@pytest.mark.slow  # a Python subprocess per command
 def test_commands_import_only_what_they_need(tmp_path):
     """`models` works with every extra missing; eval and predict need torch and pillow only; a missing
     package is one error line that says what to install."""

@@ -31,6 +31,12 @@ REAL = {"fastervit_nano": dict(hat=(False, False, True, True), layer_scale=0.1, 
 ALL = list_models()
 
 
+def _fast_tier(names: list[str]) -> list:
+    """`names` as parameters, the models of the REAL table in the fast tier and every other registered
+    variant marked slow (`pytest -m "not slow"` while editing; CI runs them all)."""
+    return [n if n in REAL else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
 def _kind(name: str) -> str:
     """A registered name without its size: fastervit_4_21k_224 -> fastervit, crossformerpp_s -> crossformerpp,
     cabvit_h_l1 -> cabvit_h."""
@@ -75,6 +81,7 @@ def _check_maps(name, model, maps, size, feature_info):
 
 
 # ------------------------------------------------------------------------------------------ every model
+@pytest.mark.slow  # builds every registered model on meta
 def test_real_models_cover_every_kind():
     """Every kind of registered model runs for real here, with its smallest registered model."""
     from hybridvit.registry import count_params
@@ -86,7 +93,7 @@ def test_real_models_cover_every_kind():
         assert count_params(meta_model(name)) == min(count_params(meta_model(n)) for n in same), name
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", _fast_tier(ALL))
 def test_every_model_on_meta(name):
     """Every registered model on the meta device: pretrained_cfg fields, forward / forward_features /
     forward_intermediates shapes at the configured size, feature_info, and features_only with the later
@@ -366,6 +373,7 @@ def test_in_place_weight_edit_in_eval_is_never_stale(name):
     torch.testing.assert_close(after, plain, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # torch.jit.trace of every kind
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape-dependent geometry: a trace is per size
 @pytest.mark.parametrize("name", _real("fastervit", "crossformer", "cabvit_h", "cabvit_p"))
 def test_jit_trace_equals_eager(name):

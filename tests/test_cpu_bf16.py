@@ -1,4 +1,4 @@
-"""bf16 on CPUs without bf16 instructions: fp32 kernels on bf16 operands (layers/cpu_bf16.py)."""
+"""bf16 on CPUs without bf16 instructions: fp32 kernels on bf16 operands (layers/accel/cpu_bf16.py)."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +10,8 @@ from test_crossformer import fixture_model as crossformer_fixture_model
 from test_fastervit import fixture_model as fastervit_fixture_model
 
 from hybridvit.bench import make_step
-from hybridvit.layers import cpu_bf16
-from hybridvit.layers.cpu_bf16 import Bf16ByFp32Kernels, bf16_kernels, model_policy, use_fp32_kernels
+from hybridvit.layers.accel import cpu_bf16
+from hybridvit.layers.accel.cpu_bf16 import Bf16ByFp32Kernels, bf16_kernels, model_policy, use_fp32_kernels
 
 BF16 = torch.bfloat16
 

@@ -80,7 +80,8 @@ def test_memory_efficient_kernel_takes_the_bias(name):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from hybridvit.layers.attention import bias_is_aligned, trace_attention
+    from hybridvit.analysis.capture import trace_attention
+    from hybridvit.layers.attention import bias_is_aligned
 
     model = fixture_model(name).cuda()
     x = torch.randn(2, 3, *SIZES[1], device="cuda")

@@ -56,6 +56,7 @@ def test_models_and_bench_report_the_same_gmacs(tmp_path):
     assert bench["environment"]["threads"] == 1
 
 
+@pytest.mark.slow  # published-size models
 def test_stage_profile_is_channels_first_for_every_family():
     from hybridvit.flops import stage_profile
 

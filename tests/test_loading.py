@@ -3,6 +3,7 @@ no circle (imports inside functions counted) and nothing below imports what uses
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,36 @@ def test_no_import_runs_back_up():
             up = sorted(t for t in targets if t.startswith(_ABOVE))
             assert not up, f"{mod} imports {up}, which use it"
     assert _imports()["hybridvit.errors"] == set()  # the leaf every layer may import
+
+
+def test_speed_machinery_sits_below_the_blocks():
+    """layers/accel holds the speed machinery apart from the blocks: it imports no block; its one
+    version-keyed cache is the only reader of tensor version counters, its one shim the only reader of
+    torch's autocast and export state; the attention function carries no analysis switch."""
+    for mod, targets in _imports().items():
+        if mod.startswith("hybridvit.layers.accel"):
+            outside = sorted(t for t in targets if not t.startswith("hybridvit.layers.accel"))
+            assert not outside, f"{mod} imports {outside}"
+    for path in SRC.rglob("*.py"):
+        text, rel = path.read_text(), path.relative_to(SRC).as_posix()
+        if re.search(r"\w\._version\b", text):
+            assert rel == "layers/accel/cache.py", f"{rel} keys a cache on tensor versions of its own"
+        if re.search(r"torch\.(is_autocast|get_autocast)|compiler\.is_exporting", text):
+            assert rel == "layers/accel/switch.py", f"{rel} reads torch's autocast/export state itself"
+    attention = (SRC / "layers" / "attention.py").read_text()
+    assert "_CAPTURE" not in attention
+    assert not any("analysis" in t for t in _imports()["hybridvit.layers.attention"])
+
+
+def test_readme_layout_names_every_part_of_the_tree():
+    """The README's layout section names every module and folder of src/hybridvit (and layers/accel)."""
+    readme = (SRC.parent.parent / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```")[1]
+    parts = [p for p in SRC.iterdir() if not p.name.startswith("__") and p.name not in ("_version.py",)
+             and (p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__"))]
+    parts += [SRC / "layers" / "accel"]
+    missing = [p.name for p in parts if p.stem not in layout]
+    assert not missing, f"README layout does not name {missing}"
 
 
 def test_one_place_writes_the_input_size():

@@ -184,9 +184,9 @@ def test_every_family_trains_on_the_embedded_digits(tmp_path, model):
 
 @pytest.mark.slow
 def test_bf16_training_on_cpu_runs_its_products_on_fp32_kernels(tmp_path, monkeypatch):
-    """`--amp bf16` on a CPU: forward and backward take the model's CPU bf16 policy (layers/cpu_bf16.py)."""
+    """`--amp bf16` on a CPU: forward and backward take the model's CPU bf16 policy (layers/accel/cpu_bf16.py)."""
     pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")
-    from hybridvit.layers import cpu_bf16
+    from hybridvit.layers.accel import cpu_bf16
 
     monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: False)  # as on an AVX2-only CPU
     seen: list[str] = []
@@ -214,7 +214,7 @@ def test_batch_of_one_meeting_batchnorm_gets_advice(tmp_path, capsys):
 
 
 def test_precision_is_built_once_from_amp(tmp_path, capsys):
-    from hybridvit.layers import cpu_bf16
+    from hybridvit.layers.accel import cpu_bf16
     from hybridvit.precision import Precision
 
     cpu = torch.device("cpu")

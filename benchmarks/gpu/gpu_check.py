@@ -701,7 +701,7 @@ def measure_signature(g: dict, tensors: tuple, mode: Mode, flex) -> None:
 def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> None:
     from torch.nn.attention.flex_attention import flex_attention
 
-    from hybridvit.layers.attention import trace_attention
+    from hybridvit.analysis.capture import trace_attention
 
     dev = mode.device
     flex = flex_attention if mode.dry else torch.compile(flex_attention, dynamic=False)
@@ -718,7 +718,9 @@ def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> Non
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16):
             if not mode.dry:
                 ours(x)  # eval caches filled, kernels autotuned before the profile
-            with trace_attention(keep_tensors=True) as tr, torch.profiler.profile(activities=acts) as prof:
+            # plain=True on the CPU: its bf16 attention is the explicit form there, no SDPA call to record
+            with trace_attention(keep_tensors=True, plain=dev.type == "cpu") as tr, \
+                    torch.profiler.profile(activities=acts) as prof:
                 ours(x)
                 sync(dev)
         ops: dict[str, int] = {}

@@ -19,7 +19,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .flops import count_macs
-from .layers.cpu_bf16 import bf16_kernels, model_policy, use_fp32_kernels
 from .precision import Precision
 
 
@@ -117,7 +116,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
 
     def step():
-        # forward and backward in one bf16 kernel context (see layers/cpu_bf16.py; nothing off CPU bf16)
+        # forward and backward in one bf16 kernel context (see layers/accel/cpu_bf16.py; nothing off CPU bf16)
         with precision.kernels(model):
             with precision.autocast():
                 loss = torch.nn.functional.cross_entropy(model(x).float(), target)
@@ -142,8 +141,34 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"timm has no model {name[5:]!r}; timm.list_models('PATTERN*') lists its names")
 
 
+COMPILE_MODES = ("freezing", "default")
+
+
+def compile_model(model: torch.nn.Module, train: bool = False, mode: str = "freezing") -> torch.nn.Module:
+    """torch.compile as `hybridvit bench --compile` applies it.
+
+    For inference, inductor's `freezing` (mode "freezing", the default): the parameters become constants
+    of the graph, so inductor prepacks the weights of oneDNN linears and convolutions and fuses their
+    bias and activation epilogues (the plain compile lowers linears to `addmm`), and folds the position-
+    bias tables, which depend on parameters only; static shapes (each input shape compiles once). Freezing
+    applies only where autograd is off, and the compiled model then answers for the weights it was
+    frozen with: compile again after a weight edit.
+    For training (or mode "default"): torch.compile's defaults. The attention runs in the explicit form
+    under compile on the CPU (layers/attention.py), which inductor fuses."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+    if train or mode == "default":
+        return torch.compile(model)
+    # static shapes: a new batch size or image size compiles its own graph (as a deployment runs one shape),
+    # where automatic dynamic shapes would recompile every graph symbolically
+    return torch.compile(model, dynamic=False, options={"freezing": True})
+
+
 def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels_last: bool = True,
-            compile: bool = False, train: bool = False, fuse: bool = False) -> tuple[torch.nn.Module, str]:
+            compile: bool | str = False, train: bool = False, fuse: bool = False) -> tuple[torch.nn.Module, str]:
+    """The model to time: built (a hybridvit name, timm:<name>, or a module), on `device`, in train or
+    eval mode, optionally fused and channels_last, and compiled (`compile`: True or a mode of
+    `compile_model`)."""
     if isinstance(name_or_model, str):
         label = name_or_model
         check_model_name(name_or_model)
@@ -161,7 +186,7 @@ def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
-        model = torch.compile(model)
+        model = compile_model(model, train, "freezing" if compile is True else compile)
     return model, label
 
 
@@ -197,8 +222,8 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
              "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
-        if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/cpu_bf16.py)
-            fp32 = use_fp32_kernels(model_policy(model), "cpu", True)
+        if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/accel/cpu_bf16.py)
+            fp32 = Precision.from_amp("bf16", dev).products_on_fp32_kernels(model)
             r["bf16_products"] = "fp32 kernels" if fp32 else "bf16 kernels"
 
         if latency:
@@ -228,7 +253,8 @@ def runtime_models(model: torch.nn.Module, args: argparse.Namespace, dev: torch.
     out = []
     for rt in args.runtime:
         if rt in ("torch", "compile"):
-            m = prepare(model, dev, not args.no_channels_last, rt == "compile", args.train, args.fuse)[0]
+            compiled = (args.compile or "freezing") if rt == "compile" else False
+            m = prepare(model, dev, not args.no_channels_last, compiled, args.train, args.fuse)[0]
         else:
             m = runtime_model(model.eval(), rt, (img_size, img_size), folder,
                               precision="bf16" if args.amp == "bf16" else "fp32")
@@ -256,7 +282,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_img_size(p, whose="the checkpoint's, else the model's")
     options.add_device(p)
     options.add_amp(p, "none")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--compile", nargs="?", const="freezing", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the models; for inference with inductor's freezing (the default: "
+                        "weights prepacked as graph constants), or 'default' for torch.compile's defaults")
     p.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=None, metavar="RUNTIME",
                    help="time the (first) model in each of these side by side: torch (eager), compile "
                         "(torch.compile), onnxruntime and openvino (its ONNX / OpenVINO export; the onnx and "
@@ -313,9 +341,10 @@ def run(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"results": res, "environment": environment(args.device),
                            "command": "hybridvit " + " ".join(getattr(args, "_argv", sys.argv[1:]))}
     if args.peak:
-        dtype = Precision.from_amp(args.amp, dev).dtype or torch.float32
+        precision = Precision.from_amp(args.amp, dev)
+        dtype = precision.dtype or torch.float32
         # the peak of the kernels the hybridvit models use: with fp32 kernels for bf16, that of those
-        with bf16_kernels(args.cpu_bf16_kernels, dev, dtype):
+        with precision.policy_kernels(args.cpu_bf16_kernels):
             out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
     ref = res[0]["img_per_s"]
     w = max(24, *(len(r["model"]) + 2 for r in res))

@@ -73,7 +73,7 @@ def profile_macs(model: nn.Module, x: torch.Tensor | Sequence[int] | None = None
     was_training = model.training
     # position-bias tables (an MLP run once per resolution, cached in inference, not per-image work) are
     # left out of the count: counted, they made crossformerpp_s read 4.43 instead of 4.42
-    from .layers.cache import tables_outside_dispatch_modes
+    from .layers.accel.cache import tables_outside_dispatch_modes
 
     model.eval()
     counter = flop_counter()

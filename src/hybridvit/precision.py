@@ -1,5 +1,5 @@
 """Numerical precision of a run: the one place where an `--amp` value becomes a dtype, an autocast
-context (with the CPU bf16 kernel policy of layers/cpu_bf16.py) and a gradient scaler."""
+context (with the CPU bf16 kernel policy of layers/accel/cpu_bf16.py) and a gradient scaler."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .layers.cpu_bf16 import bf16_kernels, model_policy
+from .layers.accel.cpu_bf16 import bf16_kernels, model_policy, use_fp32_kernels
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 _DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,9 +53,19 @@ class Precision:
         return stack
 
     def kernels(self, model: nn.Module):
-        """The CPU bf16 kernel context of `model`'s policy (layers/cpu_bf16.py), for a training step's
+        """The CPU bf16 kernel context of `model`'s policy (layers/accel/cpu_bf16.py), for a training step's
         forward and backward together; nothing off CPU bf16."""
         return bf16_kernels(model_policy(model), self.device, self.dtype)
+
+    def policy_kernels(self, policy: str):
+        """The CPU bf16 kernel context of an explicit `policy` ("auto" | "native" | "fp32"), e.g. to measure
+        the matmul peak of the kernels a model under that policy uses; nothing off CPU bf16."""
+        return bf16_kernels(policy, self.device, self.dtype)
+
+    def products_on_fp32_kernels(self, model: nn.Module) -> bool:
+        """Whether `model`'s bf16 products run on fp32 kernels here (CPU bf16 without bf16 instructions,
+        under the model's policy)."""
+        return use_fp32_kernels(model_policy(model), self.device.type, self.dtype == torch.bfloat16)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)

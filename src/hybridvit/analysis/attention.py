@@ -1,6 +1,6 @@
 """Attention weights of the existing modules, mapped back to image positions.
 
-`capture(model, x)` runs one forward under `hybridvit.layers.attention.capture_attention` and turns every
+`capture(model, x)` runs one forward under `hybridvit.analysis.capture.capture_attention` and turns every
 recorded call into a `TokenLayout` (where each query and key sits in the image) plus its weights
 (B, groups per image, heads, N, M). Everything else (maps for a query location, attended distance,
 the share of attention that goes to carrier or digest tokens) is computed from those two:
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..layers.attention import capture_attention
+from .capture import capture_attention
 from ..layers.window import window_partition
 
 # key kinds

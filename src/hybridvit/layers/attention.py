@@ -1,9 +1,8 @@
-"""Attention over a token set with an additive float bias, through fused SDPA.
+"""Attention over a token set with an additive float bias: SDPA, or on the CPU its explicit form where
+that is faster (`_sdpa_applies`).
 
-`capture_attention()` switches `attend` to an explicit softmax(q k^T * scale + bias) that records the
-attention weights (same output up to float rounding), for analysis; the fused path stays the default.
-`trace_attention()` records what every call hands to SDPA (shapes, dtypes, strides, optionally the
-tensors) without changing the computation, for benchmarks of the attention path.
+Analysis records what attention computes from outside (`hybridvit.analysis.capture`: a hook on the SDPA
+call of the plain path); nothing here checks for it.
 
 GPU rules `attend` keeps (checked on CPU by tests/test_gpu_script.py, on CUDA by tests/test_cuda.py):
 - the bias reaches SDPA in the query's dtype: on SM90, cuDNN attention has been reported to misread an
@@ -15,139 +14,10 @@ GPU rules `attend` keeps (checked on CPU by tests/test_gpu_script.py, on CUDA by
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .fast import eager_fast
-
-# torch.compiler.is_exporting appeared after torch 2.4, the oldest torch hybridvit supports
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
-class AttentionCapture:
-    """The attention weights of every `attend` call made under `capture_attention()`, in call order.
-
-    `records[i]` is a dict: `weights` (B', heads', N, M) float32 on CPU, each row summing to 1 (B' and
-    heads' as `attend` received them: a caller may fold windows into the head axis); with a `model`,
-    also `module` (qualified name of the innermost submodule running when attend was called, e.g.
-    "stages.2.blocks.0.attn") and `calls` (the chain of running submodules, outermost first, as
-    (name, args) with every tensor argument replaced by its shape), which give the token geometry.
-    """
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self._stack: list[tuple[str, tuple]] = []
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-               scale: float | None, dropout_p: float) -> torch.Tensor:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        with torch.autocast(q.device.type, enabled=False):  # fp32 weights under autocast too
-            logits = (q.float() @ k.float().transpose(-2, -1)) * scale
-            if bias is not None:
-                logits = logits + bias.float()
-            weights = logits.softmax(-1)
-        record: dict[str, Any] = {"weights": weights.detach().cpu()}
-        if self._stack:
-            record["module"] = self._stack[-1][0]
-            record["calls"] = list(self._stack)
-        self.records.append(record)
-        if dropout_p > 0:
-            weights = F.dropout(weights, dropout_p)
-        with torch.autocast(q.device.type, enabled=False):
-            return (weights @ v.float()).to(v.dtype)
-
-    def _track(self, model: nn.Module) -> list[Any]:
-        def shape_of(a: Any) -> Any:
-            if isinstance(a, torch.Tensor):
-                return tuple(a.shape)
-            return type(a)(shape_of(b) for b in a) if isinstance(a, (list, tuple)) else a
-
-        def enter(name: str):
-            def hook(_m, args, kwargs):
-                self._stack.append((name, tuple(shape_of(a) for a in args) +
-                                    tuple((k, shape_of(v)) for k, v in kwargs.items())))
-            return hook
-
-        def leave(_m, _args, _kwargs, _out):
-            if self._stack:
-                self._stack.pop()
-
-        handles = []
-        for name, m in model.named_modules():
-            handles.append(m.register_forward_pre_hook(enter(name), with_kwargs=True))
-            handles.append(m.register_forward_hook(leave, with_kwargs=True, always_call=True))
-        return handles
-
-
-class AttentionTrace:
-    """What each `attend` call under `trace_attention()` handed to SDPA, in call order.
-
-    `records[i]`: `q`, `k`, `v` shapes, `dtype` (the query's), `bias` shape, `bias_dtype`, `bias_stride`
-    (None without a bias), `scale`, `dropout_p`; with `keep_tensors`, also `tensors`: detached (q, k, v,
-    bias) of that call. The computation is the normal one (the bias as SDPA received it).
-    """
-
-    def __init__(self, keep_tensors: bool = False) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.keep_tensors = keep_tensors
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-               scale: float | None, dropout_p: float) -> torch.Tensor:
-        bias = prepare_bias(q, bias)
-        record: dict[str, Any] = {
-            "q": tuple(q.shape), "k": tuple(k.shape), "v": tuple(v.shape), "dtype": str(q.dtype),
-            "device": q.device.type, "bias": None if bias is None else tuple(bias.shape),
-            "bias_dtype": None if bias is None else str(bias.dtype),
-            "bias_stride": None if bias is None else tuple(bias.stride()), "scale": scale, "dropout_p": dropout_p}
-        if self.keep_tensors:
-            record["tensors"] = tuple(None if t is None else t.detach() for t in (q, k, v, bias))
-        self.records.append(record)
-        return _attend(q, k, v, bias, scale, dropout_p)
-
-
-_CAPTURE: AttentionCapture | AttentionTrace | None = None
-
-
-@contextmanager
-def capture_attention(model: nn.Module | None = None) -> Iterator[AttentionCapture]:
-    """Within this context every `attend` call computes its weights explicitly and records them.
-
-    >>> with torch.no_grad(), capture_attention(model) as cap:
-    ...     model(x)
-    >>> cap.records[0]["module"], cap.records[0]["weights"].shape
-
-    With `model`, each record names the submodule of `model` that called attend (forward hooks that are
-    removed on exit). Not for torch.compile'd or exported graphs: for analysis in eager mode.
-    """
-    global _CAPTURE
-    previous, cap = _CAPTURE, AttentionCapture()
-    handles = cap._track(model) if model is not None else []
-    _CAPTURE = cap
-    try:
-        yield cap
-    finally:
-        _CAPTURE = previous
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def trace_attention(keep_tensors: bool = False) -> Iterator[AttentionTrace]:
-    """Within this context every `attend` call is recorded (see AttentionTrace) and computed as usual.
-    Eager mode only (a compiled graph does not call back into Python)."""
-    global _CAPTURE
-    previous, trace = _CAPTURE, AttentionTrace(keep_tensors)
-    _CAPTURE = trace
-    try:
-        yield trace
-    finally:
-        _CAPTURE = previous
-
+from .accel import fast_paths_enabled, is_exporting, is_tracing
 
 BIAS_ALIGNMENT = 8  # elements: what SDPA's memory-efficient CUDA kernel asks of the bias's strides
 
@@ -190,29 +60,38 @@ def prepare_bias(q: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | N
     return bias if bias.dtype == q.dtype else bias.to(q.dtype)
 
 
-def _low_precision_trainable_bias(q: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """A bf16/fp16 CPU attention whose bias needs a gradient (training with a learned position bias),
-    eagerly with the fast paths on. SDPA's fused CPU kernel takes no bias gradient, so SDPA falls back
-    to its math path, which upcasts half-precision q, k, v and bias to fp32 (about half the speed)."""
-    return (bias is not None and bias.requires_grad and q.device.type == "cpu"
-            and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and eager_fast())
+def _sdpa_applies(q: torch.Tensor) -> bool:
+    """Whether `attend` calls SDPA for this query rather than the explicit form.
+
+    SDPA: off the CPU (CUDA's fused kernels), on the CUDA path's aligned bias (`_aligns_bias`), with the
+    fast paths switched off (the plain path), and for eager fp32 on the CPU. The explicit form: bf16 and
+    fp16 on the CPU, and everything torch.compile / export traces on the CPU, where inductor fuses the
+    scale, the bias add and the softmax around two batched products. Measured side by side on whole
+    models and per shape (benchmarks/attention_forms.py): SDPA's fused CPU kernel is slower in bf16 at the
+    16-196 keys these families use, and with a trainable bias it falls back to its math path, which
+    upcasts bf16 to fp32; in eager fp32 it is as fast or faster."""
+    if q.device.type != "cpu" or _aligns_bias(q) or not fast_paths_enabled():
+        return True
+    return q.dtype == torch.float32 and not is_tracing()
 
 
 def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      scale: float | None, dropout_p: float) -> torch.Tensor:
-    """SDPA's math path in the query dtype: softmax(q k^T * scale + bias) v, (B, h, N, d)."""
+    """softmax(q k^T * scale + bias) v in the query dtype, (B, h, N, d): two batched matrix products
+    and one softmax, which inductor fuses with the scale and the bias add. Eagerly the scale and the
+    broadcast bias are applied in place on the product (no expanded copy of the bias); a tracer gets
+    the same ops out of place."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    kt = k.flatten(0, 1).transpose(-2, -1)
-    if bias is None:
-        logits = torch.bmm(q.flatten(0, 1), kt).mul_(scale)
+    logits = torch.matmul(q, k.transpose(-2, -1))
+    if is_tracing():
+        logits = logits * scale if bias is None else logits * scale + bias
     else:
-        logits = torch.baddbmm(bias.expand(*q.shape[:-1], k.shape[-2]).flatten(0, 1), q.flatten(0, 1), kt,
-                               alpha=scale)
+        logits = logits.mul_(scale) if bias is None else logits.mul_(scale).add_(bias)
     # softmax in the query dtype still accumulates in fp32 inside the CPU kernel
     weights = logits.softmax(-1)
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
-    return (weights @ v.flatten(0, 1)).unflatten(0, q.shape[:2])
+    return torch.matmul(weights, v)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
@@ -223,18 +102,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     The bias (relative position bias, padding mask with -inf-like entries) is cast to the query dtype
     so that autocast and half-precision models never meet a dtype mismatch inside SDPA.
     """
-    if _CAPTURE is not None:  # analysis: explicit weights or a trace (capture_attention, trace_attention)
-        return _CAPTURE.attend(q, k, v, bias, scale, dropout_p)
     return _attend(q, k, v, prepare_bias(q, bias), scale, dropout_p)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
             scale: float | None, dropout_p: float) -> torch.Tensor:
     """`attend` with the bias already prepared (`prepare_bias`)."""
-    if _low_precision_trainable_bias(q, bias):
+    if not _sdpa_applies(q):
         return _attend_explicit(q, k, v, bias, scale, dropout_p)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    if _is_exporting():
+    if is_exporting():
         # the fused CPU kernel returns (B, N, heads, d) memory, its export decomposition (B, heads, N, d):
         # a real copy keeps the views traced after it valid for both (eager and compile read the kernel's
         # layout for free)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast import eager_fast
+from .accel.switch import eager_fast
 
 
 class LayerScale(nn.Module):

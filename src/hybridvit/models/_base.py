@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.fast import is_fx_tracing
+from ..layers.accel.switch import is_fx_tracing
 
 
 def feature_take_indices(num_stages: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
@@ -124,7 +124,7 @@ class HybridModel(nn.Module):
     global_pool_types: tuple[str, ...] = ("avg", "")  # "": no pooling (the classifier removed)
     min_input_size: int = 1  # per side, for models built without a registry entry (pretrained_cfg's wins)
     # preferred CPU bf16 kernel policy ("auto" | "native" | "fp32"): data only, read by the runtime's
-    # `layers.cpu_bf16.model_policy` when it enters the `bf16_kernels` context; the model applies nothing
+    # `layers.accel.cpu_bf16.model_policy` when it enters the `bf16_kernels` context; the model applies nothing
     cpu_bf16_kernels: str = "auto"
     stage_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]

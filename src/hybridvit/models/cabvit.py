@@ -26,7 +26,7 @@ ConvNeXt permutes and the (B, H*W, C) token views of the CaB stages are free; at
 SDPA with one additive bias gathered per block from the tiny bias tables (no cached bias that could go
 stale); without autograd the GELUs and residual adds reuse their temporaries (fresh large CPU buffers
 cost page faults) and BatchNorm is folded into its conv on the fly; `fuse()` folds conv+BN pairs and
-layer scales for inference. `layers.fast` switches all of this off.
+layer scales for inference. `layers.accel.switch` switches all of this off.
 """
 from __future__ import annotations
 

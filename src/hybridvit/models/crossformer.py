@@ -15,8 +15,8 @@ Attention"; "CrossFormer++: ..."):
   `AmplitudeCooling` (ACL: depthwise 3x3 conv + LayerNorm, no residual) after every third block except
   a stage's last.
 
-Speed (same outputs as the plain computation; `layers.fast` switches it off): the DPB is cached per
-group size in inference (`layers.cache`), the linears run oneDNN's fused GEMM epilogues (`layers.fused_linear`)
+Speed (same outputs as the plain computation; `layers.accel.switch` switches it off): the DPB is cached per
+group size in inference (`layers.accel.cache`), the linears run oneDNN's fused GEMM epilogues (`layers.accel.fused_linear`)
 and in inference the residual adds join the output projections.
 
 Departures from the official code, exact at the official resolution: SDA/LDA and the group size are
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import CachedTable, DropPath, Mlp, attend, drop_path_rates, linear, padding_bias_map
-from ..layers.fast import eager_fast
+from ..layers.accel.switch import eager_fast
 from ._base import HybridModel
 from ._variant import LICENSE_MIT, Variant, pretrained_cfg
 
@@ -166,7 +166,7 @@ class DynamicPositionBias(CachedTable):
 
     forward(G) -> (num_heads, G*G, G*G), the bias of token pairs of one GxG group (row-major). It depends
     only on the weights and G: in eager no-grad inference it is computed once per G and reused, keyed on
-    the parameters' versions (`layers.cache`), so edited weights are never served a stale bias.
+    the parameters' versions (`layers.accel.cache`), so edited weights are never served a stale bias.
     """
 
     def __init__(self, pos_dim: int, num_heads: int, group_size: int = 7):

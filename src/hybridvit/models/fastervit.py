@@ -12,13 +12,13 @@ keys are masked), the window shrinks to the map when the map is smaller, the car
 follows the number of windows, and the continuous position biases are evaluated for the grid in
 use. At the configured resolution all of this reduces exactly to the official computation.
 
-Speed (same outputs as the plain computation, checked by the tests; `layers.fast` switches it off):
+Speed (same outputs as the plain computation, checked by the tests; `layers.accel.switch` switches it off):
 
 - attention through SDPA with the position bias as one additive (1, heads, N, N) mask broadcast over
   the windows of the batch;
 - the position MLPs (absolute embeddings, continuous relative biases) depend only on weights and
   geometry: in eager no-grad inference they are computed once per geometry and reused, keyed on the
-  parameters' versions (`layers.cache`), so edited weights are never served a stale table;
+  parameters' versions (`layers.accel.cache`), so edited weights are never served a stale table;
 - a HAT stage partitions its map into windows once, keeps [carrier tokens + window tokens] of every
   window in one (B*nW, P + ws*ws, C) tensor through all its blocks (carriers are updated in place of
   their rows, no per-block concatenation or split) and reverses once;
@@ -187,7 +187,7 @@ class AbsolutePositionMLP(CachedTable):
     about [-1, 1] (the official `PosEmbMLPSwinv1D`, rank 2), for any (h, w) grid.
 
     compute(h, w, num_prefix) -> (1, P + h*w, C): grid tokens in raster order after P zero rows for
-    prefix (carrier) tokens; cached per geometry in inference (`layers.cache`).
+    prefix (carrier) tokens; cached per geometry in inference (`layers.accel.cache`).
     """
 
     def __init__(self, dim: int):
@@ -214,7 +214,7 @@ class ContinuousPositionBias(CachedTable):
     Relative offsets are normalised by the grid size the model was configured for (`pretrained_size`),
     so other grid sizes reuse the same offsets and extrapolate smoothly. compute(h, w, P) is the
     additive bias (heads, P + h*w, P + h*w) where the P prefix (carrier) tokens get zero bias; cached per
-    geometry in inference (`layers.cache`).
+    geometry in inference (`layers.accel.cache`).
     """
 
     def __init__(self, num_heads: int, pretrained_size: tuple[int, int]):

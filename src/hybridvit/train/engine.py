@@ -122,7 +122,7 @@ def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedul
 
     cfg, info, pcfg = ctx.cfg, ctx.info, model_info["pretrained_cfg"]
     train_model: nn.Module = torch.compile(state.model) if cfg.compile else state.model
-    kernel_model = train_model  # bf16 kernels for forward and backward (layers/cpu_bf16.py)
+    kernel_model = train_model  # bf16 kernels for forward and backward (layers/accel/cpu_bf16.py)
     if info.enabled:
         # depthwise kernels (C, 1, k, k) get gradients whose stride on the size-1 dim differs from
         # DDP's bucket view: harmless (a size-1 dim has no layout), but warned about at every step
@@ -155,7 +155,7 @@ def train_micro_batch(ctx: RunContext, state: TrainState, loop: Loop, batch: dic
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     no_sync = contextlib.nullcontext() if sync or not info.enabled else loop.train_model.no_sync()
-    # forward and backward share the bf16 kernel policy of the model (layers/cpu_bf16.py)
+    # forward and backward share the bf16 kernel policy of the model (layers/accel/cpu_bf16.py)
     with no_sync, ctx.precision.kernels(loop.kernel_model):
         with ctx.precision.autocast():
             logits = _forward_train(loop.train_model, x)

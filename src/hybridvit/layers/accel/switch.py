@@ -1,4 +1,5 @@
-"""The one switch for every fast path (like timm's `use_fused_attn`).
+"""The one switch for every fast path (like timm's `use_fused_attn`), and the one shim over torch's
+versions for what the fast paths ask of it (tracing, exporting, the autocast state).
 
 hybridvit computes some things faster than the plain formulas in eager inference: eval-cached
 position-bias tables, BatchNorm folded into the preceding conv on the fly, oneDNN linears with the bias,
@@ -53,11 +54,29 @@ def is_fx_tracing() -> bool:
     return _fx_symbolic_tracing()
 
 
+# torch.compiler.is_exporting appeared after torch 2.4, the oldest torch hybridvit supports
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def is_exporting() -> bool:
+    """True while torch.export (or the dynamo-based ONNX export) traces the model."""
+    return bool(_is_exporting())
+
+
 def is_tracing() -> bool:
     """True under torch.jit.trace, torch.fx symbolic tracing, torch.compile / torch.export (dynamo) or
     ONNX export."""
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_tracing()
-            or bool(getattr(torch.compiler, "is_exporting", lambda: False)()))
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_tracing() or is_exporting()
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on `device_type`, None where autocast is off."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, AttributeError):  # torch < 2.4 spells it per device
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def eager_fast() -> bool:

@@ -1,7 +1,7 @@
 """Linear layers with the bias, exact GELU or a residual add in oneDNN's GEMM epilogue (CPU inference).
 
 `linear(x, layer, gelu, residual)` is layer(x) [-> GELU] [+ residual]. For CPU tensors without autograd,
-eagerly and with the fast paths on (`layers.fast`), it runs oneDNN's fused inner product (~25% faster
+eagerly and with the fast paths on (`layers.accel.switch`), it runs oneDNN's fused inner product (~25% faster
 than addmm in fp32, which first broadcasts the bias into the output, plus a separate GELU or add pass):
 - fp32 without autocast: values equal the plain ops up to float rounding (~1e-6);
 - bf16 (bf16 input, or bf16 autocast) on a CPU with native bf16 instructions: the bf16 product of the
@@ -18,28 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-from torch.utils.weak import WeakIdKeyDictionary
 
+from .cache import cast_param
 from .cpu_bf16 import cpu_has_native_bf16
-from .fast import eager_inference
+from .switch import autocast_dtype, eager_inference
 
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _autocast_cpu() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def _autocast_cpu_dtype() -> torch.dtype | None:
-    if not _autocast_cpu():
-        return None
-    try:
-        return torch.get_autocast_dtype("cpu")
-    except (TypeError, AttributeError):  # torch < 2.4
-        return torch.get_autocast_cpu_dtype()
 
 
 def onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -49,7 +33,7 @@ def onednn_dtype(x: torch.Tensor) -> torch.dtype | None:
     if not (_ONEDNN_LINEAR and eager_inference() and x.device.type == "cpu"
             and _get_current_dispatch_mode() is None):
         return None
-    amp = _autocast_cpu_dtype()
+    amp = autocast_dtype("cpu")
     if amp is None and x.dtype == torch.float32:
         return torch.float32
     if ((amp == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16))
@@ -63,24 +47,6 @@ def onednn_applies(x: torch.Tensor) -> bool:
     return onednn_dtype(x) is not None
 
 
-# parameter -> (storage, version, dtype) key and its cast copy; entries go with their parameter
-_CAST_PARAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _param_in(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """t in `dtype`; a cast copy is cached per parameter, keyed on its storage and version counter (an
-    in-place write, `load_state_dict` or `.to()` gives a new key: never a stale copy)."""
-    if t is None or t.dtype == dtype:
-        return t
-    key = (t.data_ptr(), t._version, dtype)
-    hit = _CAST_PARAMS.get(t)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    value = t.detach().to(dtype)
-    _CAST_PARAMS[t] = (key, value)
-    return value
-
-
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """layer(x), then exact GELU if `gelu`, plus `residual` (the output's shape) if given;
@@ -88,8 +54,8 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
     dtype = onednn_dtype(x)
     if dtype is not None:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        weight = _param_in(layer.weight, dtype)
-        bias = _param_in(layer.bias, dtype)
+        weight = cast_param(layer.weight, dtype)
+        bias = cast_param(layer.bias, dtype)
         if residual is not None and not gelu and residual.dtype == dtype:
             y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(x2.shape[0], -1), weight,
                                                           bias, "add")

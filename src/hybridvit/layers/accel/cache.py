@@ -1,4 +1,8 @@
-"""Eval-time caching of tables that depend only on a module's own parameters and a geometry.
+"""The one version-keyed cache of the fast paths: values computed from parameters, reused while the
+parameters are unchanged (`version_key`).
+
+- `CachedTable`: tables that depend only on a module's own parameters and a geometry;
+- `cast_param`: a parameter's copy in another dtype (bf16 weights of the fused linears).
 
 FasterViT's continuous position bias and absolute position MLP and CrossFormer's dynamic position bias
 (DPB) are MLPs evaluated on fixed coordinates: in inference their output is the same for every batch.
@@ -19,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes, _get_current_dispatch_mode
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_bf16 import Bf16ByFp32Kernels
-from .fast import eager_inference
+from .switch import autocast_dtype, eager_inference
 
 _MAX_GEOMETRIES = 8  # a few input sizes in one process (multi-scale eval); beyond that, oldest first out
 _OUTSIDE_MODES = False
@@ -40,12 +45,28 @@ def tables_outside_dispatch_modes() -> Iterator[None]:
         _OUTSIDE_MODES = before
 
 
-def _autocast_state(device_type: str) -> Any:
-    try:
-        on = torch.is_autocast_enabled(device_type)
-        return torch.get_autocast_dtype(device_type) if on else None
-    except (TypeError, RuntimeError):  # torch < 2.4 spelling
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+def version_key(tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tuple:
+    """What a cached value computed from `tensors` depends on: each tensor's storage, version counter
+    (`Tensor._version` grows with every in-place write), dtype and device. A new key after any in-place
+    edit, `load_state_dict` or `.to()`: the cache can never serve a stale value."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+# parameter -> (version key, target dtype) and its cast copy; entries go with their parameter
+_CAST_PARAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def cast_param(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t` in `dtype`; the cast copy is cached per parameter under its `version_key`."""
+    if t is None or t.dtype == dtype:
+        return t
+    key = (version_key((t,)), dtype)
+    hit = _CAST_PARAMS.get(t)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = t.detach().to(dtype)
+    _CAST_PARAMS[t] = (key, value)
+    return value
 
 
 class CachedTable(nn.Module):
@@ -64,8 +85,7 @@ class CachedTable(nn.Module):
 
     def _key(self) -> tuple:
         params = list(self.parameters())
-        return (_autocast_state(params[0].device.type),
-                *((p.data_ptr(), p._version, p.dtype, p.device) for p in params))
+        return autocast_dtype(params[0].device.type), version_key(params)
 
     def table(self, *geometry: int) -> torch.Tensor:
         if _OUTSIDE_MODES and _get_current_dispatch_mode() is not None:
