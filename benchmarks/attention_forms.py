@@ -6,7 +6,9 @@ side in one process (interleaved repeats), fp32 and bf16, eager and torch.compil
 The shapes are recorded from real forward passes (analysis.capture.trace_attention, fp32: the SDPA path) of fastervit_0,
 crossformerpp_s and cabvit_h_l2 at --batch (16) and 224 px. Each row: the shape, the median time of each
 form and explicit/SDPA (below 1: explicit faster). The summary gives, per model and dtype, the time all
-its attention calls take in each form (the sum over its calls).
+its attention calls take in each form (the sum over its calls). `whole_model` times each model's eager
+forward (batch --batch, 224 px, channels_last, inference mode) with `attend` on SDPA and on the explicit
+form, interleaved: the figure the policy of `layers.attention._sdpa_applies` is chosen by.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -50,6 +53,34 @@ def timed(fn, repeats: int) -> list[float]:
         fn()
         out.append(time.perf_counter() - t)
     return out
+
+
+def whole_model(name: str, batch: int, repeats: int) -> dict:
+    """Median eager forward ms of `name` with attend forced to SDPA and to the explicit form, fp32 and bf16."""
+    from hybridvit.layers import attention as A
+
+    model = hybridvit.create_model(name).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 224, 224)
+    policy = A._sdpa_applies
+    forms = {"sdpa": lambda q: True, "explicit": lambda q: False}
+    res = {}
+    try:
+        for bf16 in (False, True):
+            times = {f: [] for f in forms}
+            for r in range(repeats + 1):
+                for f, rule in forms.items():
+                    A._sdpa_applies = rule
+                    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        t = time.perf_counter()
+                        model(x)
+                        if r:  # the first round warms up
+                            times[f].append(time.perf_counter() - t)
+            med = {f: statistics.median(t) * 1e3 for f, t in times.items()}
+            res["bfloat16" if bf16 else "float32"] = {**{f"{f}_ms": round(m, 1) for f, m in med.items()},
+                                                      "sdpa_over_explicit": round(med["sdpa"] / med["explicit"], 3)}
+    finally:
+        A._sdpa_applies = policy
+    return res
 
 
 def main() -> None:
@@ -94,13 +125,14 @@ def main() -> None:
                 print(json.dumps(row))
             summary[f"{name}/{str(dtype).split('.')[-1]}"] = {f"{f}_ms": round(t * 1e3, 2) for f, t in totals.items()
                                                               if t}
+    whole = {name: whole_model(name, args.batch, args.repeats) for name in MODELS}
+    print(json.dumps(whole, indent=1))
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), "?")
     flags = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu]
-    out = {"command": "python benchmarks/attention_forms.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_compile" and v is not None),
+    out = {"command": " ".join(["python"] + sys.argv),
            "cpu": model_name, "bf16_flags": flags, "torch": torch.__version__, "python": platform.python_version(),
-           "threads": args.threads, "batch": args.batch, "summary": summary, "rows": rows}
+           "threads": args.threads, "batch": args.batch, "summary": summary, "whole_model": whole, "rows": rows}
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps(summary, indent=1))

@@ -251,6 +251,25 @@ def test_fast_paths_off_equals_on(real):
         torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())
 
 
+def test_fuse_is_each_blocks_own_and_keeps_the_output(real):
+    """HybridModel.fuse() calls every block's own fuse(): no BatchNorm is left in those blocks, the output
+    is unchanged, and a fused model refuses to train; a model without such blocks stays as it is."""
+    name, model = real
+    model = copy.deepcopy(model)
+    blocks = [n for n, m in model.named_modules() if m is not model and callable(getattr(m, "fuse", None))]
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        out = model.fuse()(x)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert model.is_fused == bool(blocks)
+    fused = dict(model.named_modules())
+    assert not [n for n in blocks if any(isinstance(m, torch.nn.BatchNorm2d) for m in fused[n].modules())]
+    if blocks:
+        with pytest.raises(RuntimeError, match="fused for inference"):
+            model.train()
+
+
 def test_check_input(real):
     name, model = real
     min_side = model.pretrained_cfg["min_input_size"][-1]

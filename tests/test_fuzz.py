@@ -20,6 +20,52 @@ HERE = Path(__file__).resolve().parent
 # inputs the fuzzer found failing, fixed since: a protocol-4 BYTEARRAY8 claiming 5.5 GB (the pure-Python
 # unpickler allocated the claimed length before reading it)
 FOUND = ["gASVJAAAAAAAAAB9lCiMAWGWXZQoSwEAAABARwB6AACMAXOVZYyUAU5idYiGlC4="]
+# a zip torch.save whose dict says format "hybridvit-run" without a model name or weights (read_run raised
+# KeyError); tests/test_security.py::test_run_checkpoint_without_its_fields_is_refused has its neighbours
+FOUND_HOLLOW_RUN = (
+    "UEsDBAAACAiMAAAAAAAAAAAAAAAAAAAAAAAMABYAcnVuL2RhdGEucGtsRkISAFpaWlpaWlpaWlpaWlpaWlpaWoACfXEAKFgGAAAA"
+    "Zm9ybWF0cQFYDQAAAGh5YnJpZHZpdC1ydW5xAlgHAAAAdmVyM2lvbnEDSwJYCgAAAG1vZGVsX25hbWVxBFgOAAAAZmFzdGVydml0"
+    "X25hbm9xBVgMAAAAbW9kZWxfa3dhcmdzcQZ9cQdYCAAAAGltZ19zaXplcQhLQHNYCwAAAG51bV9jbGFzc2VzcQlLAlgLAAAAY2xh"
+    "c3NfbmFtZXpxCl1xCyhYAQAAAGFxDFgBAAAAYnENZVgOAAAAcHJldHJhaW5lZF9jZmdxDn1xD1gKAAAAaW5wdXRfc2l6ZXEQSwNL"
+    "QEtAh3ERc1gKAAAAc3RddGVfZGljdHESfXETKFgBAAAAd3EUY3RvcmNoLl91dGlscwpfcmVidWlsZF90ZW5zb3JfdjIKcRUoKFgH"
+    "AAAAc3RvcmFnZXEWY3RvcmNoCkZsb2F0U3RvcmFnZQpxF1gBAAAAMHEYWAMAAABjcHVxGUsGdHEaUUsASwNLAoZxG0sCSwGGcRyJ"
+    "Y2NvbGxlY3Rpb25zCk9yZGVyZWREaWN0CnEdKVJxHnRxH1JxIGgNaBUoKGgWY3RvcmNoCkxvbmdTdG9yYWdlCnEhWAEAAAAxcSJo"
+    "GUsEdHEjUUsASwSFcSRLAYVxJYloHSlScSZ0cSdScShYAQAAAGhxKWgVKChoFmN0b3JjaApIYWxmU3RvcmFnZQpxKlgBAAAAMnEr"
+    "aBlLAnRxLFFLAEsChXEtSwGFcS6JaB0pUnEvdHEwUnExdVgOAAAAc3RhdGVfZGljdF9lbWFxMk5YCwAAAHRyYWluX3N0YXRlcTNO"
+    "WAYAAABjb25maWdxNE51LlBLBwgFj8picwIAAHMCAABQSwMEAAAICAAAAAAAAAAAAAAAAAAAAAAAABMADABydW4vLmZvcm1hdF92"
+    "ZXJzaW9uRkIIAFpaWlpaWlpaMVBLBwi379yDAQAAAAEAAABQSwMEAAAICAAAAAAAAAAAAAAAAAAAAAAAABYAOwBydW4vLnN0b3Jh"
+    "Z2VfYWxpZ25tZW50RkI3AFpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlo2NFBL"
+    "Bwg/d3HpAgAAAAIAAABQSwMEAAAICAAAAAAAAAAAAAAAAAAAAAAAAA0AQwBydW4vYnl0ZW9yZGVyRkI/AFpaWlpaWlpaWlpaWlpa"
+    "WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWmxpdHRsZVBLBwiFPeMZBgAAAAYAAABQSwME"
+    "AAAICAAAAAAAAAAAAAAAAAAAAAAAAAoAQgBydW4vZGF0YS8wRkI+AFpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpa"
+    "WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaAu/bPoNuVr+zS6e/Liwhv7GlkD/roLg+UEsHCIoCNjIYAAAAGAAAAFBLAwQAAAgI"
+    "AAAAAAAAAAAAAAAAAAAAAAAACgAwAHJ1bi9kYXRhLzFGQiwAWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpa"
+    "WlpaWloAAAAAAAAAAAEAAAAAAAAAAgAAAAAAAAADAAAAAAAAAFBLBwgKEgCRIAAAACAAAABQSwMEAAAICAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAoAKABydW4vZGF0YS8yRkIkAFpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWgA8ADxQSwcIb79aIwQAAAAE"
+    "AAAAUEsDBAAACAgAAAAAAAAAAAAAAAAAAAAAAAALAEMAcnVuL3ZlcnNpb25GQj8A2lpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpa"
+    "WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaMwpQSwcI0Z5nVQIAAAACAAAAUEsDBAAACAgAAAAAAAAAAAAAAAAA"
+    "AAAAAAAaADYAcnVuLy5kYXRhL3NlcmlhbGl6YXRpb25faWRGQjIAWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpa"
+    "WlpaWlpaWlpaWlpaWlowODQ5NDg4ODQ3OTY1MDQ4NzM1MDE0Nzc4NDYwMDc3MDIwMjM0Nzk5UEsHCOCl1cUoAAAAKAAAAFBLAQIA"
+    "AAAACAgAAAAAAAAFj8picwIAAHMCAAAMAAAAAAAAAAAAAAAAAAAAAABydW4vZGF0YS5wa2xQSwECAAAAAAgIAAAAAAAAt+/cgwEA"
+    "AAABAAAAEwAAAAAAAAAAAAAAAADDAgAAcnVuLy5mb3JtYXRfdmVyc2lvblBLAQIAAAAACAgAAAAAAAA/d3HpAgAAAAIAAAAWAAAA"
+    "AAAAAAAAAAAAABEDAABydW4vLnN0b3JhZ2VfYWxpZ25tZW50UEsBAgAAAAAICAAAAAAAAIU94xkGAAAABgAAAA0AAAAAAAAAAAAA"
+    "AAAAkgMAAHJ1bi9ieXRlb3JkZXJQSwECAAAAAAgIAAAAAAAAigI2MhgAAAAYAAAACgAAAAAAAAAAAAAAAAAWBAAAcnVuL2RhdGEv"
+    "MFBLAQIAAAAACAgAAAAAAAAKEgCRIAAAACAAAAAKAAAAAAAAAAAAAAAAAKgEAABydW4vZGF0YS8xUEsBAgAAAAAICAAAAAAAAG+/"
+    "WiMEAAAABAAAAAoAAAAAAAAAAAAAAAAAMAUAAHJ1bi9kYXRhLzJQSwECAAAAAAgIAAAAAAAA0Z5nVQIAAAACAAAACwAAAAAAAAAA"
+    "AAAAAACUBQAAcnVuL3ZlcnNpb25QSwECAAAAAAgIAAAAAAAA4KXVxSgAAAAoAAAAGgAAAAAAAAAAAAAAAAASBgAAcnVuLy5kYXRh"
+    "L3NlcmlhbGl6YXRpb25faWRQSwYGLAAAAAAAAAAeAy0AAAAAAAAAAAAJAAAAAAAAAAkAAAAAAAAAIwIAAAAAAAC4BgAAAAAAAFBL"
+    "BgcAAAAA2wgAAAAAAAABAAAAUEsFBgAAAAAJAAkAIwIAALgGAAAAAA=="
+)
+
+
+def test_the_hollow_run_the_fuzzer_found_is_a_checkpoint_error(tmp_path):
+    from hybridvit.checkpoint import CheckpointError, extract_state_dict, is_run_checkpoint, read_checkpoint_file, read_run
+
+    path = tmp_path / "hollow.pt"
+    path.write_bytes(base64.b64decode("".join(FOUND_HOLLOW_RUN)))
+    obj = read_checkpoint_file(path)
+    with pytest.raises(CheckpointError, match="holds no model name and weights"):
+        read_run(obj, str(path)) if is_run_checkpoint(obj) else extract_state_dict(obj, str(path))
 
 
 def test_inputs_the_fuzzer_found_are_refused_without_allocating(tmp_path):

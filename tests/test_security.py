@@ -534,6 +534,25 @@ def test_run_checkpoint_cannot_smuggle_arguments(tmp_path, capsys, case):
     assert err.startswith("error: ") and err.count("\n") == 1 and "model_kwargs" in err
 
 
+HOLLOW_RUNS = {  # what the fuzzer found (a hybridvit-run header without its fields) and its neighbours
+    "format_only": {"format": "hybridvit-run"},
+    "version_1_no_weights": {"format": "hybridvit-run", "version": 1, "model_name": "fastervit_nano"},
+    "weights_not_a_dict": {"format": "hybridvit-run", "model_name": "fastervit_nano", "state_dict": [1, 2]},
+    "name_not_a_string": {"format": "hybridvit-run", "model_name": 7, "state_dict": {}},
+}
+
+
+@pytest.mark.parametrize("case", list(HOLLOW_RUNS))
+def test_run_checkpoint_without_its_fields_is_refused(tmp_path, capsys, case):
+    path = tmp_path / "hollow.pt"
+    torch.save(HOLLOW_RUNS[case], path)
+    with pytest.raises(CheckpointError, match="holds no model name and weights"):
+        hybridvit.load_model(path)
+    assert main(["eval", "--pretrained", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(path) in err
+
+
 @pytest.mark.parametrize("where", ["hub", "run"])
 def test_class_counts_are_bounded_before_allocation(tmp_path, monkeypatch, where):
     """num_classes = 2e6 in a file is refused before the builder runs (no 2 GB head)."""

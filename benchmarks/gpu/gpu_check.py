@@ -754,51 +754,6 @@ def section_attention(rec: dict, budget: Budget, mode: Mode, found: dict) -> Non
         del ours
 
 
-# ----------------------------------------------------------------------------------------------- summary
-def summary_lines(data: dict) -> list[str]:
-    """The short summary printed at the end (also by render.py --summary)."""
-    s = data["sections"]
-    where = "DRY RUN on CPU" if data["dry_run"] else data["device"]
-    lines = [f"GPU check ({where}), wall {data.get('wall_s', 0):.0f} s"]
-    for name, rec in s.items():
-        lines.append(f"  {name:<11} {rec['status']:<8} {rec['wall_s']:>6.1f} s"
-                     + (f"  {rec['error'][:100]}" if rec.get("error") else "")
-                     + (f"  not run: {len(rec['not_run'])}" if rec.get("not_run") else ""))
-    env = s.get("env", {})
-    if "matmul_peak_tflops" in env:
-        lines.append(f"  bf16 matmul peak {env['matmul_peak_tflops']['bf16']:.2f} TFLOP/s")
-    if "tests" in s and "tests" in s["tests"]:
-        t = s["tests"]
-        lines.append(f"  CUDA tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
-                     f"{t['skipped']} skipped")
-    if "val_top1" in s.get("digits", {}):
-        lines.append(f"  digits val top-1 {s['digits']['val_top1']:.2f}% (CPU {CPU_DIGITS_TOP1}%)")
-    for key in ("eager", "compiled"):
-        for r in s.get("inference", {}).get(key, []):
-            extra = "".join(f" x{r[k]:.2f} {lbl}" for k, lbl in (("ratio_vs_official", "official"),
-                                                                ("ratio_vs_convnext_tiny", "convnext_t"),
-                                                                ("ratio_vs_swin_tiny_patch4_window7_224", "swin_t"))
-                            if k in r)
-            lines.append(f"  {key:<8} {r['model']:<38} {r['img_per_s']:9.1f} img/s {r['pct_of_bf16_peak']:5.1f}% "
-                         f"peak{extra}")
-    for r in s.get("train_step", {}).get("results", []):
-        extra = f" x{r['ratio_vs_official']:.2f} official" if "ratio_vs_official" in r else ""
-        lines.append(f"  train    {r['model']:<38} {r['img_per_s']:9.1f} img/s{extra}")
-    tl = s.get("train_loop", {})
-    if "loop_img_per_s" in tl:
-        ratio = tl["loop_vs_step"]
-        lines.append(f"  train loop {tl['loop_img_per_s']:.1f} img/s"
-                     + (f" = x{ratio:.2f} of the step" if isinstance(ratio, float) else f" ({ratio})"))
-    for fam, f in s.get("attention", {}).get("families", {}).items():
-        for g in f["signatures"]:
-            lines.append(f"  attn {fam:<16} q{g['q']} k{g['k'][2]} x{g['calls']}: {g['sdpa_choice']}, "
-                         f"flex x{g['flex_vs_sdpa']:.2f} (diff {g['flex_max_abs_diff_vs_sdpa']:.1e})")
-    for name, rec in s.items():
-        for k, v in (rec.get("absent") or {}).items():
-            lines.append(f"  ABSENT in {name}: {k}: {v}")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU, tiny, one repeat")
@@ -847,8 +802,8 @@ def main(argv: list[str] | None = None) -> int:
                 section_train_loop(rec, budget, mode, out, work, steps)
             elif name == "attention":
                 section_attention(rec, budget, mode, found)
+    from render import render, summary_lines
     print("\n".join(summary_lines(report.data)), flush=True)
-    from render import render
     (out / "gpu_check.md").write_text(render(report.data))
     print(f"JSON: {out / 'gpu_check.json'}; tables: {out / 'gpu_check.md'}; work files: {work}")
     if report.failed:

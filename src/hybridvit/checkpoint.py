@@ -367,6 +367,10 @@ def read_run(obj: dict[str, Any], source: str = "the checkpoint") -> dict[str, A
     if version != 1:
         raise CheckpointError(f"{source} is a run checkpoint of format version {version}; this hybridvit reads "
                               f"versions 1 to {RUN_VERSION}: upgrade hybridvit")
+    if not isinstance(obj.get("model_name"), str) or not isinstance(obj.get("state_dict"), dict):
+        raise CheckpointError(f"{source} says it is a hybridvit run checkpoint but holds no model name and "
+                              "weights (`model_name`, `state_dict`): it is damaged or was not written by "
+                              "hybridvit; use the run's intact best.pt or last.pt")
     train_state = {k: obj[k] for k in _V1_TRAIN_KEYS if k in obj} if "optimizer" in obj else None
     pcfg = obj.get("pretrained_cfg") or {}  # empty: the loader takes the registry's
     return _checked_run(make_run_checkpoint(

@@ -73,21 +73,6 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor:
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def fuse_sequential_conv_bn(module: nn.Module) -> int:
-    """Folds every Conv2d immediately followed by a BatchNorm2d inside nn.Sequential containers of
-    `module` (BN replaced by Identity, so parameter names of other layers are kept). Returns the count."""
-    n = 0
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                seq._modules[a] = fold_bn(conv, bn)
-                seq._modules[b] = nn.Identity()
-                n += 1
-    return n
-
-
 def scale_channels(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
     """gamma * x over the last dimension; x itself once `fold_layer_scale` folded gamma (gamma None).
 

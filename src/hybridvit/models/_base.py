@@ -277,6 +277,19 @@ class HybridModel(nn.Module):
                 self.norm = nn.Identity()
         return take
 
+    @torch.no_grad()
+    def fuse(self) -> HybridModel:
+        """Inference fusion, outputs unchanged up to rounding: every block folds what it holds through its
+        own `fuse()` (conv+BN pairs into the conv, BN becoming Identity; layer scales into the layer before
+        them). Needs eval(); returns self. A model without such blocks (CrossFormer) is returned as it is."""
+        if self.training:
+            raise RuntimeError("fuse() is for inference: call model.eval() first")
+        blocks = [m for m in self.modules() if m is not self and callable(getattr(m, "fuse", None))]
+        for m in blocks:
+            m.fuse()
+        self.is_fused = self.is_fused or bool(blocks)
+        return self
+
     def train(self, mode: bool = True) -> HybridModel:
         if mode and self.is_fused:
             raise RuntimeError("this model was fused for inference (model.fuse()): its BatchNorms and layer scales "

@@ -45,11 +45,11 @@ from ..layers import (
     attend,
     conv_bn,
     drop_path_rates,
+    fold_bn,
     fold_layer_scale,
     gelu_,
     scale_channels,
 )
-from ..layers.fuse import fuse_sequential_conv_bn
 from ._base import HybridModel
 from ._variant import LICENSE_NONE, Variant, pretrained_cfg
 
@@ -73,19 +73,6 @@ def resize_digest_param(p: torch.Tensor, num_blocks: int, grid0: tuple[int, int]
     return p.reshape(L, num_blocks * grid[0] * grid[1])
 
 
-def fuse_cabvit(model: nn.Module) -> nn.Module:
-    """Inference fusion, outputs unchanged up to rounding: conv+BN pairs folded (BN becomes Identity),
-    layer scales folded into the linear layer before them. Returns the model."""
-    if model.training:
-        raise RuntimeError("fuse() is for inference: call model.eval() first")
-    fuse_sequential_conv_bn(model)
-    for m in model.modules():
-        if isinstance(m, (ConvNeXtBlock, CaBBlock)):
-            m.fuse()
-    model.is_fused = True
-    return model
-
-
 # ----------------------------------------------------------------------------------------- conv parts
 class ConvBN(nn.Sequential):
     """Conv2d without bias followed by BatchNorm2d, (B, C, H, W) -> (B, C', H', W'); in eval the BN is
@@ -98,6 +85,10 @@ class ConvBN(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_bn(x, self.conv, self.bn)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        self.conv, self.bn = fold_bn(self.conv, self.bn), nn.Identity()
 
 
 class Stem(nn.Module):
@@ -448,10 +439,6 @@ class CabViTH(HybridModel):
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official_cabvit_h(state_dict)
 
-    def fuse(self) -> nn.Module:
-        """Folds conv+BN pairs and layer scales for inference (eval mode; same outputs). Returns self."""
-        return fuse_cabvit(self)
-
     def no_weight_decay_keywords(self) -> set[str]:
         return {"attention_biases", "digest_bias"}
 
@@ -579,10 +566,6 @@ class CabViTP(HybridModel):
         from ..errors import CheckpointError
         raise CheckpointError("there is no official CabViT-P (the official repository only has a DeiT "
                               "placeholder): load a checkpoint saved from hybridvit's CabViT-P")
-
-    def fuse(self) -> nn.Module:
-        """Folds conv+BN pairs and layer scales for inference (eval mode; same outputs). Returns self."""
-        return fuse_cabvit(self)
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"pos_embed", "cls_token", "digest_bias"}

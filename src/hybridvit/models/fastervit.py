@@ -484,19 +484,6 @@ class FasterViT(HybridModel):
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official(state_dict)
 
-    @torch.no_grad()
-    def fuse(self) -> FasterViT:
-        """Inference fusion, outputs unchanged up to rounding: conv+BN pairs folded into the convs (BN
-        becomes Identity), layer scales folded into the conv or linear layer before them. Needs eval()."""
-        if self.training:
-            raise RuntimeError("fuse() is for inference: call model.eval() first")
-        for m in self.modules():
-            if isinstance(m, (Stem, ConvBlock, HATBlock)):
-                m.fuse()
-        self.is_fused = True
-        return self
-
-
 # ---------------------------------------------------------------------------------------------
 # Official checkpoint conversion
 # ---------------------------------------------------------------------------------------------
