@@ -137,10 +137,11 @@ def run_ckpt(tmp_path):
     torch.save(make_run_checkpoint(model_name="fastervit_nano", model_kwargs={"img_size": 32}, num_classes=2,
                                    class_names=["blue", "red"], pretrained_cfg=dict(model.pretrained_cfg),
                                    state_dict=model.state_dict()), path)
-    for cls in ("blue", "red"):
-        (tmp_path / "val" / cls).mkdir(parents=True)
-        Image.new("RGB", (40, 40), (30, 60, 200) if cls == "blue" else (200, 40, 30)).save(
-            tmp_path / "val" / cls / "a.png")
+    for split in ("train", "val"):
+        for cls in ("blue", "red"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 40), (30, 60, 200) if cls == "blue" else (200, 40, 30)).save(
+                tmp_path / split / cls / "a.png")
     return path
 
 
@@ -150,11 +151,13 @@ COMMANDS = {
     "bench": ["bench", "--pretrained", "CKPT", "-b", "1", "--warmup", "0", "--repeats", "1"],
     "analyze": ["analyze", "amplitude", "--pretrained", "CKPT", "TMP/val", "--output", "TMP/an"],
     "export": ["export", "--pretrained", "CKPT", "-o", "TMP/m.onnx"],
+    "train": ["train", "--pretrained", "CKPT", "--data", "TMP", "--epochs", "1", "--batch-size", "2",
+              "--workers", "0", "--no-progress", "--no-plot", "--output", "TMP/run"],
 }
 
 
-@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow) if c == "export" else c  # ONNX export
-                                     for c in COMMANDS])
+@pytest.mark.parametrize("command", [pytest.param(c, marks=pytest.mark.slow) if c in ("export", "train") else c
+                                     for c in COMMANDS])  # ONNX export, a training run
 def test_every_command_loads_through_the_one_factory(run_ckpt, tmp_path, monkeypatch, command):
     if command == "export":
         pytest.importorskip("onnxscript", reason="export needs the onnx extra")
@@ -179,3 +182,18 @@ def test_api_loads_through_the_one_factory(run_ckpt, monkeypatch):
     hybridvit.create_model("fastervit_nano", pretrained=str(run_ckpt))
     hybridvit.create_model("fastervit_nano")
     assert seen == ["run", "run", "none"]
+
+
+def test_readme_layout_matches_the_tree():
+    """The README's layout section names every module and folder of the package, and nothing that is gone."""
+    readme = (SRC.parents[1] / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    tree = {p.name for p in SRC.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
+    tree |= {p.name for p in (SRC / "layers").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    named = set(re.findall(r"([\w.]+\.py)\b", block)) | {m + ".py" for m in re.findall(r"^\s+(\w+)\s", block, re.M)}
+    named |= set(re.findall(r"^\s+(\w+)/", block, re.M))
+    missing = {n for n in tree if n not in named and n.removesuffix(".py") + "/" not in block}
+    assert not missing, f"README's layout section does not name {sorted(missing)}"
+    files = {p.name for p in SRC.rglob("*.py")} | {p.name for p in SRC.rglob("*") if p.is_dir()}
+    stale = {n for n in re.findall(r"\b(\w+\.py)\b", block) if n not in files}
+    assert not stale, f"README's layout section names {sorted(stale)}, which the tree does not have"
