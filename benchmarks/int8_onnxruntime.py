@@ -85,7 +85,8 @@ def main() -> int:
     out: dict = {"command": " ".join(["python"] + sys.argv), "python": platform.python_version(),
                  "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": args.threads}
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    out["cpu"] = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "?")
+    out["cpu"] = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
+                       if line.startswith("model name")), "?")
     out["cpu_flags"] = sorted({f for f in cpu.split() if f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")})
 
     # 1. accuracy on the trained run

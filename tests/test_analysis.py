@@ -17,10 +17,10 @@ import hybridvit
 from hybridvit.analysis import AnalysisError, analyze
 from hybridvit.analysis.amplitude import blocks, cooling_layers
 from hybridvit.analysis.attention import attended_distance, capture, group_index, query_map
+from hybridvit.analysis.capture import capture_attention
 from hybridvit.analysis.load import load_images, load_model
 from hybridvit.cli import main
 from hybridvit.layers.accel import fast_paths_enabled
-from hybridvit.analysis.capture import capture_attention
 from hybridvit.models.crossformer import group_tokens
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,

@@ -72,8 +72,9 @@ def test_bare_official_state_dict_and_other_num_classes(tmp_path):
     assert model.head.out_features == 3
 
 
-@pytest.mark.parametrize("name", [n if n in ("crossformer_t", "crossformerpp_s") else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in hybridvit.list_models("crossformer*")])  # fast tier: one of each
+@pytest.mark.parametrize("name", [n if n in ("crossformer_t", "crossformerpp_s")  # fast tier: one of each
+                                  else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in hybridvit.list_models("crossformer*")])
 def test_param_count_and_official_layout(name):
     assert_matches_official_layout(name)
 

@@ -59,7 +59,13 @@ FOUND_HOLLOW_RUN = (
 
 
 def test_the_hollow_run_the_fuzzer_found_is_a_checkpoint_error(tmp_path):
-    from hybridvit.checkpoint import CheckpointError, extract_state_dict, is_run_checkpoint, read_checkpoint_file, read_run
+    from hybridvit.checkpoint import (
+        CheckpointError,
+        extract_state_dict,
+        is_run_checkpoint,
+        read_checkpoint_file,
+        read_run,
+    )
 
     path = tmp_path / "hollow.pt"
     path.write_bytes(base64.b64decode("".join(FOUND_HOLLOW_RUN)))

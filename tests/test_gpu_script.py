@@ -15,8 +15,8 @@ from test_cuda import FAMILY_FIXTURES, SIZES, fixture_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridvit
-from hybridvit.layers import attention as A
 from hybridvit.analysis.capture import trace_attention
+from hybridvit.layers import attention as A
 from hybridvit.layers.attention import align_bias, attend, bias_is_aligned
 
 RUN = ROOT / "benchmarks" / "gpu" / "run.sh"

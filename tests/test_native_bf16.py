@@ -15,10 +15,10 @@ from test_crossformer import fixture_model as crossformer_fixture_model
 from hybridvit.layers import attention
 from hybridvit.layers.accel import cache as accel_cache
 from hybridvit.layers.accel import fused_linear
-from hybridvit.layers.attention import attend
-from hybridvit.layers.accel.switch import fast_paths
-from hybridvit.layers.fuse import LayerScale, scale_channels
 from hybridvit.layers.accel.fused_linear import linear
+from hybridvit.layers.accel.switch import fast_paths
+from hybridvit.layers.attention import attend
+from hybridvit.layers.fuse import LayerScale, scale_channels
 from hybridvit.models import cabvit
 
 BF16 = torch.bfloat16

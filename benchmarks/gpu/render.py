@@ -129,7 +129,8 @@ def summary_lines(data: dict) -> list[str]:
         lines.append(f"  CUDA tests: {t['passed']} passed, {t['failures']} failed, {t['errors']} errors, "
                      f"{t['skipped']} skipped")
     if "val_top1" in s.get("digits", {}):
-        lines.append(f"  digits val top-1 {s['digits']['val_top1']:.2f}% (CPU {s['digits'].get('cpu_reference_top1', '?')}%)")
+        cpu = s["digits"].get("cpu_reference_top1", "?")
+        lines.append(f"  digits val top-1 {s['digits']['val_top1']:.2f}% (CPU {cpu}%)")
     for key in ("eager", "compiled"):
         for r in s.get("inference", {}).get(key, []):
             extra = "".join(f" x{r[k]:.2f} {lbl}" for k, lbl in (("ratio_vs_official", "official"),

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import capture_attention
 from ..layers.window import window_partition
+from .capture import capture_attention
 
 # key kinds
 MAP, CARRIER, DIGEST, PREFIX, PADDING = 0, 1, 2, 3, 4

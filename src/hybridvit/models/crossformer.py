@@ -16,8 +16,8 @@ Attention"; "CrossFormer++: ..."):
   a stage's last.
 
 Speed (same outputs as the plain computation; `layers.accel.switch` switches it off): the DPB is cached per
-group size in inference (`layers.accel.cache`), the linears run oneDNN's fused GEMM epilogues (`layers.accel.fused_linear`)
-and in inference the residual adds join the output projections.
+group size in inference (`layers.accel.cache`), the linears run oneDNN's fused GEMM epilogues
+(`layers.accel.fused_linear`) and in inference the residual adds join the output projections.
 
 Departures from the official code, exact at the official resolution: SDA/LDA and the group size are
 decided from the feature size at run time (official: from the construction-time resolution), with the
