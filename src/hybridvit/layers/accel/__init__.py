@@ -12,15 +12,15 @@ from .cache import CachedTable, cast_param, version_key
 from .cpu_bf16 import Bf16ByFp32Kernels, bf16_kernels, cpu_has_native_bf16, model_policy, use_fp32_kernels
 from .fused_linear import add_residual, gelu_, linear, onednn_applies
 from .switch import (
-                     autocast_dtype,
-                     eager_fast,
-                     eager_inference,
-                     fast_paths,
-                     fast_paths_enabled,
-                     is_exporting,
-                     is_fx_tracing,
-                     is_tracing,
-                     set_fast_paths,
+    autocast_dtype,
+    eager_fast,
+    eager_inference,
+    fast_paths,
+    fast_paths_enabled,
+    is_exporting,
+    is_fx_tracing,
+    is_tracing,
+    set_fast_paths,
 )
 
 __all__ = ["CachedTable", "cast_param", "version_key", "Bf16ByFp32Kernels", "bf16_kernels", "cpu_has_native_bf16",
