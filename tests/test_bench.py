@@ -71,6 +71,8 @@ def test_compile_modes_are_checked():
 
 @pytest.mark.slow  # a cold inductor compile
 def test_frozen_compile_gives_the_eager_output():
+    from torch._inductor.utils import run_and_get_code
+
     from hybridvit.bench import compile_model
 
     model = _convnet(8)
@@ -78,5 +80,9 @@ def test_frozen_compile_gives_the_eager_output():
     compiled = compile_model(model)
     with torch.inference_mode():
         ref = model(x)
-        out = compiled(x)
+        out, code = run_and_get_code(compiled, x)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    # the weights really are frozen into the graph (torch.compile's `options={"freezing": True}` leaves
+    # them graph inputs)
+    assert "_frozen_param" in "".join(code)
+    assert compiled._orig_mod is model

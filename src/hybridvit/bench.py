@@ -144,24 +144,47 @@ def check_model_name(name: str) -> None:
 COMPILE_MODES = ("freezing", "default")
 
 
+class FrozenCompiled(torch.nn.Module):
+    """`torch.compile(model)` run with inductor's `freezing` switched on.
+
+    Inductor compiles at the first call (and at each new input shape), so the setting must hold while the
+    model runs: `torch.compile(..., options={"freezing": True})` does not reach the freezing step (measured
+    with torch 2.13: the parameters stay graph inputs and nothing is folded), a patch of inductor's config
+    around each call does. `_orig_mod` is the model, as on torch.compile's own wrapper."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        # static shapes: a new batch size or image size compiles its own graph (as a deployment runs one
+        # shape), where automatic dynamic shapes would recompile every graph symbolically
+        self.compiled = torch.compile(model, dynamic=False)
+
+    @property
+    def _orig_mod(self) -> torch.nn.Module:
+        return self.compiled._orig_mod
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
+
+
 def compile_model(model: torch.nn.Module, train: bool = False, mode: str = "freezing") -> torch.nn.Module:
     """torch.compile as `hybridvit bench --compile` applies it.
 
-    For inference, inductor's `freezing` (mode "freezing", the default): the parameters become constants
-    of the graph, so inductor prepacks the weights of oneDNN linears and convolutions and fuses their
-    bias and activation epilogues (the plain compile lowers linears to `addmm`), and folds the position-
-    bias tables, which depend on parameters only; static shapes (each input shape compiles once). Freezing
-    applies only where autograd is off, and the compiled model then answers for the weights it was
-    frozen with: compile again after a weight edit.
+    For inference, inductor's `freezing` (mode "freezing", the default; `FrozenCompiled`): the parameters
+    and buffers become constants of the graph, so inductor prepacks the weights of oneDNN linears and
+    convolutions and fuses their bias and activation epilogues, and folds whatever depends on them only
+    (the position-bias tables and their gathers: the softmax then reads one constant bias); static shapes.
+    Freezing applies only where autograd is off, and the compiled model then answers for the weights it
+    was frozen with: compile again after a weight edit.
     For training (or mode "default"): torch.compile's defaults. The attention runs in the explicit form
     under compile on the CPU (layers/attention.py), which inductor fuses."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
     if train or mode == "default":
         return torch.compile(model)
-    # static shapes: a new batch size or image size compiles its own graph (as a deployment runs one shape),
-    # where automatic dynamic shapes would recompile every graph symbolically
-    return torch.compile(model, dynamic=False, options={"freezing": True})
+    return FrozenCompiled(model)
 
 
 def prepare(name_or_model: str | torch.nn.Module, device: torch.device, channels_last: bool = True,

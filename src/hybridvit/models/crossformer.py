@@ -177,18 +177,33 @@ class DynamicPositionBias(CachedTable):
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, num_heads))
+        # the geometry of the configured group size as (non-persistent) buffers: under torch.compile with
+        # freezing the whole bias then folds into one constant (inductor folds no tensor constructors, and
+        # a gather computed from arange inside the softmax kernel keeps it from vectorising)
+        coords, index = self.geometry(group_size, torch.device("cpu"), torch.float32)
+        self.register_buffer("rel_coords", coords, persistent=False)
+        self.register_buffer("rel_index", index, persistent=False)
+
+    @staticmethod
+    def geometry(G: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The relative coordinates ((2G-1)^2, 2) the MLP reads, and the index (G^4,) of each token pair's
+        coordinate (row-major pairs of one GxG group)."""
+        rel = torch.arange(1 - G, G, device=device, dtype=dtype)
+        coords = torch.stack(torch.meshgrid(rel, rel, indexing="ij"), dim=-1).reshape(-1, 2)
+        pos = torch.arange(G, device=device)
+        ch, cw = (t.reshape(-1) for t in torch.meshgrid(pos, pos, indexing="ij"))
+        index = (ch[:, None] - ch[None, :] + G - 1) * (2 * G - 1) + (cw[:, None] - cw[None, :] + G - 1)
+        return coords, index.reshape(-1)
 
     def compute(self, group_size: int) -> torch.Tensor:
         """The bias from the MLP, (num_heads, G*G, G*G); differentiable."""
         G = group_size
-        device, dtype = self.proj.weight.device, self.proj.weight.dtype
-        rel = torch.arange(1 - G, G, device=device, dtype=dtype)
-        table = torch.stack(torch.meshgrid(rel, rel, indexing="ij"), dim=-1).reshape(-1, 2)
-        table = self.mlp(self.proj(table))  # ((2G-1)^2, heads)
-        pos = torch.arange(G, device=device)
-        ch, cw = (t.reshape(-1) for t in torch.meshgrid(pos, pos, indexing="ij"))
-        index = (ch[:, None] - ch[None, :] + G - 1) * (2 * G - 1) + (cw[:, None] - cw[None, :] + G - 1)
-        return table[index.reshape(-1)].reshape(G * G, G * G, -1).permute(2, 0, 1).contiguous()
+        if G == self.group_size and self.rel_coords.device == self.proj.weight.device:
+            coords, index = self.rel_coords.to(self.proj.weight.dtype), self.rel_index
+        else:
+            coords, index = self.geometry(G, self.proj.weight.device, self.proj.weight.dtype)
+        table = self.mlp(self.proj(coords))  # ((2G-1)^2, heads)
+        return table[index].reshape(G * G, G * G, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, group_size: int) -> torch.Tensor:
         return self.table(group_size)

@@ -220,21 +220,36 @@ class ContinuousPositionBias(CachedTable):
     def __init__(self, num_heads: int, pretrained_size: tuple[int, int]):
         super().__init__()
         self.num_heads = num_heads
-        self.pretrained_size = pretrained_size
+        self.pretrained_size = tuple(pretrained_size)
         self.mlp = CoordMLP(num_heads)
+        # the geometry of the configured grid as (non-persistent) buffers: under torch.compile with freezing
+        # the whole bias then folds into one constant (inductor folds no tensor constructors, and a gather
+        # computed from arange inside the softmax kernel keeps it from vectorising)
+        coords, index = self.geometry(*self.pretrained_size, torch.device("cpu"))
+        self.register_buffer("rel_coords", coords, persistent=False)
+        self.register_buffer("rel_index", index, persistent=False)
 
-    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
-        device = self.mlp.fc1.weight.device
+    def geometry(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-spaced relative coordinates (2h-1, 2w-1, 2) the MLP reads, and the index ((h*w)^2,) of
+        each token pair's coordinate (raster order)."""
         ph, pw = self.pretrained_size
         dh = torch.arange(-(h - 1), h, device=device, dtype=torch.float32) / max(ph - 1, 1)
         dw = torch.arange(-(w - 1), w, device=device, dtype=torch.float32) / max(pw - 1, 1)
         table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1) * 8
         table = torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0  # log2(8) = 3
-        values = self.mlp(table).view(-1, self.num_heads)  # ((2h-1)(2w-1), heads)
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
         ys, xs = ys.flatten(), xs.flatten()
         index = (ys[:, None] - ys[None, :] + h - 1) * (2 * w - 1) + (xs[:, None] - xs[None, :] + w - 1)
-        bias = 16 * torch.sigmoid(values[index.view(-1)].view(h * w, h * w, self.num_heads).permute(2, 0, 1))
+        return table, index.view(-1)
+
+    def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
+        device = self.mlp.fc1.weight.device
+        if (h, w) == self.pretrained_size and self.rel_coords.device == device:
+            table, index = self.rel_coords, self.rel_index
+        else:
+            table, index = self.geometry(h, w, device)
+        values = self.mlp(table).view(-1, self.num_heads)  # ((2h-1)(2w-1), heads)
+        bias = 16 * torch.sigmoid(values[index].view(h * w, h * w, self.num_heads).permute(2, 0, 1))
         if num_prefix:
             bias = F.pad(bias, (num_prefix, 0, num_prefix, 0))
         return bias.contiguous()
