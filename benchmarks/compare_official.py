@@ -87,6 +87,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # each side compiles once per (amp, batch size) and the official code once per module instance: dynamo's
+    # default limit of 8 recompilations would leave the last ones running eagerly
+    torch._dynamo.config.recompile_limit = 64
     from official import OFFICIAL  # the official code, from HV_OFFICIAL_REFS (see module docstring)
 
     dev = torch.device(args.device)

@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compile", action="store_true",
+                    help="profile both sides compiled as `hybridvit bench --compile` does (inductor's freezing), "
+                         "with inductor's generated kernels named in the profile")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,8 +77,12 @@ def main() -> int:
     amp = None if args.amp == "none" else args.amp
     out = {"environment": environment("cpu"), "command": " ".join(["python"] + sys.argv), "model": args.model,
            "amp": args.amp, "batch_size": args.batch_size, "results": {}}
+    if args.compile:
+        import torch._inductor.config as inductor_config
+        inductor_config.cpp.enable_kernel_profile = True
+        out["compile"] = "freezing"
     for label, m in [("official", official), ("hybridvit", ours)]:
-        mm, _ = prepare(copy.deepcopy(m), dev, channels_last=(label != "official"))
+        mm, _ = prepare(copy.deepcopy(m), dev, channels_last=(label != "official"), compile=args.compile)
         r = profile_step(make_step(mm, x, dev, amp, False), args.repeats)
         out["results"][label] = r
         print(label, json.dumps({k: r[k] for k in ("ms_per_batch", "share")}), flush=True)

@@ -86,3 +86,37 @@ def test_frozen_compile_gives_the_eager_output():
     # them graph inputs)
     assert "_frozen_param" in "".join(code)
     assert compiled._orig_mod is model
+
+
+@pytest.mark.slow  # cold inductor compiles
+@pytest.mark.parametrize("family", ["crossformer", "fastervit"])
+def test_frozen_compile_folds_the_position_bias(family):
+    """Under `compile_model` the position-bias MLP of the configured geometry folds into one constant: the
+    compiled graph adds it to the logits, running neither the MLP nor a gather (a gather left in the graph
+    is fused into the softmax kernel, one bounds-checked scalar load per logit)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hybridvit.bench import compile_model
+    from hybridvit.models.crossformer import DynamicPositionBias
+    from hybridvit.models.fastervit import ContinuousPositionBias
+
+    class Logits(torch.nn.Module):
+        def __init__(self, table, geometry):
+            super().__init__()
+            self.table, self.geometry = table, geometry
+
+        def forward(self, x):
+            return (x + self.table(*self.geometry)).softmax(-1)
+
+    if family == "crossformer":
+        model = Logits(DynamicPositionBias(32, 4, group_size=7), (7,)).eval()
+    else:
+        model = Logits(ContinuousPositionBias(4, (7, 7)), (7, 7, 4)).eval()
+    x = torch.randn(2, 4, 49 + 4 * (family == "fastervit"), 49 + 4 * (family == "fastervit"))
+    with torch.inference_mode():
+        ref = model(x)
+        out, code = run_and_get_code(compile_model(model), x)
+    code = "".join(code)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert "_frozen_param" in code
+    assert "index out of bounds" not in code and "addmm" not in code, "the bias is computed in the graph"

@@ -240,15 +240,11 @@ def query_map(layout: TokenLayout, weights: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------ command
-def run_attention(model: nn.Module, x: torch.Tensor, shown: torch.Tensor, names: list[str], out_dir: Path,
-                  query: tuple[float, float] | None = None) -> dict[str, Any]:
-    """Per-stage attention maps for a query location, carrier (FasterViT) and digest (CabViT) shares;
-    writes attention.{png,svg,json} (+ carriers.* or digest.*) into out_dir; returns the JSON data."""
-    from .plotting import overlay, pyplot, save_figure, save_json
-
-    plt = pyplot()
+def _attention_data(model: nn.Module, x: torch.Tensor, names: list[str],
+                    pixel: tuple[float, float]) -> dict[str, Any]:
+    """Every attention call's map for the query at `pixel`, its carrier or digest share, and the mean map
+    per stage: the JSON data of `run_attention` (without the file list)."""
     H, W = x.shape[-2:]
-    pixel = query if query is not None else ((H - 1) / 2, (W - 1) / 2)
     calls = capture(model, x)
     if not calls:
         raise ValueError(f"{model.model_name} has no attention at this input size")
@@ -266,15 +262,20 @@ def run_attention(model: nn.Module, x: torch.Tensor, shown: torch.Tensor, names:
         if layout.kind == "cab":
             entry["digest_share"] = float(key_share(layout, w, DIGEST).mean())
         (carriers if layout.kind == "carriers" else blocks).append(entry)
-    stages = sorted({b["stage"] for b in blocks})
     per_stage = []
-    for s in stages:
+    for s in sorted({b["stage"] for b in blocks}):
         maps = [torch.tensor(b["map"]) for b in blocks if b["stage"] == s]
         per_stage.append({"stage": s, "blocks": [b["block"] for b in blocks if b["stage"] == s],
                           "map": torch.stack(maps).mean(0).tolist()})
-    data = {"model": model.model_name, "img_size": [H, W], "images": names, "query_yx": list(pixel),
+    return {"model": model.model_name, "img_size": [H, W], "images": names, "query_yx": list(pixel),
             "stages": per_stage, "blocks": blocks, "carrier_attention": carriers}
-    files = []
+
+
+def _plot_stages(data: dict[str, Any], shown: torch.Tensor, out_dir: Path) -> list[str]:
+    """attention.{png,svg}: the image with the query, then each stage's mean map."""
+    from .plotting import overlay, pyplot, save_figure
+
+    plt, pixel, per_stage = pyplot(), data["query_yx"], data["stages"]
     fig, axes = plt.subplots(1, len(per_stage) + 1, figsize=(3.2 * (len(per_stage) + 1), 3.4), squeeze=False)
     ax = axes[0, 0]
     overlay(ax, shown[0], torch.zeros(1, 1), alpha=0.0)
@@ -284,37 +285,66 @@ def run_attention(model: nn.Module, x: torch.Tensor, shown: torch.Tensor, names:
         overlay(ax, shown[0], torch.tensor(st["map"]))
         ax.plot(pixel[1], pixel[0], "c+", ms=14, mew=2)
         ax.set_title(f"stage {st['stage'] + 1} ({len(st['blocks'])} blocks)", fontsize=9)
-    fig.suptitle(f"{model.model_name}: attention of the query token, mean over heads, blocks and "
-                 f"{len(names)} images", fontsize=10)
-    files += save_figure(fig, out_dir, "attention")
-    with_carriers = [b for b in blocks if "window_carrier_share" in b]
-    if carriers and with_carriers:
-        n = len(carriers)
-        fig, axes = plt.subplots(n, 2, figsize=(6.6, 3.3 * n), squeeze=False)
-        for i, (ct, wb) in enumerate(zip(carriers, with_carriers)):
-            im = overlay(axes[i, 0], shown[0], torch.tensor(ct["map"]))
-            axes[i, 0].plot(pixel[1], pixel[0], "c+", ms=14, mew=2)
-            axes[i, 0].set_title(f"{ct['block']}\ncarrier attention of the query's carrier", fontsize=8)
-            fig.colorbar(im, ax=axes[i, 0], fraction=0.046)
-            share = 100 * torch.tensor(wb["window_carrier_share"])
-            im = overlay(axes[i, 1], shown[0], share, cmap="viridis")
-            im.set_clim(0, max(float(share.max()), 1e-3))
-            nh, nw = share.shape
-            for (r, c), v in zip(itertools.product(range(nh), range(nw)), share.flatten().tolist()):
-                axes[i, 1].text((c + 0.5) * W / nw - 0.5, (r + 0.5) * H / nh - 0.5, f"{v:.1f}%", color="white",
-                                ha="center", va="center", fontsize=8)
-            axes[i, 1].set_title(f"{wb['block']}\nattention (%) each window gives its carriers", fontsize=8)
-            fig.colorbar(im, ax=axes[i, 1], fraction=0.046)
-        files += save_figure(fig, out_dir, "carriers")
-    cab = [b for b in blocks if "digest_share" in b]
-    if cab:
-        fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(cab), 3.2))
-        ax.bar(range(len(cab)), [100 * b["digest_share"] for b in cab], color="tab:red")
-        ax.set_xticks(range(len(cab)), [b["block"].replace("stages.", "s").replace(".blocks", "") for b in cab],
-                      rotation=60, fontsize=7)
-        ax.set_ylabel("attention to digest tokens (%)")
-        ax.set_title(f"{model.model_name}: share of attention to digest tokens", fontsize=9)
-        files += save_figure(fig, out_dir, "digest")
+    fig.suptitle(f"{data['model']}: attention of the query token, mean over heads, blocks and "
+                 f"{len(data['images'])} images", fontsize=10)
+    return save_figure(fig, out_dir, "attention")
+
+
+def _plot_carriers(data: dict[str, Any], shown: torch.Tensor, out_dir: Path) -> list[str]:
+    """carriers.{png,svg} (FasterViT): each carrier attention map beside the share each window gives its
+    carriers; nothing for a model without carrier tokens."""
+    from .plotting import overlay, pyplot, save_figure
+
+    carriers = data["carrier_attention"]
+    with_carriers = [b for b in data["blocks"] if "window_carrier_share" in b]
+    if not (carriers and with_carriers):
+        return []
+    plt, pixel, (H, W) = pyplot(), data["query_yx"], data["img_size"]
+    n = len(carriers)
+    fig, axes = plt.subplots(n, 2, figsize=(6.6, 3.3 * n), squeeze=False)
+    for i, (ct, wb) in enumerate(zip(carriers, with_carriers)):
+        im = overlay(axes[i, 0], shown[0], torch.tensor(ct["map"]))
+        axes[i, 0].plot(pixel[1], pixel[0], "c+", ms=14, mew=2)
+        axes[i, 0].set_title(f"{ct['block']}\ncarrier attention of the query's carrier", fontsize=8)
+        fig.colorbar(im, ax=axes[i, 0], fraction=0.046)
+        share = 100 * torch.tensor(wb["window_carrier_share"])
+        im = overlay(axes[i, 1], shown[0], share, cmap="viridis")
+        im.set_clim(0, max(float(share.max()), 1e-3))
+        nh, nw = share.shape
+        for (r, c), v in zip(itertools.product(range(nh), range(nw)), share.flatten().tolist()):
+            axes[i, 1].text((c + 0.5) * W / nw - 0.5, (r + 0.5) * H / nh - 0.5, f"{v:.1f}%", color="white",
+                            ha="center", va="center", fontsize=8)
+        axes[i, 1].set_title(f"{wb['block']}\nattention (%) each window gives its carriers", fontsize=8)
+        fig.colorbar(im, ax=axes[i, 1], fraction=0.046)
+    return save_figure(fig, out_dir, "carriers")
+
+
+def _plot_digest(data: dict[str, Any], out_dir: Path) -> list[str]:
+    """digest.{png,svg} (CabViT): each block's share of attention to digest tokens; nothing without them."""
+    from .plotting import pyplot, save_figure
+
+    cab = [b for b in data["blocks"] if "digest_share" in b]
+    if not cab:
+        return []
+    fig, ax = pyplot().subplots(figsize=(1.0 + 0.5 * len(cab), 3.2))
+    ax.bar(range(len(cab)), [100 * b["digest_share"] for b in cab], color="tab:red")
+    ax.set_xticks(range(len(cab)), [b["block"].replace("stages.", "s").replace(".blocks", "") for b in cab],
+                  rotation=60, fontsize=7)
+    ax.set_ylabel("attention to digest tokens (%)")
+    ax.set_title(f"{data['model']}: share of attention to digest tokens", fontsize=9)
+    return save_figure(fig, out_dir, "digest")
+
+
+def run_attention(model: nn.Module, x: torch.Tensor, shown: torch.Tensor, names: list[str], out_dir: Path,
+                  query: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Per-stage attention maps for a query location, carrier (FasterViT) and digest (CabViT) shares;
+    writes attention.{png,svg,json} (+ carriers.* or digest.*) into out_dir; returns the JSON data."""
+    from .plotting import save_json
+
+    H, W = x.shape[-2:]
+    pixel = query if query is not None else ((H - 1) / 2, (W - 1) / 2)
+    data = _attention_data(model, x, names, pixel)
+    files = _plot_stages(data, shown, out_dir) + _plot_carriers(data, shown, out_dir) + _plot_digest(data, out_dir)
     data["files"] = files + [str(out_dir / "attention.json")]
     save_json(data, out_dir, "attention")
     return data
