@@ -57,6 +57,20 @@ FOUND_HOLLOW_RUN = (
     "BgcAAAAA2wgAAAAAAAABAAAAUEsFBgAAAAAJAAkAIwIAALgGAAAAAA=="
 )
 
+# a legacy torch.save whose weights dict holds a tensor under a tuple key (extract_state_dict raised
+# AttributeError on k.startswith)
+FOUND_TUPLE_KEY = (
+    "gAKKCmz8nEb5IGqoUBkugAJN6QMugAJ9cQAoWBAAAABwcm90b2NvbF92ZXJzaW9ucQFN6QNYDQAAAGxpdHRsZV9lbmRpYW5xAohY"
+    "CgAAAHR5cGVfc2l6ZXNxA31xBChYBQAAAHNob3J0cQVLAlgDAAAAaW50cQZLBFgEAAAAbG9uZ3EHSwR1dS6AAn1xAChYBQAAAG1v"
+    "ZGVscQF9cQIoWAEAAAB3cQNjdG9yY2guX3V0aWxzCl9yZWJ1aWxkX3RlbnNvcl92MgpxBCgoWAcAAABzdG9yYWdlcQVjdG9yY2gK"
+    "RmxvYXRTdG9yYWdlCnEGWA4AAAA5NDA5NjI2NTc2MDUyOHEHWAMAAABjcHVxCEsGTnRxCVFLAEsDSwKGcQpLAksBhnELiWNjb2xs"
+    "ZWN0aW9ucwpPcmRlcmVkRGljdApxDClScQ10cQ5ScQ9YAQAAAGJxEGgEKChoBWN0b3JjaApMb25nU3RvcmFnZQpxEVgOAAAAOTQw"
+    "OTU4MTUzNjE3NjBxEmgISwROdHETUUsASwSFcRRLAYVxFYloDClScRZ0cRdScRhYAQAAAGiFhYWFhYWFhYWFhYWFhYWFhYWFhYWF"
+    "hYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYWFhYVxGWgEKChoBWN0b3JjaApIYWxmU3RvcmFnZQpxGlgOAAAAOTQw"
+    "OTU5NDczNTc0ODhxG2gISwJOdHEcUUsASwKFcR1LAYVxHoloDClScR90cSBScSF1WAUAAABlcG9jaHEiSwN1LoACXXEAKFgOAAAA"
+    "OTQwOTU4MTUzNjE3NjBxAVgOAAAAOTQwOTU5NDczNTc0ODhxAlgOAAAAOTQwOTYyNjU3NjA1MjhxA2UuBAAAAAAAAAAAAAAAAAAA"
+    "AAEAAAAAAAAAAgAAAAAAAAADAAAAAAAAAAIAAAAAAAAAADwAPAYAAAAAAAAAAu/bPoNuVr+zS6e/Liwhv7GlkD/roLg+"
+)
 
 def test_the_hollow_run_the_fuzzer_found_is_a_checkpoint_error(tmp_path):
     from hybridvit.checkpoint import (
@@ -72,6 +86,26 @@ def test_the_hollow_run_the_fuzzer_found_is_a_checkpoint_error(tmp_path):
     obj = read_checkpoint_file(path)
     with pytest.raises(CheckpointError, match="holds no model name and weights"):
         read_run(obj, str(path)) if is_run_checkpoint(obj) else extract_state_dict(obj, str(path))
+
+
+def test_a_tensor_under_a_key_that_is_not_a_name_is_a_checkpoint_error(tmp_path):
+    from hybridvit.checkpoint import (
+        CheckpointError,
+        extract_state_dict,
+        make_run_checkpoint,
+        read_checkpoint_file,
+        read_run,
+    )
+
+    path = tmp_path / "tuple_key.pt"
+    path.write_bytes(base64.b64decode("".join(FOUND_TUPLE_KEY)))
+    with pytest.raises(CheckpointError, match="not a parameter name"):
+        extract_state_dict(read_checkpoint_file(path), str(path))
+    # the same in a run checkpoint's weights: refused by the run schema
+    run = make_run_checkpoint(model_name="fastervit_nano", model_kwargs={}, num_classes=2, class_names=None,
+                              pretrained_cfg={}, state_dict={("head", "weight"): torch.zeros(2, 3)})
+    with pytest.raises(CheckpointError, match="state_dict missing or of the wrong type"):
+        read_run(run, "crafted.pt")
 
 
 def test_inputs_the_fuzzer_found_are_refused_without_allocating(tmp_path):
@@ -135,6 +169,7 @@ def write_seeds(corpus: Path, marker: Path) -> list[Path]:
         (corpus / name).write_bytes(data)
     for i, found in enumerate(FOUND):  # inputs the fuzzer once failed on, kept as seeds
         (corpus / f"found_{i}.pkl").write_bytes(base64.b64decode(found))
+    (corpus / "found_tuple_key.pt").write_bytes(base64.b64decode("".join(FOUND_TUPLE_KEY)))
     return sorted(corpus.iterdir())
 
 

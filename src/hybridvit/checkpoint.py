@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from . import _unpickle
-from .errors import CheckpointError
+from .errors import CheckpointError, printable
 
 _WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.")
@@ -317,6 +317,9 @@ def extract_state_dict(obj: dict[str, Any], source: str = "the checkpoint") -> d
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             continue  # epoch, optimizer counters and other bookkeeping stored next to the weights
+        if not isinstance(k, str):
+            raise CheckpointError(f"{source} holds a tensor under a key that is not a parameter name "
+                                  f"({printable(repr(k))[:80]}): it is damaged or not a model checkpoint")
         for p in _PREFIXES:
             while k.startswith(p):
                 k = k[len(p):]
@@ -390,8 +393,9 @@ def _checked_run(run: dict[str, Any], source: str) -> dict[str, Any]:
               "class_names": ok(run.get("class_names"), list, True)
               and all(isinstance(c, str) for c in run.get("class_names") or []),
               "pretrained_cfg": ok(run.get("pretrained_cfg"), dict),
-              "state_dict": ok(run.get("state_dict"), dict),
-              "state_dict_ema": ok(run.get("state_dict_ema"), dict, True),
+              "state_dict": ok(run.get("state_dict"), dict) and _is_state_dict(run["state_dict"]),
+              "state_dict_ema": ok(run.get("state_dict_ema"), dict, True)
+              and _is_state_dict(run.get("state_dict_ema") or {}),
               "train_state": ok(run.get("train_state"), dict, True), "config": ok(run.get("config"), dict, True)}
     bad = [k for k, good in checks.items() if not good]
     if bad:
@@ -400,6 +404,11 @@ def _checked_run(run: dict[str, Any], source: str) -> dict[str, Any]:
     if not all(isinstance(k, str) and k.isidentifier() for k in run["model_kwargs"]):
         raise CheckpointError(f"{source}: model_kwargs must map option names to values")
     return run
+
+
+def _is_state_dict(sd: dict[Any, Any]) -> bool:
+    """Whether `sd` maps parameter names (str) to tensors, as a run's weights must."""
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
 
 
 def _head_size(sd: dict[str, torch.Tensor]) -> int:
