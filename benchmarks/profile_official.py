@@ -66,7 +66,6 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from compare_official import perturb
-
     from official import OFFICIAL  # the official code, from HV_OFFICIAL_REFS (see compare_official.py)
     dev = torch.device("cpu")
     torch.manual_seed(0)
