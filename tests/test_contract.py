@@ -702,3 +702,20 @@ def test_in_chans_adapts_published_first_layers(in_chans, tmp_path):
             torch.testing.assert_close(other(xn), rgb(x3), rtol=1e-4, atol=1e-4)
         sd = rgb.state_dict()
         assert all(adapt_input_channels(sd, rgb)[k] is sd[k] for k in sd)  # a 3-channel model: unchanged
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_meta_construction_then_to_empty_and_load_gives_the_model(name):
+    """Built under `torch.device("meta")` every tensor is on meta (no allocation, as timm's tests ask); after
+    `to_empty` and `load_state_dict` the model equals one built normally, the buffers derived from the
+    configuration (position-bias geometry, bias indices) included."""
+    ref = _model(name).eval()
+    with torch.device("meta"):
+        model = _model(name).eval()
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), ref.buffers()))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)

@@ -278,6 +278,16 @@ class HybridModel(nn.Module):
         return take
 
     @torch.no_grad()
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> HybridModel:
+        """`nn.Module.to_empty`, then the buffers derived from the configuration (position-bias geometry,
+        bias indices: not in the state dict) computed again, so that meta-device construction followed by
+        `to_empty` and `load_state_dict` gives the same model (timm's `init_non_persistent_buffers`)."""
+        super().to_empty(device=device, recurse=recurse)
+        for module in self.modules():
+            if hasattr(module, "init_non_persistent_buffers"):
+                module.init_non_persistent_buffers()
+        return self
+
     def fuse(self) -> HybridModel:
         """Inference fusion, outputs unchanged up to rounding: every block folds what it holds through its
         own `fuse()` (conv+BN pairs into the conv, BN becoming Identity; layer scales into the layer before

@@ -227,6 +227,12 @@ class CaBAttention(nn.Module):
             n = num_digest_blocks * digest_grid0[0] * digest_grid0[1]
             self.digest_bias = nn.Parameter(torch.zeros(1, num_heads, 1, n))
 
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Fills `bias_index` again (timm's hook; after `to_empty` it holds garbage)."""
+        if self.rel_grid is not None:
+            self.bias_index.copy_(self._bias_index(self.rel_grid, self.digest_grid0, self.bias_index.device))
+
     def _offset_index(self, hw: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
         """(H*W, H*W) flat |dy| * W0 + |dx| index into `attention_biases`, offsets clamped to the table."""
         H0, W0 = self.rel_grid

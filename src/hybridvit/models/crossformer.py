@@ -180,12 +180,19 @@ class DynamicPositionBias(CachedTable):
         # the geometry of the configured group size as (non-persistent) buffers: under torch.compile with
         # freezing the whole bias then folds into one constant (inductor folds no tensor constructors, and
         # a gather computed from arange inside the softmax kernel keeps it from vectorising)
-        coords, index = self.geometry(group_size, torch.device("cpu"), torch.float32)
+        coords, index = self.geometry(group_size, None, torch.float32)
         self.register_buffer("rel_coords", coords, persistent=False)
         self.register_buffer("rel_index", index, persistent=False)
 
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Fills the geometry buffers again (timm's hook; after `to_empty` they hold garbage)."""
+        coords, index = self.geometry(self.group_size, self.rel_index.device, torch.float32)
+        self.rel_coords.copy_(coords)
+        self.rel_index.copy_(index)
+
     @staticmethod
-    def geometry(G: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def geometry(G: int, device: torch.device | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The relative coordinates ((2G-1)^2, 2) the MLP reads, and the index (G^4,) of each token pair's
         coordinate (row-major pairs of one GxG group)."""
         rel = torch.arange(1 - G, G, device=device, dtype=dtype)

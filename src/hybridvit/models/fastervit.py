@@ -225,11 +225,18 @@ class ContinuousPositionBias(CachedTable):
         # the geometry of the configured grid as (non-persistent) buffers: under torch.compile with freezing
         # the whole bias then folds into one constant (inductor folds no tensor constructors, and a gather
         # computed from arange inside the softmax kernel keeps it from vectorising)
-        coords, index = self.geometry(*self.pretrained_size, torch.device("cpu"))
+        coords, index = self.geometry(*self.pretrained_size, None)
         self.register_buffer("rel_coords", coords, persistent=False)
         self.register_buffer("rel_index", index, persistent=False)
 
-    def geometry(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Fills the geometry buffers again (timm's hook; after `to_empty` they hold garbage)."""
+        coords, index = self.geometry(*self.pretrained_size, self.rel_index.device)
+        self.rel_coords.copy_(coords)
+        self.rel_index.copy_(index)
+
+    def geometry(self, h: int, w: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-spaced relative coordinates (2h-1, 2w-1, 2) the MLP reads, and the index ((h*w)^2,) of
         each token pair's coordinate (raster order)."""
         ph, pw = self.pretrained_size
