@@ -169,6 +169,8 @@ class DynamicPositionBias(CachedTable):
     the parameters' versions (`layers.accel.cache`), so edited weights are never served a stale bias.
     """
 
+    GEOMETRY_BUFFERS = ("rel_coords", "rel_index")  # of the configured size (`keep_geometry`)
+
     def __init__(self, pos_dim: int, num_heads: int, group_size: int = 7):
         super().__init__()
         self.group_size = group_size
@@ -177,25 +179,12 @@ class DynamicPositionBias(CachedTable):
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, pos_dim),
             nn.LayerNorm(pos_dim), nn.ReLU(), nn.Linear(pos_dim, num_heads))
-        # the geometry of the configured group size as (non-persistent) buffers: under torch.compile with
-        # freezing the whole bias then folds into one constant (inductor folds no tensor constructors, and
-        # a gather computed from arange inside the softmax kernel keeps it from vectorising)
-        coords, index = self.geometry(group_size, None, torch.float32)
-        self.register_buffer("rel_coords", coords, persistent=False)
-        self.register_buffer("rel_index", index, persistent=False)
+        self.keep_geometry(group_size)
 
-    @torch.no_grad()
-    def init_non_persistent_buffers(self) -> None:
-        """Fills the geometry buffers again (timm's hook; after `to_empty` they hold garbage)."""
-        coords, index = self.geometry(self.group_size, self.rel_index.device, torch.float32)
-        self.rel_coords.copy_(coords)
-        self.rel_index.copy_(index)
-
-    @staticmethod
-    def geometry(G: int, device: torch.device | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def geometry(self, G: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The relative coordinates ((2G-1)^2, 2) the MLP reads, and the index (G^4,) of each token pair's
         coordinate (row-major pairs of one GxG group)."""
-        rel = torch.arange(1 - G, G, device=device, dtype=dtype)
+        rel = torch.arange(1 - G, G, device=device, dtype=torch.float32)
         coords = torch.stack(torch.meshgrid(rel, rel, indexing="ij"), dim=-1).reshape(-1, 2)
         pos = torch.arange(G, device=device)
         ch, cw = (t.reshape(-1) for t in torch.meshgrid(pos, pos, indexing="ij"))
@@ -205,11 +194,8 @@ class DynamicPositionBias(CachedTable):
     def compute(self, group_size: int) -> torch.Tensor:
         """The bias from the MLP, (num_heads, G*G, G*G); differentiable."""
         G = group_size
-        if G == self.group_size and self.rel_coords.device == self.proj.weight.device:
-            coords, index = self.rel_coords.to(self.proj.weight.dtype), self.rel_index
-        else:
-            coords, index = self.geometry(G, self.proj.weight.device, self.proj.weight.dtype)
-        table = self.mlp(self.proj(coords))  # ((2G-1)^2, heads)
+        coords, index = self.geometry_for(G, device=self.proj.weight.device)
+        table = self.mlp(self.proj(coords.to(self.proj.weight.dtype)))  # ((2G-1)^2, heads)
         return table[index].reshape(G * G, G * G, -1).permute(2, 0, 1).contiguous()
 
     def forward(self, group_size: int) -> torch.Tensor:

@@ -217,24 +217,14 @@ class ContinuousPositionBias(CachedTable):
     geometry in inference (`layers.accel.cache`).
     """
 
+    GEOMETRY_BUFFERS = ("rel_coords", "rel_index")  # of the configured size (`keep_geometry`)
+
     def __init__(self, num_heads: int, pretrained_size: tuple[int, int]):
         super().__init__()
         self.num_heads = num_heads
         self.pretrained_size = tuple(pretrained_size)
         self.mlp = CoordMLP(num_heads)
-        # the geometry of the configured grid as (non-persistent) buffers: under torch.compile with freezing
-        # the whole bias then folds into one constant (inductor folds no tensor constructors, and a gather
-        # computed from arange inside the softmax kernel keeps it from vectorising)
-        coords, index = self.geometry(*self.pretrained_size, None)
-        self.register_buffer("rel_coords", coords, persistent=False)
-        self.register_buffer("rel_index", index, persistent=False)
-
-    @torch.no_grad()
-    def init_non_persistent_buffers(self) -> None:
-        """Fills the geometry buffers again (timm's hook; after `to_empty` they hold garbage)."""
-        coords, index = self.geometry(*self.pretrained_size, self.rel_index.device)
-        self.rel_coords.copy_(coords)
-        self.rel_index.copy_(index)
+        self.keep_geometry(*self.pretrained_size)
 
     def geometry(self, h: int, w: int, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The log-spaced relative coordinates (2h-1, 2w-1, 2) the MLP reads, and the index ((h*w)^2,) of
@@ -250,11 +240,7 @@ class ContinuousPositionBias(CachedTable):
         return table, index.view(-1)
 
     def compute(self, h: int, w: int, num_prefix: int = 0) -> torch.Tensor:
-        device = self.mlp.fc1.weight.device
-        if (h, w) == self.pretrained_size and self.rel_coords.device == device:
-            table, index = self.rel_coords, self.rel_index
-        else:
-            table, index = self.geometry(h, w, device)
+        table, index = self.geometry_for(h, w, device=self.mlp.fc1.weight.device)
         values = self.mlp(table).view(-1, self.num_heads)  # ((2h-1)(2w-1), heads)
         bias = 16 * torch.sigmoid(values[index].view(h * w, h * w, self.num_heads).permute(2, 0, 1))
         if num_prefix:

@@ -75,12 +75,44 @@ class CachedTable(nn.Module):
     parameters are unchanged since it was computed.
     """
 
+    # names of the buffers `keep_geometry` registers, one per tensor `geometry` returns
+    GEOMETRY_BUFFERS: tuple[str, ...] = ()
+
     def __init__(self) -> None:
         super().__init__()
         self._tables: dict[tuple, tuple[tuple, torch.Tensor]] = {}
+        self._kept_geometry: tuple[int, ...] | None = None
 
     def compute(self, *geometry: int) -> torch.Tensor:  # pragma: no cover - implemented by subclasses
         raise NotImplementedError
+
+    def geometry(self, *size: int, device: torch.device | None) -> tuple[torch.Tensor, ...]:
+        """The constant tensors `compute` reads for a size (coordinates, pair indices): no parameters."""
+        raise NotImplementedError  # pragma: no cover - implemented by the subclasses that keep one
+
+    def keep_geometry(self, *size: int) -> None:
+        """Keeps `geometry(*size)` (the configured size) in the non-persistent buffers `GEOMETRY_BUFFERS`,
+        created on the construction device. Under torch.compile with freezing, buffers are constants and
+        the whole table folds into one; tensors made in the graph from `arange` would not (inductor folds no
+        constructors), and a gather left in the graph is fused into every consumer (each softmax)."""
+        self._kept_geometry = size
+        for name, t in zip(self.GEOMETRY_BUFFERS, self.geometry(*size, device=None), strict=True):
+            self.register_buffer(name, t, persistent=False)
+
+    @torch.no_grad()
+    def init_non_persistent_buffers(self) -> None:
+        """Fills the kept geometry again (timm's hook; after `to_empty` the buffers hold garbage)."""
+        if self._kept_geometry is None:
+            return
+        device = getattr(self, self.GEOMETRY_BUFFERS[0]).device
+        for name, t in zip(self.GEOMETRY_BUFFERS, self.geometry(*self._kept_geometry, device=device), strict=True):
+            getattr(self, name).copy_(t)
+
+    def geometry_for(self, *size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """`geometry(*size)` on `device`: the kept buffers where they match, else computed."""
+        if size == self._kept_geometry and getattr(self, self.GEOMETRY_BUFFERS[0]).device == device:
+            return tuple(getattr(self, name) for name in self.GEOMETRY_BUFFERS)
+        return self.geometry(*size, device=device)
 
     def _key(self) -> tuple:
         params = list(self.parameters())
