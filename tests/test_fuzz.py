@@ -72,35 +72,28 @@ FOUND_TUPLE_KEY = (
     "AAEAAAAAAAAAAgAAAAAAAAADAAAAAAAAAAIAAAAAAAAAADwAPAYAAAAAAAAAAu/bPoNuVr+zS6e/Liwhv7GlkD/roLg+"
 )
 
-def test_the_hollow_run_the_fuzzer_found_is_a_checkpoint_error(tmp_path):
-    from hybridvit.checkpoint import (
-        CheckpointError,
-        extract_state_dict,
-        is_run_checkpoint,
-        read_checkpoint_file,
-        read_run,
-    )
+def _read_as_the_fuzz_target_does(tmp_path: Path, name: str, found: tuple[str, ...]) -> object:
+    """A found input (base64 chunks) written to a file and read as tests/fuzz/fuzz_checkpoint.py reads it."""
+    from hybridvit.checkpoint import extract_state_dict, is_run_checkpoint, read_checkpoint_file, read_run
 
-    path = tmp_path / "hollow.pt"
-    path.write_bytes(base64.b64decode("".join(FOUND_HOLLOW_RUN)))
+    path = tmp_path / name
+    path.write_bytes(base64.b64decode("".join(found)))
     obj = read_checkpoint_file(path)
+    return read_run(obj, str(path)) if is_run_checkpoint(obj) else extract_state_dict(obj, str(path))
+
+
+def test_the_hollow_run_the_fuzzer_found_is_a_checkpoint_error(tmp_path):
+    from hybridvit.checkpoint import CheckpointError
+
     with pytest.raises(CheckpointError, match="holds no model name and weights"):
-        read_run(obj, str(path)) if is_run_checkpoint(obj) else extract_state_dict(obj, str(path))
+        _read_as_the_fuzz_target_does(tmp_path, "hollow.pt", FOUND_HOLLOW_RUN)
 
 
 def test_a_tensor_under_a_key_that_is_not_a_name_is_a_checkpoint_error(tmp_path):
-    from hybridvit.checkpoint import (
-        CheckpointError,
-        extract_state_dict,
-        make_run_checkpoint,
-        read_checkpoint_file,
-        read_run,
-    )
+    from hybridvit.checkpoint import CheckpointError, make_run_checkpoint, read_run
 
-    path = tmp_path / "tuple_key.pt"
-    path.write_bytes(base64.b64decode("".join(FOUND_TUPLE_KEY)))
     with pytest.raises(CheckpointError, match="not a parameter name"):
-        extract_state_dict(read_checkpoint_file(path), str(path))
+        _read_as_the_fuzz_target_does(tmp_path, "tuple_key.pt", FOUND_TUPLE_KEY)
     # the same in a run checkpoint's weights: refused by the run schema
     run = make_run_checkpoint(model_name="fastervit_nano", model_kwargs={}, num_classes=2, class_names=None,
                               pretrained_cfg={}, state_dict={("head", "weight"): torch.zeros(2, 3)})
