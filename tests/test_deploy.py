@@ -113,7 +113,8 @@ def test_exported_files_refuse_what_they_cannot_be(exported, capsys):
 @pytest.mark.slow
 def test_bench_times_the_runtimes_side_by_side(exported, tmp_path, capsys):
     tmp, ckpt, files = exported
-    runtimes = ["torch", "onnxruntime"] + (["openvino"] if "openvino" in files else [])
+    runtimes = ["torch", "onnxruntime"] + (["openvino"] if "openvino" in files else []) \
+        + (["openvino-int8"] if "openvino" in files and _has("nncf") else [])
     out = tmp_path / "bench.json"
     assert main(["bench", "--pretrained", str(ckpt), "--runtime", *runtimes, "-b", "2", "--warmup", "1",
                  "--repeats", "1", "--peak", "--json", str(out)]) == 0
@@ -121,3 +122,65 @@ def test_bench_times_the_runtimes_side_by_side(exported, tmp_path, capsys):
     assert [r["model"] for r in res] == [f"fastervit_nano [{rt}]" for rt in runtimes]
     assert all(r["img_per_s"] > 0 and 0 < r["pct_of_peak"] for r in res)
     assert len({r["gmacs_per_img"] for r in res}) == 1  # one MAC count, from the PyTorch model
+
+
+def _needs_int8():
+    pytest.importorskip("openvino", reason="OpenVINO export needs its extra: pip install 'hybridvit[openvino]'")
+    pytest.importorskip("nncf", reason="--int8 needs the int8 extra: pip install 'hybridvit[int8]'")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["-o", "m.onnx", "--int8", "--calibration", "."], "add --format openvino"),
+    (["--format", "openvino", "-o", "m.xml", "--int8"], "--int8 needs --calibration"),
+    (["--format", "openvino", "-o", "m.xml", "--calibration", "."], "--calibration is for --int8"),
+    (["--format", "openvino", "-o", "m.xml", "--int8-scheme", "transformer"], "--int8-scheme is for --int8"),
+    (["--format", "openvino", "-o", "m.xml", "--int8", "--calibration", "no-such-folder"], "is not a folder"),
+    (["--format", "openvino", "-o", "m.xml", "--int8", "--calibration", ".", "--calibration-size", "0"],
+     "--calibration-size must be at least 1"),
+    (["--format", "openvino", "-o", "m.xml", "--int8", "--calibration", ".", "--amp", "bf16"], "leave --amp out"),
+])
+def test_int8_options_are_checked_before_the_model_is_built(tmp_path, monkeypatch, capsys, argv, said):
+    _needs_int8()
+    monkeypatch.chdir(tmp_path)
+    import hybridvit.loading as loading
+    monkeypatch.setattr(loading, "_from_source", lambda *a, **k: pytest.fail("the model was built"))
+    assert main(["export", "-m", "fastervit_nano", *argv]) == 2
+    assert said in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_int8_calibration_without_a_readable_image_is_a_data_error(tmp_path, capsys):
+    _needs_int8()
+    (tmp_path / "calib" / "a").mkdir(parents=True)
+    (tmp_path / "calib" / "a" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "calib" / "y.jpg").write_bytes(b"")
+    assert main(["export", "-m", "fastervit_nano", "--img-size", "32", "--format", "openvino", "-o",
+                 str(tmp_path / "m.xml"), "--int8", "--calibration", str(tmp_path / "calib")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 2 calibration image(s)" in err and "x.png" in err
+    assert not (tmp_path / "m.xml").exists() and not (tmp_path / "m.bin").exists()
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "-m", "fastervit_nano", "--img-size", "32", "--format", "openvino", "-o",
+                 str(tmp_path / "m.xml"), "--int8", "--calibration", str(tmp_path / "empty")]) == 2
+    assert "holds no image" in capsys.readouterr().err
+
+
+def test_calibration_images_go_through_the_models_preprocessing(tmp_path):
+    from PIL import Image
+
+    from hybridvit.data.transforms import Preprocess
+    from hybridvit.deploy import calibration_batches
+
+    cfg = hybridvit.create_model("fastervit_nano", img_size=40).pretrained_cfg
+    g = torch.Generator().manual_seed(0)
+    for i in range(7):
+        Image.fromarray((torch.rand(50 + i, 61, 3, generator=g) * 255).to(torch.uint8).numpy()).save(
+            tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    batches, failed = calibration_batches(tmp_path, cfg, limit=4, batch_size=3)
+    assert [tuple(b.shape) for b in batches] == [(3, 3, 40, 40), (1, 3, 40, 40)]
+    assert failed == []  # 4 of 8 files spread evenly: 0, 2, 4, 6 -> the broken one (index 7) is not drawn
+    pre = Preprocess.from_cfg(cfg)
+    torch.testing.assert_close(batches[0][1], pre(Image.open(tmp_path / "2.png").convert("RGB")))
+    batches, failed = calibration_batches(tmp_path, cfg, limit=100)
+    assert len(batches) == 7 and failed == [str(tmp_path / "broken.png")]

@@ -257,7 +257,8 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
     return results
 
 
-RUNTIMES = ("torch", "compile", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "compile", "onnxruntime", "openvino", "openvino-int8")
+_EXPORTED = {"onnxruntime", "openvino", "openvino-int8"}
 
 
 def runtime_models(model: torch.nn.Module, args: argparse.Namespace, dev: torch.device,
@@ -268,9 +269,9 @@ def runtime_models(model: torch.nn.Module, args: argparse.Namespace, dev: torch.
 
     from .deploy import runtime_model
 
-    if args.train and set(args.runtime) & {"onnxruntime", "openvino"}:
+    if args.train and set(args.runtime) & _EXPORTED:
         raise ValueError("--runtime onnxruntime/openvino time inference only: leave --train out")
-    if dev.type != "cpu" and set(args.runtime) & {"onnxruntime", "openvino"}:
+    if dev.type != "cpu" and set(args.runtime) & _EXPORTED:
         raise ValueError("--runtime onnxruntime/openvino run on the CPU here: pass --device cpu")
     folder = tempfile.mkdtemp(prefix="hybridvit-bench-")
     out = []
@@ -311,7 +312,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=None, metavar="RUNTIME",
                    help="time the (first) model in each of these side by side: torch (eager), compile "
                         "(torch.compile), onnxruntime and openvino (its ONNX / OpenVINO export; the onnx and "
-                        "openvino extras); with --peak, each row's share of the matmul peak")
+                        "openvino extras), openvino-int8 (export --int8, calibrated on noise: for its speed only; "
+                        "the int8 extra); with --peak, each row's share of the matmul peak")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--fuse", action="store_true", help="fold conv+BN pairs for inference (model.fuse())")

@@ -1,7 +1,10 @@
 """Deployment runtimes: ONNX Runtime and OpenVINO, with the files `hybridvit export` writes.
 
 - `export_openvino`: the model as OpenVINO IR (`.xml` + `.bin`), converted from its ONNX export, carrying
-  the same metadata as the ONNX file (model name, class names, preprocessing) in its runtime info.
+  the same metadata as the ONNX file (model name, class names, preprocessing) in its runtime info; with
+  `calibration`, quantised to INT8 by NNCF's post-training quantisation (the int8 extra).
+- `calibration_batches`: the images that calibration runs on (a folder of images, or the embedded digits),
+  through the model's own preprocessing.
 - `ExportedModel`: an exported `.onnx` or `.xml` file run by its runtime, with no PyTorch model, behind the
   module interface `eval` and `predict` use (`model(x)` on float (B, 3, H, W) -> logits, `pretrained_cfg`,
   `class_names`, `num_classes`, `model_name`).
@@ -28,7 +31,13 @@ from .errors import CheckpointError, printable
 from .models._schema import checked_pretrained_cfg
 
 EXPORTED_SUFFIXES = (".onnx", ".xml")
-_INSTALL = {"onnxruntime": "pip install 'hybridvit[onnx]'", "openvino": "pip install 'hybridvit[openvino]'"}
+_INSTALL = {"onnxruntime": "pip install 'hybridvit[onnx]'", "openvino": "pip install 'hybridvit[openvino]'",
+            "nncf": "pip install 'hybridvit[int8]'"}
+# NNCF's scheme for export --int8 (benchmarks/results/cpu_int8_openvino.json): "performance" quantises every
+# product's inputs symmetrically; "transformer" also smooths the linears' activations (SmoothQuant) and keeps
+# softmax, norms and residual adds in floating point. "performance" was faster for all three families and
+# kept top-1 within 0.3 points on the digits runs, where "transformer" lost 16 points on FasterViT.
+INT8_SCHEMES = ("performance", "transformer")
 
 
 def _require(module: str) -> Any:
@@ -90,23 +99,94 @@ def check_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, in
 
 
 def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: tuple[int, int],
-                    dynamic_batch: bool = True) -> Path:
+                    dynamic_batch: bool = True, calibration: list[torch.Tensor] | None = None,
+                    scheme: str | None = None) -> Path:
     """Writes `model` as OpenVINO IR: `path` (.xml) and its weights beside it (.bin), fp32 weights
-    (OpenVINO's CPU plugin runs them in bf16 where the CPU has it, by its precision hint)."""
+    (OpenVINO's CPU plugin runs them in bf16 where the CPU has it, by its precision hint).
+
+    With `calibration` (normalised float batches (B, 3, H, W) at `img_size`, e.g. from
+    `calibration_batches`), the model is quantised to INT8 by NNCF's post-training quantisation before
+    it is written: int8 weights (per channel) and activations, ranges from the calibration images.
+    `scheme` is one of `INT8_SCHEMES` (NNCF's presets; default: performance)."""
     ov = _require("openvino")
     path = Path(path)
     if path.suffix != ".xml":
         raise ValueError(f"an OpenVINO model is written as NAME.xml (+ NAME.bin), got {path}")
+    if calibration is not None:
+        nncf = _require("nncf")  # before the export: a missing extra is said before minutes of work
+        scheme = scheme or INT8_SCHEMES[0]
+        if scheme not in INT8_SCHEMES:
+            raise ValueError(f"unknown INT8 scheme {scheme!r}; one of performance, transformer")
+        if not calibration:
+            raise ValueError("INT8 calibration needs at least one image")
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         onnx_path = export_onnx(model, Path(tmp) / "model.onnx", img_size, dynamic_batch=dynamic_batch)
         ov_model = ov.convert_model(str(onnx_path))
-        for key, value in file_metadata(model, img_size).items():
+        meta = file_metadata(model, img_size)
+        if calibration is not None:
+            ov_model = _quantize(nncf, ov_model, calibration, scheme)
+            meta["hybridvit.int8"] = json.dumps({"scheme": scheme, "calibration_images":
+                                                 sum(len(b) for b in calibration), "nncf": nncf.__version__})
+        for key, value in meta.items():
             ov_model.set_rt_info(value, ["hybridvit", key.removeprefix("hybridvit.")])
         out = Path(tmp) / path.name
         ov.save_model(ov_model, str(out), compress_to_fp16=False)
         shutil.move(str(out.with_suffix(".bin")), str(path.with_suffix(".bin")))  # the weights first: an
         shutil.move(str(out), str(path))  # .xml never points at a missing or older .bin
     return path
+
+
+def _quantize(nncf: Any, ov_model: Any, calibration: list[torch.Tensor], scheme: str) -> Any:
+    """NNCF post-training quantisation of an OpenVINO model on the calibration batches."""
+    import logging
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)  # its progress bars and notes are not the user's output
+    data = nncf.Dataset([b.detach().float().cpu().contiguous().numpy() for b in calibration])
+    kwargs: dict[str, Any] = {"subset_size": len(calibration)}
+    if scheme == "transformer":
+        kwargs["model_type"] = nncf.ModelType.TRANSFORMER
+    else:
+        kwargs["preset"] = nncf.QuantizationPreset.PERFORMANCE
+    return nncf.quantize(ov_model, data, **kwargs)
+
+
+def calibration_batches(source: str | os.PathLike, pretrained_cfg: dict[str, Any], limit: int = 300,
+                        batch_size: int = 1) -> tuple[list[torch.Tensor], list[str]]:
+    """The INT8 calibration images: `source` is a folder (its images, searched recursively, as `hybridvit
+    predict` finds them; at most `limit`, spread evenly over the sorted list) or "digits" (the embedded
+    training split), each through the model's eval preprocessing (`pretrained_cfg`). Returns the
+    normalised batches and the unreadable files, which are skipped; none readable is a DataError."""
+    from .data.digits import DIGITS_NAME, DigitsDataset
+    from .data.folder import DataError
+    from .data.transforms import Preprocess
+
+    pre = Preprocess.from_cfg(pretrained_cfg)
+    images, failed = [], []
+    if str(source) == DIGITS_NAME:
+        ds = DigitsDataset("train")
+        picks = _spread(len(ds), limit)
+        images = [pre(ds.load(i)) for i in picks]
+    else:
+        from .data.folder import find_images, read_image
+
+        files = find_images([str(source)])
+        for i in _spread(len(files), limit):
+            try:
+                images.append(pre.normalize(read_image(files[i], pre.geometry)[None])[0])
+            except DataError:
+                failed.append(files[i])
+        if not images:
+            raise DataError(f"none of the {len(failed)} calibration image(s) in {source} could be read "
+                            f"({', '.join(failed[:3])}): check the files, e.g. open them with PIL")
+    batches = [torch.stack(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    return batches, failed
+
+
+def _spread(n: int, limit: int) -> list[int]:
+    """`limit` indices spread evenly over range(n) (all of them when n <= limit)."""
+    if limit < 1:
+        raise ValueError(f"the calibration size must be at least 1, got {limit}")
+    return list(range(n)) if n <= limit else [i * n // limit for i in range(limit)]
 
 
 def _metadata_onnx(path: Path) -> tuple[dict[str, str], Any]:
@@ -120,7 +200,7 @@ def _metadata_openvino(path: Path) -> tuple[dict[str, str], Any]:
     core = ov.Core()
     model = core.read_model(str(path))
     meta = {}
-    for key in ("model_name", "num_classes", "class_names", "preprocess", "version"):
+    for key in ("model_name", "num_classes", "class_names", "preprocess", "version", "int8"):
         if model.has_rt_info(["hybridvit", key]):
             meta[f"hybridvit.{key}"] = str(model.get_rt_info(["hybridvit", key]).astype(str))
     return meta, (core, model)
@@ -166,7 +246,8 @@ class ExportedModel(nn.Module):
         self.class_names = [printable(c) for c in names] if names else None
         self.model_name = printable(meta.get("hybridvit.model_name", path.stem))
         self.model_kwargs: dict[str, Any] = {}
-        self.load_note = f"{self.model_name} exported to {path} ({self.runtime})"
+        self.int8 = meta.get("hybridvit.int8") is not None  # quantised by export --int8 (NNCF)
+        self.load_note = f"{self.model_name} exported to {path} ({self.runtime}{', int8' if self.int8 else ''})"
         if self.runtime == "onnxruntime":
             self._session = handle
             self._input = handle.get_inputs()[0].name
@@ -186,15 +267,19 @@ class ExportedModel(nn.Module):
 
 def runtime_model(model: nn.Module, runtime: str, img_size: tuple[int, int], folder: str | os.PathLike,
                   precision: str = "fp32") -> nn.Module:
-    """`model` exported to `runtime` (onnxruntime, openvino) in `folder`, loaded back as an ExportedModel
+    """`model` exported to `runtime` (onnxruntime, openvino, openvino-int8) in `folder`, loaded back as an ExportedModel
     that remembers the PyTorch model for its MAC count (`macs_source`)."""
     folder = Path(folder)
     if runtime == "onnxruntime":
         path = export_onnx(model, folder / f"{model.model_name}.onnx", img_size)
     elif runtime == "openvino":
         path = export_openvino(model, folder / f"{model.model_name}.xml", img_size)
+    elif runtime == "openvino-int8":  # calibrated on noise: the speed of the int8 graph, not its accuracy
+        g = torch.Generator().manual_seed(0)
+        noise = [torch.randn(1, model.in_chans, *img_size, generator=g) for _ in range(16)]
+        path = export_openvino(model, folder / f"{model.model_name}_int8.xml", img_size, calibration=noise)
     else:
-        raise ValueError(f"unknown runtime {runtime!r}; one of torch, compile, onnxruntime, openvino")
+        raise ValueError(f"unknown runtime {runtime!r}; one of torch, compile, onnxruntime, openvino, openvino-int8")
     exported = ExportedModel(path, precision=precision)
     exported.macs_source = model
     return exported

@@ -30,6 +30,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and `predict` run them with no PyTorch model (default: onnx)")
     options.add_amp(p, "none", meaning="the type of the exported weights and input: none (or auto): float32; "
                     "fp16: float16 (for GPU runtimes); bf16: bfloat16")
+    p.add_argument("--int8", action="store_true", help="with --format openvino: quantise to INT8 by NNCF's "
+                   "post-training quantisation (needs the int8 extra and --calibration); int8 weights and "
+                   "activations, ranges from the calibration images (benchmarks/README.md gives the speed and "
+                   "top-1 per family)")
+    p.add_argument("--calibration", default=None, help="with --int8: a folder of images like those the model "
+                   "will see (searched recursively; class sub-folders are fine, labels are not used), or "
+                   "'digits' for the embedded training images")
+    p.add_argument("--calibration-size", type=int, default=300, help="with --int8: at most this many calibration "
+                   "images, spread over the folder (default: 300, NNCF's)")
+    p.add_argument("--int8-scheme", choices=["performance", "transformer"], default=None,
+                   help="with --int8: NNCF's scheme; transformer adds SmoothQuant and keeps softmax, norms and "
+                        "residual adds in floating point (default: performance, faster and as accurate for every "
+                        "family in benchmarks/README.md)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
     p.add_argument("--output", "-o", required=True, help="the file to write (its folder is created)")
     options.add_threads(p)
@@ -50,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--format openvino writes NAME.xml (+ NAME.bin): pass -o {Path(args.output).stem}.xml")
         from .deploy import _require
         _require("openvino")
+    _check_int8(args)
     plan_threads("export", threads=args.threads).apply()
     model = load_for_command(args.pretrained, args.model, num_classes=args.num_classes, ema=args.ema)
     check_img_size(model.model_name, args.img_size)
@@ -71,13 +85,27 @@ def run(args: argparse.Namespace) -> int:
         if dtype != torch.float32:
             raise ValueError("--format openvino writes float32 weights (OpenVINO runs them in bf16 where the CPU "
                              "has it): leave --amp out")
-        path = export_openvino(model, args.output, size, dynamic_batch=not args.static_batch)
+        calibration = None
+        if args.int8:
+            from .deploy import calibration_batches
+            calibration, failed = calibration_batches(args.calibration, _with_size(model, size),
+                                                      limit=args.calibration_size)
+            if failed:
+                print(f"warning: {len(failed)} calibration image(s) could not be read and were skipped "
+                      f"({', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''})", file=sys.stderr)
+            what += f"; INT8, calibrated on {len(calibration)} image(s)"
+        path = export_openvino(model, args.output, size, dynamic_batch=not args.static_batch,
+                               calibration=calibration, scheme=args.int8_scheme)
         from .deploy import ExportedModel
-        x = torch.randn(1 if args.static_batch else 2, model.in_chans, *size)
+        x = calibration[0] if calibration else torch.randn(1 if args.static_batch else 2, model.in_chans, *size)
         with torch.no_grad():
-            diff = float((ExportedModel(path)(x) - model(x)).abs().max())
+            ref = model(x)
+            got = ExportedModel(path)(x)
+        diff = float((got - ref).abs().max())
+        agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
         print(f"wrote {path} and {path.with_suffix('.bin')} ({what}); OpenVINO vs PyTorch max abs difference "
-              f"{diff:.2e}")
+              f"{diff:.2e}" + (f" on a calibration image (top-1 {'agrees' if agree == 1 else 'differs'})"
+                               if calibration else ""))
         return 0
     path = export_onnx(model, args.output, size, dynamic_batch=not args.static_batch, dtype=dtype)
     if dtype == torch.bfloat16:
@@ -89,6 +117,36 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         print(f"wrote {path} ({what}; install onnxruntime to check it)")
     return 0
+
+
+def _check_int8(args: argparse.Namespace) -> None:
+    """--int8 and its options fit together, and the extra is there, before any model is built."""
+    if not args.int8:
+        for opt, value in (("--calibration", args.calibration), ("--int8-scheme", args.int8_scheme)):
+            if value is not None:
+                raise ValueError(f"{opt} is for --int8: add --int8 (with --format openvino) or leave {opt} out")
+        return
+    if args.format != "openvino":
+        raise ValueError("--int8 quantises an OpenVINO model with NNCF: add --format openvino -o NAME.xml")
+    if args.calibration is None:
+        raise ValueError("--int8 needs --calibration: a folder of images like those the model will see "
+                         "(or 'digits' for the embedded ones)")
+    if args.calibration_size < 1:
+        raise ValueError(f"--calibration-size must be at least 1, got {args.calibration_size}")
+    if args.amp not in ("none", "auto"):
+        raise ValueError("--int8 quantises the float32 model: leave --amp out")
+    from .data.digits import DIGITS_NAME
+    if args.calibration != DIGITS_NAME and not Path(args.calibration).is_dir():
+        raise FileNotFoundError(f"--calibration {args.calibration} is not a folder: pass a folder of images "
+                                "(or 'digits')")
+    from .deploy import _require
+    _require("nncf")
+
+
+def _with_size(model: torch.nn.Module, size: tuple[int, int]) -> dict:
+    """The model's preprocessing at the exported size (what the file records and calibration uses)."""
+    from .models._variant import with_input_size
+    return with_input_size(model.pretrained_cfg, model.in_chans, tuple(size))
 
 
 if __name__ == "__main__":

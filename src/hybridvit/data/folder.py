@@ -23,6 +23,38 @@ def image_files(folder: str | os.PathLike) -> list[str]:
     return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def find_images(sources: list[str]) -> list[str]:
+    """The image files named by `sources`: files as given (whatever their extension), folders searched
+    recursively for image extensions (sorted). A source that does not exist, or a folder without images,
+    is a FileNotFoundError naming it."""
+    files: list[str] = []
+    for src in sources:
+        p = Path(src)
+        if p.is_dir():
+            found = image_files(p)
+            if not found:
+                raise FileNotFoundError(f"folder {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif p.is_file():
+            files.append(src)
+        else:
+            raise FileNotFoundError(f"{src} does not exist: pass image files or folders")
+    return files
+
+
+def read_image(path: str, transform) -> torch.Tensor:
+    """The image at `path` through `transform` (e.g. the eval geometry: uint8 (3, H, W)); a DataError naming
+    the file when it cannot be decoded."""
+    from PIL import Image  # noqa: F401  (a missing pillow is an install error, not an unreadable file)
+
+    from .decode import decode_image
+
+    try:
+        return transform(decode_image(path))
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise DataError(f"cannot read image {path}: {e}") from e
+
+
 def find_classes(folder: str | os.PathLike) -> list[str]:
     """Sorted class sub-folder names of `folder`; a clear error when it is missing or holds none."""
     folder = Path(folder)

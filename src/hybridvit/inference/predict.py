@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -30,44 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_progress(p)
 
 
-def find_images(sources: list[str]) -> list[str]:
-    """The image files named by `sources`: files as given (whatever their extension), folders searched
-    recursively for image extensions (sorted). A source that does not exist, or a folder without images,
-    is a FileNotFoundError naming it."""
-    from ..data.folder import IMAGE_EXTENSIONS, image_files
-
-    files: list[str] = []
-    for src in sources:
-        p = Path(src)
-        if p.is_dir():
-            found = image_files(p)
-            if not found:
-                raise FileNotFoundError(f"folder {src} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-            files += found
-        elif p.is_file():
-            files.append(src)
-        else:
-            raise FileNotFoundError(f"{src} does not exist: pass image files or folders")
-    return files
-
-
-def read_image(path: str, transform) -> torch.Tensor:
-    """(3, H, W) in [0, 1] after the model's eval transform; a clear error for an unreadable file."""
-    from PIL import Image  # noqa: F401  (a missing pillow is an install error, not an unreadable file)
-
-    from ..data.decode import decode_image
-    from ..data.folder import DataError
-
-    try:
-        return transform(decode_image(path))
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        raise DataError(f"cannot read image {path}: {e}") from e
-
-
 def _batches(files: list[str], tf, batch_size: int, failed: list[str]):
     """(paths, (B, 3, H, W) uint8) of the readable images, `batch_size` at a time; unreadable ones go to
     `failed`, with a warning on stderr."""
-    from ..data.folder import DataError
+    from ..data.folder import DataError, read_image
 
     paths, xs = [], []
     for path in files:
@@ -88,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     """Predicts every readable image; an unreadable one is reported on stderr and skipped. Exit 0 when
     at least one image was predicted, else a DataError (exit 2)."""
     from .._io import check_output_file, write_json
-    from ..data.folder import DataError
+    from ..data.folder import DataError, find_images
     from ..data.transforms import Preprocess
     from ..options import check_positive
     from ..runtime import plan_threads, resolve_device
