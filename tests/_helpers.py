@@ -56,3 +56,16 @@ def run_checkpoint(path: Path, classes: list[str], winner: str) -> Path:
                                    num_classes=len(classes), class_names=classes,
                                    pretrained_cfg=model.pretrained_cfg, state_dict=model.state_dict()), path)
     return path
+
+
+def cli_subprocess(*argv) -> str:
+    """`python -m hybridvit ARGV` in a child process: its stdout (a failure shows its stderr).
+
+    The tests run OpenVINO's int8 kernels this way, never in the test process: after they had run in it, a
+    later subprocess call of the suite died of a SIGSEGV (si_code SI_KERNEL, inside poll) that no single
+    test reproduces. A user's command runs in its own process, as here."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "hybridvit", *map(str, argv)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from _helpers import cli_subprocess
 
 import hybridvit
 from hybridvit.cli import main
@@ -113,8 +114,7 @@ def test_exported_files_refuse_what_they_cannot_be(exported, capsys):
 @pytest.mark.slow
 def test_bench_times_the_runtimes_side_by_side(exported, tmp_path, capsys):
     tmp, ckpt, files = exported
-    runtimes = ["torch", "onnxruntime"] + (["openvino"] if "openvino" in files else []) \
-        + (["openvino-int8"] if "openvino" in files and _has("nncf") else [])
+    runtimes = ["torch", "onnxruntime"] + (["openvino"] if "openvino" in files else [])
     out = tmp_path / "bench.json"
     assert main(["bench", "--pretrained", str(ckpt), "--runtime", *runtimes, "-b", "2", "--warmup", "1",
                  "--repeats", "1", "--peak", "--json", str(out)]) == 0
@@ -184,3 +184,15 @@ def test_calibration_images_go_through_the_models_preprocessing(tmp_path):
     torch.testing.assert_close(batches[0][1], pre(Image.open(tmp_path / "2.png").convert("RGB")))
     batches, failed = calibration_batches(tmp_path, cfg, limit=100)
     assert len(batches) == 7 and failed == [str(tmp_path / "broken.png")]
+
+
+@pytest.mark.slow
+def test_bench_times_openvino_int8_beside_openvino(exported, tmp_path):
+    _needs_int8()
+    tmp, ckpt, _ = exported
+    out = tmp_path / "bench.json"
+    cli_subprocess("bench", "--pretrained", ckpt, "--runtime", "openvino", "openvino-int8", "-b", "2", "--warmup",
+                    "1", "--repeats", "1", "--json", out)
+    res = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in res] == ["fastervit_nano [openvino]", "fastervit_nano [openvino-int8]"]
+    assert all(r["img_per_s"] > 0 for r in res)

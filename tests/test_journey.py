@@ -92,14 +92,13 @@ def test_train_eval_predict_export_analyze_bench(tmp_path, capsys):
     # INT8 for OpenVINO, calibrated on the run's own training images: the same top-1 within a point
     pytest.importorskip("openvino", reason="OpenVINO export needs the openvino extra")
     pytest.importorskip("nncf", reason="--int8 needs the int8 extra")
+    from _helpers import cli_subprocess  # int8 kernels run in a child process (see there)
     xml = tmp_path / "digits_int8.xml"
-    capsys.readouterr()
-    assert main(["export", "--pretrained", best, "--format", "openvino", "--int8", "--calibration", "digits",
-                 "-o", str(xml)]) == 0
-    assert "INT8, calibrated on 300 image(s)" in capsys.readouterr().out
+    out = cli_subprocess("export", "--pretrained", best, "--format", "openvino", "--int8", "--calibration", "digits",
+                          "-o", xml)
+    assert "INT8, calibrated on 300 image(s)" in out
     int8_json = tmp_path / "eval_int8.json"
-    assert main(["eval", "--pretrained", str(xml), "--data", "digits", "--json", str(int8_json),
-                 "--no-progress"]) == 0
+    cli_subprocess("eval", "--pretrained", xml, "--data", "digits", "--json", int8_json, "--no-progress")
     int8 = json.loads(int8_json.read_text())
     assert int8["images"] == 360 and int8["classes"] == model.class_names
     assert abs(int8["top1"] - ev["top1"]) <= 1.0

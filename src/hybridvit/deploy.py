@@ -40,9 +40,15 @@ _INSTALL = {"onnxruntime": "pip install 'hybridvit[onnx]'", "openvino": "pip ins
 INT8_SCHEMES = ("performance", "transformer")
 
 
-def _require(module: str) -> Any:
+def _require(module: str, load: bool = True) -> Any:
+    """`module` imported (or, with load=False, only found: NNCF is never imported in the user's process)."""
     import importlib
+    import importlib.util
     try:
+        if not load:
+            if importlib.util.find_spec(module) is None:
+                raise ImportError(module)
+            return None
         return importlib.import_module(module)
     except ImportError as e:
         raise ModuleNotFoundError(f"{module} is needed here: {_INSTALL[module]}", name=module) from e
@@ -113,7 +119,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: tuple[i
     if path.suffix != ".xml":
         raise ValueError(f"an OpenVINO model is written as NAME.xml (+ NAME.bin), got {path}")
     if calibration is not None:
-        nncf = _require("nncf")  # before the export: a missing extra is said before minutes of work
+        _require("nncf", load=False)  # before the export: a missing extra is said before minutes of work
         scheme = scheme or INT8_SCHEMES[0]
         if scheme not in INT8_SCHEMES:
             raise ValueError(f"unknown INT8 scheme {scheme!r}; one of performance, transformer")
@@ -124,9 +130,10 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: tuple[i
         ov_model = ov.convert_model(str(onnx_path))
         meta = file_metadata(model, img_size)
         if calibration is not None:
-            ov_model = _quantize(nncf, ov_model, calibration, scheme)
+            ov_model = _quantize(ov, ov_model, calibration, scheme, Path(tmp))
+            from importlib.metadata import version
             meta["hybridvit.int8"] = json.dumps({"scheme": scheme, "calibration_images":
-                                                 sum(len(b) for b in calibration), "nncf": nncf.__version__})
+                                                 sum(len(b) for b in calibration), "nncf": version("nncf")})
         for key, value in meta.items():
             ov_model.set_rt_info(value, ["hybridvit", key.removeprefix("hybridvit.")])
         out = Path(tmp) / path.name
@@ -136,18 +143,46 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: tuple[i
     return path
 
 
-def _quantize(nncf: Any, ov_model: Any, calibration: list[torch.Tensor], scheme: str) -> Any:
-    """NNCF post-training quantisation of an OpenVINO model on the calibration batches."""
+def _quantize(ov: Any, ov_model: Any, calibration: list[torch.Tensor], scheme: str, tmp: Path) -> Any:
+    """NNCF post-training quantisation of an OpenVINO model on the calibration batches, run in a child
+    Python process (`_quantize_files`) on files in `tmp`. NNCF leaves threads, progress displays and
+    telemetry behind in the process that runs it, and a pytest run of ours crashed in a later subprocess
+    call after it had quantised in-process; the child keeps all of that out of the user's process."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ov.save_model(ov_model, str(tmp / "fp32.xml"), compress_to_fp16=False)
+    (tmp / "calibration").mkdir()
+    for i, b in enumerate(calibration):
+        np.save(tmp / "calibration" / f"{i:06d}.npy", b.detach().float().cpu().contiguous().numpy())
+    code = "import sys; from hybridvit.deploy import _quantize_files; _quantize_files(*sys.argv[1:])"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp / "fp32.xml"), str(tmp / "int8.xml"),
+                           str(tmp / "calibration"), scheme], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(f"NNCF quantisation failed (exit {done.returncode}):\n{tail}")
+    return ov.Core().read_model(str(tmp / "int8.xml"))
+
+
+def _quantize_files(src: str, dst: str, calibration: str, scheme: str) -> None:
+    """The child process of `_quantize`: `src` IR quantised on the .npy batches in `calibration` -> `dst`."""
     import logging
 
-    logging.getLogger("nncf").setLevel(logging.WARNING)  # its progress bars and notes are not the user's output
-    data = nncf.Dataset([b.detach().float().cpu().contiguous().numpy() for b in calibration])
-    kwargs: dict[str, Any] = {"subset_size": len(calibration)}
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    batches = [np.load(p, allow_pickle=False) for p in sorted(Path(calibration).glob("*.npy"))]
+    kwargs: dict[str, Any] = {"subset_size": len(batches)}
     if scheme == "transformer":
         kwargs["model_type"] = nncf.ModelType.TRANSFORMER
     else:
         kwargs["preset"] = nncf.QuantizationPreset.PERFORMANCE
-    return nncf.quantize(ov_model, data, **kwargs)
+    model = nncf.quantize(ov.Core().read_model(src), nncf.Dataset(batches), **kwargs)
+    ov.save_model(model, dst, compress_to_fp16=False)
 
 
 def calibration_batches(source: str | os.PathLike, pretrained_cfg: dict[str, Any], limit: int = 300,
@@ -206,6 +241,62 @@ def _metadata_openvino(path: Path) -> tuple[dict[str, str], Any]:
     return meta, (core, model)
 
 
+def _check_self_contained(path: Path) -> None:
+    """An exported file is untrusted input: refuse what hybridvit never writes before a runtime parses it.
+
+    - an OpenVINO `.xml` must be IR (root element `<net>`) without a document type declaration (entities);
+      its weights are the `.bin` of the same name beside it;
+    - an ONNX file must hold its weights itself: an initializer with external data (a path the runtime would
+      open, possibly outside the file's folder) is refused, whatever the runtime's own path checks.
+    """
+    if path.suffix == ".xml":
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        if head.startswith(b"<?xml"):
+            head = head[head.find(b"?>") + 2:].lstrip() if b"?>" in head else b""
+        if b"<!DOCTYPE" in head.upper() or b"<!ENTITY" in head.upper() or not head.startswith(b"<net"):
+            raise CheckpointError(f"{path} is not an OpenVINO IR file as hybridvit writes it (root element <net>, "
+                                  "no document type declaration): export it again with hybridvit export")
+        if not path.with_suffix(".bin").is_file():
+            raise CheckpointError(f"{path}: its weights {path.with_suffix('.bin').name} are missing beside it")
+        return
+    try:
+        import onnx
+    except ImportError:  # onnxruntime alone: its own checks refuse external paths outside the folder
+        return
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's parse errors
+        why = printable(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(f"{path} is not a readable ONNX file ({why}): export it again with hybridvit "
+                              "export") from e
+    external = [t.name for t in _onnx_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise CheckpointError(f"{path} holds tensor {printable(external[0])} with external data, which hybridvit "
+                              "never writes (its ONNX files are self-contained): export it again with hybridvit "
+                              "export")
+
+
+def _onnx_tensors(graph: Any):
+    """Every tensor an ONNX graph holds: initializers (sparse ones too), tensor attributes, and those of the
+    subgraphs its nodes carry (If / Loop / Scan bodies), at any depth."""
+    graphs = [graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("g"):
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+
+
 class ExportedModel(nn.Module):
     """An exported `.onnx` (ONNX Runtime) or `.xml` (OpenVINO) file behind the module interface of the
     commands: forward (B, C, H, W) float -> (B, num_classes) logits, on the CPU."""
@@ -220,6 +311,7 @@ class ExportedModel(nn.Module):
         self.path, self.runtime = path, "onnxruntime" if path.suffix == ".onnx" else "openvino"
         if not path.is_file():
             raise CheckpointError(f"exported model {path} does not exist")
+        _check_self_contained(path)
         try:
             meta, handle = (_metadata_onnx if self.runtime == "onnxruntime" else _metadata_openvino)(path)
         except ModuleNotFoundError:

@@ -140,7 +140,7 @@ def _check_int8(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--calibration {args.calibration} is not a folder: pass a folder of images "
                                 "(or 'digits')")
     from .deploy import _require
-    _require("nncf")
+    _require("nncf", load=False)
 
 
 def _with_size(model: torch.nn.Module, size: tuple[int, int]) -> dict:
