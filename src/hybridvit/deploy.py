@@ -158,8 +158,9 @@ def _quantize(ov: Any, ov_model: Any, calibration: list[torch.Tensor], scheme: s
     for i, b in enumerate(calibration):
         np.save(tmp / "calibration" / f"{i:06d}.npy", b.detach().float().cpu().contiguous().numpy())
     code = "import sys; from hybridvit.deploy import _quantize_files; _quantize_files(*sys.argv[1:])"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # finds this hybridvit
     done = subprocess.run([sys.executable, "-c", code, str(tmp / "fp32.xml"), str(tmp / "int8.xml"),
-                           str(tmp / "calibration"), scheme], capture_output=True, text=True)
+                           str(tmp / "calibration"), scheme], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
         raise RuntimeError(f"NNCF quantisation failed (exit {done.returncode}):\n{tail}")
