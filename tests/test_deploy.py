@@ -191,8 +191,11 @@ def test_bench_times_openvino_int8_beside_openvino(exported, tmp_path):
     _needs_int8()
     tmp, ckpt, _ = exported
     out = tmp_path / "bench.json"
-    cli_subprocess("bench", "--pretrained", ckpt, "--runtime", "openvino", "openvino-int8", "-b", "2", "--warmup",
-                    "1", "--repeats", "1", "--json", out)
+    printed = cli_subprocess("bench", "--pretrained", ckpt, "--runtime", "openvino", "openvino-int8", "-b", "2",
+                             "--warmup", "1", "--repeats", "1", "--peak", "--json", out)
     res = json.loads(out.read_text())["results"]
     assert [r["model"] for r in res] == ["fastervit_nano [openvino]", "fastervit_nano [openvino-int8]"]
     assert all(r["img_per_s"] > 0 for r in res)
+    # the int8 row is not counted against the float matmul peak
+    assert res[0]["pct_of_peak"] > 0 and res[1]["pct_of_peak"] is None
+    assert "[openvino-int8] is int8 (not a share of this peak)" in printed
