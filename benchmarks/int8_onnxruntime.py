@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from int8_common import cpu_info, digits_val, top1
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 import hybridvit
@@ -57,13 +58,6 @@ def quantize(fp32: Path, int8: Path, calibration: list[np.ndarray]) -> None:
     onnx.save(dst, str(int8))
 
 
-def top1(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, batch: int = 64) -> float:
-    hits = 0
-    for i in range(0, len(images), batch):
-        hits += int((model(images[i:i + batch]).argmax(1) == targets[i:i + batch]).sum())
-    return 100.0 * hits / len(images)
-
-
 def session(path: Path, threads: int) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
@@ -84,19 +78,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="hybridvit-int8-"))
     out: dict = {"command": " ".join(["python"] + sys.argv), "python": platform.python_version(),
                  "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": args.threads}
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    out["cpu"] = next((line.split(":", 1)[1].strip() for line in cpu.splitlines()
-                       if line.startswith("model name")), "?")
-    out["cpu_flags"] = sorted({f for f in cpu.split() if f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")})
+    out["cpu"], out["cpu_flags"] = cpu_info()
 
     # 1. accuracy on the trained run
     model = hybridvit.load_model(args.run).eval()
     pre = Preprocess.from_cfg(model.pretrained_cfg)
     size = tuple(model.pretrained_cfg["input_size"][1:])
-    train, val = DigitsDataset("train"), DigitsDataset("val")
+    train = DigitsDataset("train")
     calib = torch.stack([pre(train.load(i)) for i in range(min(args.calibration, len(train)))])
-    xs = torch.stack([pre(val.load(i)) for i in range(len(val))])
-    ys = torch.tensor(val.targets)
+    xs, ys = digits_val(model.pretrained_cfg)
     fp32, int8 = tmp / "run_fp32.onnx", tmp / "run_int8.onnx"
     export_onnx(model, fp32, size)
     quantize(fp32, int8, [calib[i:i + 16].numpy() for i in range(0, len(calib), 16)])

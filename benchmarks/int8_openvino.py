@@ -27,39 +27,19 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 import torch
+from int8_common import cpu_info, digits_val, top1
 
 import hybridvit
-from hybridvit.data.digits import DigitsDataset
-from hybridvit.data.transforms import Preprocess
-from hybridvit.deploy import ExportedModel, calibration_batches, export_openvino
-
-SCHEMES = ("performance", "transformer")
-
-
-def top1(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, batch: int = 64) -> float:
-    hits = 0
-    for i in range(0, len(images), batch):
-        hits += int((model(images[i:i + batch]).argmax(1) == targets[i:i + batch]).sum())
-    return 100.0 * hits / len(images)
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("model name")), "?")
-    return name, sorted({f for f in cpu.split() if f in ("avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
-                                                          "amx_bf16")})
+from hybridvit.deploy import INT8_SCHEMES, ExportedModel, calibration_batches, export_openvino
 
 
 def accuracy(run: str, calibration: int, tmp: Path) -> dict:
     model = hybridvit.load_model(run).eval()
     size = tuple(model.pretrained_cfg["input_size"][1:])
-    pre = Preprocess.from_cfg(model.pretrained_cfg)
-    val = DigitsDataset("val")
-    xs = torch.stack([pre(val.load(i)) for i in range(len(val))])
-    ys = torch.tensor(val.targets)
+    xs, ys = digits_val(model.pretrained_cfg)
     calib, _ = calibration_batches("digits", model.pretrained_cfg, limit=calibration)
     files = {"bf16": export_openvino(model, tmp / f"{model.model_name}_run.xml", size)}
-    for scheme in SCHEMES:
+    for scheme in INT8_SCHEMES:
         files[f"int8_{scheme}"] = export_openvino(model, tmp / f"{model.model_name}_run_{scheme}.xml", size,
                                                   calibration=calib, scheme=scheme)
     with torch.no_grad():
@@ -68,7 +48,7 @@ def accuracy(run: str, calibration: int, tmp: Path) -> dict:
             acc[key] = top1(ExportedModel(path, precision="bf16"), xs, ys)
     return {"run": run, "model": model.model_name, "img_size": list(size), "val_images": len(ys),
             "calibration_images": sum(len(b) for b in calib), "top1": acc,
-            "drop_points": {s: acc["bf16"] - acc[f"int8_{s}"] for s in SCHEMES}}
+            "drop_points": {s: acc["bf16"] - acc[f"int8_{s}"] for s in INT8_SCHEMES}}
 
 
 def speed(name: str, batch_size: int, threads: int, repeats: int, tmp: Path) -> dict:
@@ -77,7 +57,7 @@ def speed(name: str, batch_size: int, threads: int, repeats: int, tmp: Path) -> 
     g = torch.Generator().manual_seed(0)
     calib = [torch.randn(1, 3, *s, generator=g) for _ in range(16)]
     files = {"bf16": export_openvino(m, tmp / f"{name}.xml", s)}
-    for scheme in SCHEMES:
+    for scheme in INT8_SCHEMES:
         files[f"int8_{scheme}"] = export_openvino(m, tmp / f"{name}_{scheme}.xml", s, calibration=calib,
                                                   scheme=scheme)
     core = ov.Core()

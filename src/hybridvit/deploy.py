@@ -122,7 +122,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: tuple[i
         _require("nncf", load=False)  # before the export: a missing extra is said before minutes of work
         scheme = scheme or INT8_SCHEMES[0]
         if scheme not in INT8_SCHEMES:
-            raise ValueError(f"unknown INT8 scheme {scheme!r}; one of performance, transformer")
+            raise ValueError(f"unknown INT8 scheme {scheme!r}; one of {', '.join(INT8_SCHEMES)}")
         if not calibration:
             raise ValueError("INT8 calibration needs at least one image")
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -208,7 +208,7 @@ def calibration_batches(source: str | os.PathLike, pretrained_cfg: dict[str, Any
         files = find_images([str(source)])
         for i in _spread(len(files), limit):
             try:
-                images.append(pre.normalize(read_image(files[i], pre.geometry)[None])[0])
+                images.append(read_image(files[i], pre))
             except DataError:
                 failed.append(files[i])
         if not images:
