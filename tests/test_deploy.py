@@ -112,12 +112,18 @@ def test_exported_files_refuse_what_they_cannot_be(exported, capsys):
 
 
 @pytest.mark.slow
-def test_bench_times_the_runtimes_side_by_side(exported, tmp_path, capsys):
+def test_bench_times_the_runtimes_side_by_side(exported, tmp_path, capsys, monkeypatch):
+    import tempfile
+
     tmp, ckpt, files = exported
     runtimes = ["torch", "onnxruntime"] + (["openvino"] if "openvino" in files else [])
     out = tmp_path / "bench.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert main(["bench", "--pretrained", str(ckpt), "--runtime", *runtimes, "-b", "2", "--warmup", "1",
                  "--repeats", "1", "--peak", "--json", str(out)]) == 0
+    assert list(scratch.iterdir()) == []  # the exported files it timed are gone with the command
     res = json.loads(out.read_text())["results"]
     assert [r["model"] for r in res] == [f"fastervit_nano [{rt}]" for rt in runtimes]
     assert all(r["img_per_s"] > 0 and 0 < r["pct_of_peak"] for r in res)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from ._stop import remove_on_stop
+
 __all__ = ["OutputError", "atomic_save", "atomic_write", "check_output_dir", "check_output_file",
            "clean_stale_temp_files", "save_torch", "temp_path", "write_json", "write_text"]
 
@@ -127,14 +129,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], wha
     tmp = temp_path(path)
     rec = None
     try:
-        with _open(tmp) as raw:
-            rec = _Recording(raw)
-            write(rec)
-            rec.flush()
-            os.fsync(rec.fileno())
-        os.replace(tmp, path)
+        with remove_on_stop(tmp):
+            with _open(tmp) as raw:
+                rec = _Recording(raw)
+                write(rec)
+                rec.flush()
+                os.fsync(rec.fileno())
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         raise _failed(path, tmp, rec.error if rec is not None and rec.error is not None else e, what) from e
+    except BaseException:  # Ctrl-C, SIGTERM: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -143,12 +149,16 @@ def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], what: str 
     path = Path(path)
     tmp = temp_path(path)
     try:
-        save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with remove_on_stop(tmp):
+            save(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         raise _failed(path, tmp, e, what) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -262,18 +262,15 @@ _EXPORTED = {"onnxruntime", "openvino", "openvino-int8"}
 
 
 def runtime_models(model: torch.nn.Module, args: argparse.Namespace, dev: torch.device,
-                   img_size: int) -> list[tuple[str, torch.nn.Module]]:
-    """`model` in each runtime of `args.runtime`, labelled 'NAME [runtime]' (exported files in a temporary
-    folder that lives as long as the process)."""
-    import tempfile
-
+                   img_size: int, folder: str) -> list[tuple[str, torch.nn.Module]]:
+    """`model` in each runtime of `args.runtime`, labelled 'NAME [runtime]' (the exported files are written
+    in `folder`, which must live as long as the models)."""
     from .deploy import runtime_model
 
     if args.train and set(args.runtime) & _EXPORTED:
         raise ValueError("--runtime onnxruntime/openvino time inference only: leave --train out")
     if dev.type != "cpu" and set(args.runtime) & _EXPORTED:
         raise ValueError("--runtime onnxruntime/openvino run on the CPU here: pass --device cpu")
-    folder = tempfile.mkdtemp(prefix="hybridvit-bench-")
     out = []
     for rt in args.runtime:
         if rt in ("torch", "compile"):
@@ -329,6 +326,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from ._stop import remove_on_stop
+
+    # the exported files of --runtime live in a temporary folder, removed at the end (and at Ctrl-C)
+    with tempfile.TemporaryDirectory(prefix="hybridvit-bench-") as folder, remove_on_stop(folder):
+        return _run(args, folder)
+
+
+def _run(args: argparse.Namespace, folder: str) -> int:
     from ._io import check_output_file, write_json
     from .inference import load_for_command
     from .runtime import check_img_size, plan_threads, resolve_device
@@ -352,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     check_img_size(first.model_name, args.img_size)
     img_size = args.img_size or first.pretrained_cfg["input_size"][-1]
     if args.runtime:
-        models = runtime_models(first, args, dev, img_size)
+        models = runtime_models(first, args, dev, img_size, folder)
     else:
         models = [(first.model_name, prepare(first, dev, not args.no_channels_last, args.compile, args.train,
                                              args.fuse)[0])]

@@ -6,6 +6,8 @@ import importlib
 import os
 import sys
 
+from ._stop import hard_stop, stop_line
+
 # subcommand -> module providing add_arguments(parser) and run(args) -> int
 _COMMANDS = {
     "models": ("hybridvit.cli", "List registered models with parameters, GMACs and published top-1."),
@@ -116,6 +118,11 @@ def _user_error(e: BaseException) -> str | None:
     return None
 
 
+# commands that trace models (torch.export, the ONNX exporter, torch.compile): a signal there ends the process
+# at once (`_stop.hard_stop`), as an exception raised inside PyTorch's C++ callbacks would abort it
+_HARD_STOP = {"export", "bench"}
+
+
 class Terminated(BaseException):
     """SIGTERM outside training's own handling (which writes last.pt first): stop with exit 143."""
 
@@ -147,17 +154,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        if args.command in _HARD_STOP and not debug:
+            with hard_stop(args.command):
+                return int(args._run(args) or 0)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"\ninterrupted (Ctrl-C): `hybridvit {_command_in(argv) or ''}` stopped", file=sys.stderr)
+        print(f"\n{stop_line(signal.SIGINT, _command_in(argv) or '')}", file=sys.stderr)
         return 130
     except Terminated as e:
         if debug:
             raise
-        print(f"\nstopped by {signal.Signals(e.signum).name}: `hybridvit {_command_in(argv) or ''}` did not finish",
-              file=sys.stderr)
+        print(f"\n{stop_line(e.signum, _command_in(argv) or '')}", file=sys.stderr)
         return 128 + e.signum
     except Exception as e:
         msg = _user_error(e)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_save
+from ._stop import remove_on_stop
 from .errors import CheckpointError, printable
 from .models._schema import checked_pretrained_cfg
 
@@ -125,7 +126,7 @@ def export_openvino(model: nn.Module, path: str | os.PathLike, img_size: tuple[i
             raise ValueError(f"unknown INT8 scheme {scheme!r}; one of {', '.join(INT8_SCHEMES)}")
         if not calibration:
             raise ValueError("INT8 calibration needs at least one image")
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, remove_on_stop(tmp):
         onnx_path = export_onnx(model, Path(tmp) / "model.onnx", img_size, dynamic_batch=dynamic_batch)
         ov_model = ov.convert_model(str(onnx_path))
         meta = file_metadata(model, img_size)
