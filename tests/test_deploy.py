@@ -201,7 +201,8 @@ def test_bench_times_openvino_int8_beside_openvino(exported, tmp_path):
                              "--warmup", "1", "--repeats", "1", "--peak", "--json", out)
     res = json.loads(out.read_text())["results"]
     assert [r["model"] for r in res] == ["fastervit_nano [openvino]", "fastervit_nano [openvino-int8]"]
-    assert all(r["img_per_s"] > 0 for r in res)
+    assert all(r["img_per_s"] > 0 and r["runtime"] == "openvino" for r in res)
+    assert [r["int8"] for r in res] == [False, True]  # read from the file's own int8 record
     # the int8 row is not counted against the float matmul peak
     assert res[0]["pct_of_peak"] > 0 and res[1]["pct_of_peak"] is None
     assert "[openvino-int8] is int8 (not a share of this peak)" in printed

@@ -245,6 +245,8 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
              "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
+        if getattr(model, "runtime", None):  # an exported file (deploy.ExportedModel): its runtime, int8 or not
+            r["runtime"], r["int8"] = model.runtime, bool(model.int8)
         if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/accel/cpu_bf16.py)
             fp32 = Precision.from_amp("bf16", dev).products_on_fp32_kernels(model)
             r["bf16_products"] = "fp32 kernels" if fp32 else "bf16 kernels"
@@ -388,7 +390,7 @@ def _run(args: argparse.Namespace, folder: str) -> int:
         pk = out["matmul_peak_gflops"]
         for r in res:
             # int8 products (VNNI) have a peak of their own: an int8 row is not a share of the float peak
-            r["pct_of_peak"] = None if r["model"].endswith("[openvino-int8]") else 100 * r["achieved_gflops"] / pk
+            r["pct_of_peak"] = None if r.get("int8") else 100 * r["achieved_gflops"] / pk
         print(f"matmul peak: {pk:.0f} GFLOP/s; " + ", ".join(
             f"{r['model']} reaches {r['pct_of_peak']:.0f}%" if r["pct_of_peak"] is not None
             else f"{r['model']} is int8 (not a share of this peak)" for r in res))
