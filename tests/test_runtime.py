@@ -107,3 +107,57 @@ def test_too_small_images_are_refused_before_anything_is_built(tmp_path, colours
     cabvit_p = hybridvit.list_models("cabvit_p*")[0]
     assert "at least 16x16 pixels" in error_line(["train", "--model", cabvit_p, "--img-size", "8", "--data",
                                               str(colours), "--output", str(out)], capsys)
+
+
+_FAULTS = """
+import resource, sys
+import torch
+from hybridvit.runtime import plan_threads
+if sys.argv[1] == "plan":
+    plan_threads("bench", threads=1).apply()
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(6):  # a forward pass's pattern: the same large buffers allocated and freed on every call
+    if i == 2:
+        f0 = faults()
+    # 4 x 24 MB: below glibc's largest mmap threshold (32 MiB), above its largest automatic trim threshold
+    # (64 MiB) in all: the defaults trim the heap after every call, whatever threshold they had reached
+    bufs = [torch.ones(6 << 20) for _ in range(4)]
+    del bufs
+print((faults() - f0) / 4)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc's malloc settings")
+def test_the_commands_keep_freed_memory_for_the_next_call():
+    """With glibc's defaults the heap is trimmed after the buffers are freed, and every call pays the page
+    faults of touching them again (about 24 000 per call here); `plan.apply()` keeps the memory
+    (runtime.keep_freed_memory). HYBRIDVIT_KEEP_MEMORY=0 leaves glibc as it was."""
+    import os
+    import subprocess
+    import sys
+
+    from hybridvit.runtime import keep_freed_memory
+
+    def faults(arg: str, keep: str) -> float:
+        env = dict(os.environ, HYBRIDVIT_KEEP_MEMORY=keep,
+                   PYTHONPATH=os.pathsep.join([str(hybridvit.__path__[0] + "/.."), os.environ.get("PYTHONPATH", "")]))
+        out = subprocess.run([sys.executable, "-c", _FAULTS, arg], env=env, capture_output=True, text=True,
+                             check=True)
+        return float(out.stdout.split()[-1])
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc (keep_freed_memory applies to glibc's malloc only)")
+    def most(arg: str, keep: str, tries: int) -> float:
+        # glibc does not trim a main heap that could not grow in one piece (about one process in three
+        # here, with address-space randomisation): the defaults then fault little too, so a few tries
+        best = 0.0
+        for _ in range(tries):
+            best = max(best, faults(arg, keep))
+            if best > 8000:
+                break
+        return best
+
+    default, off = most("none", "1", 10), most("plan", "0", 10)
+    assert default > 8000 and off > 8000, (default, off)  # 4 x 24 MB: about 24 000 pages per call
+    kept = most("plan", "1", 3)
+    assert kept < 3000, (kept, default)

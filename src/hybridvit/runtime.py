@@ -8,6 +8,7 @@ shared 2-core machine, 2 intra-op threads + 2 decoding workers ran 6x slower tha
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,47 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = {  # what keep_freed_memory sets, in bytes
+    "mmap_threshold": 32 << 20,  # glibc's largest: buffers up to 32 MiB come from the heap, not a fresh mmap
+    "trim_threshold": 1 << 30,  # freed heap memory up to 1 GiB stays in the process for the next call
+    "top_pad": 64 << 20,  # the heap grows in steps of 64 MiB
+}
+
+
+def keep_freed_memory(settings: dict[str, int] | None = None) -> bool:
+    """Makes glibc's malloc keep the memory of freed buffers in the process for the next forward pass;
+    returns whether it applied (Linux with glibc; elsewhere nothing changes).
+
+    A forward pass allocates and frees the same large buffers on every call. By default glibc serves each
+    buffer above a moving threshold with a fresh mmap and trims the heap once the freed memory at its top
+    passes twice that threshold, so a call pays the page faults of touching new memory again (four 24 MB
+    buffers: about 24 000 faults per call, none with these settings; tests/test_runtime.py). With
+    `MALLOC_SETTINGS` buffers up to 32 MiB come from the heap and the heap keeps up to 1 GiB of freed
+    memory; larger buffers are still mapped per call (32 MiB is glibc's limit). The cost: the process's
+    memory stays near its peak between calls instead of shrinking.
+
+    The inference commands (eval, predict, bench, export, analyze; not train, not measured there) call it
+    through `ThreadPlan.apply`; `HYBRIDVIT_KEEP_MEMORY=0` turns it off. Like glibc's `MALLOC_*_`
+    environment variables it is process-wide. Measured on whole models (benchmarks/malloc_settings.py):
+    1.07-1.15x for FasterViT and CabViT, eager and compiled, bf16 and fp32, and CrossFormer++ fp32; 0.97x
+    / 0.93x for CrossFormer++ bf16 eager / compiled."""
+    if os.environ.get("HYBRIDVIT_KEEP_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl's mallopt ignores these)
+    except (OSError, AttributeError):
+        return False
+    s = {**MALLOC_SETTINGS, **(settings or {})}
+    return all(libc.mallopt(k, int(s[name])) == 1 for k, name in
+               ((_M_MMAP_THRESHOLD, "mmap_threshold"), (_M_TRIM_THRESHOLD, "trim_threshold"),
+                (_M_TOP_PAD, "top_pad")))
+
+
 @dataclass(frozen=True)
 class ThreadPlan:
     """torch intra-op threads and DataLoader workers of one process; threads + workers <= cpus."""
@@ -60,9 +102,13 @@ class ThreadPlan:
     threads: int
     workers: int
     cpus: int
+    keep_memory: bool = False  # inference commands: `keep_freed_memory`
 
     def apply(self) -> None:
+        """Sets torch's threads, and for the inference commands `keep_freed_memory`."""
         torch.set_num_threads(self.threads)
+        if self.keep_memory:
+            keep_freed_memory()
 
     def describe(self) -> str:
         w = f"{self.workers} loader worker{'s' if self.workers != 1 else ''}"
@@ -100,7 +146,7 @@ def plan_threads(command: str, *, device: torch.device | str = "cpu", threads: i
             workers = 0 if cpus < 2 else max(1, min(4, cpus // 4))
     if threads is None:
         threads = 1 if dev.type == "cuda" and loads else max(1, cpus - workers)
-    return ThreadPlan(threads, workers, cpus)
+    return ThreadPlan(threads, workers, cpus, keep_memory=command != "train")
 
 
 # smallest image side per family, for registry entries without timm's `min_input_size` field (measured:
