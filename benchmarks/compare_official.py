@@ -84,9 +84,17 @@ def main() -> int:
                          "kernels even where they are emulated: the gain of the model code alone)")
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer of the training step")
     ap.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs (shorter runs)")
+    ap.add_argument("--keep-memory", action="store_true",
+                    help="glibc keeps freed memory (hybridvit.runtime.keep_freed_memory, as the hybridvit commands "
+                         "run), for both sides: the allocator is process-wide")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_memory:
+        from hybridvit.runtime import keep_freed_memory
+
+        if not keep_freed_memory():
+            raise SystemExit("--keep-memory: not applied (needs Linux with glibc, and HYBRIDVIT_KEEP_MEMORY unset)")
     # each side compiles once per (amp, batch size) and the official code once per module instance: dynamo's
     # default limit of 8 recompilations would leave the last ones running eagerly
     torch._dynamo.config.recompile_limit = 64
@@ -94,7 +102,7 @@ def main() -> int:
 
     dev = torch.device(args.device)
     out = {"environment": {**environment(args.device), **cpu_info()}, "command": " ".join(["python"] + sys.argv),
-           "matmul_peak_gflops": {}, "results": []}
+           "keep_memory": args.keep_memory, "matmul_peak_gflops": {}, "results": []}
     def measure_peaks() -> None:
         # the best of repeated measurements (before and after every model): a noisy machine only lowers it
         for amp in args.amp:
