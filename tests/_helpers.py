@@ -15,6 +15,14 @@ TINY_TRAIN = ["--model", "fastervit_nano", "--img-size", "32", "--batch-size", "
               "--no-model-ema", "--no-channels-last"]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python process that imports this checkout's hybridvit (plus `extra`)."""
+    import os
+
+    src = str(Path(hybridvit.__file__).resolve().parents[1])
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
 def user_error(argv: list[str], capsys, exc=(ValueError, FileNotFoundError)) -> str:
     """The message a user sees for a bad command: the exception a command raises (which `hybridvit`'s
     main prints as one `error:` line) or, where main already does that, its stderr (exit status 2)."""

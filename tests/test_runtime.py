@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 import torch
-from _helpers import error_line, run_checkpoint, user_error
+from _helpers import child_env, error_line, run_checkpoint, user_error
 
 import hybridvit
 from hybridvit.cli import main
@@ -132,17 +132,14 @@ def test_the_commands_keep_freed_memory_for_the_next_call():
     """With glibc's defaults the heap is trimmed after the buffers are freed, and every call pays the page
     faults of touching them again (about 24 000 per call here); `plan.apply()` keeps the memory
     (runtime.keep_freed_memory). HYBRIDVIT_KEEP_MEMORY=0 leaves glibc as it was."""
-    import os
     import subprocess
     import sys
 
     from hybridvit.runtime import keep_freed_memory
 
     def faults(arg: str, keep: str) -> float:
-        env = dict(os.environ, HYBRIDVIT_KEEP_MEMORY=keep,
-                   PYTHONPATH=os.pathsep.join([str(hybridvit.__path__[0] + "/.."), os.environ.get("PYTHONPATH", "")]))
-        out = subprocess.run([sys.executable, "-c", _FAULTS, arg], env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, "-c", _FAULTS, arg], env=child_env(HYBRIDVIT_KEEP_MEMORY=keep),
+                             capture_output=True, text=True, check=True)
         return float(out.stdout.split()[-1])
 
     if not keep_freed_memory():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _helpers import FAST, TINY_TRAIN
+from _helpers import FAST, TINY_TRAIN, child_env
 
 import hybridvit
 from hybridvit.checkpoint import make_run_checkpoint
@@ -23,13 +23,12 @@ from hybridvit.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
 
-SRC = Path(hybridvit.__file__).resolve().parents[1]
 TRAIN = ["--model", "fastervit_nano", "--img-size", "32", "--batch-size", "4", "--threads", "1", "--no-plot",
          "--no-model-ema", "--no-channels-last", "--no-progress"]
 
 
 def _start(args: list[str], **kw) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    env = child_env()
     code = "import sys; from hybridvit.cli import main; sys.exit(main())"
     # the child starts with SIGINT at its default action, as in a terminal: a test run launched in the
     # background of a non-interactive shell inherits SIGINT ignored, and Python then keeps ignoring it
@@ -208,7 +207,7 @@ sys.exit(main(sys.argv[3:]))
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("nth", [2000, 5000])
 def test_a_signal_inside_pytorch_tracing_stops_export_with_one_line(tmp_path, nth, sig, code):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    env = child_env()
     out = tmp_path / "m.pt2"
     done = subprocess.run([sys.executable, "-c", _SIGNAL_IN_DISPATCH, str(nth), str(int(sig)), "export", "--model",
                            "fastervit_0", "--format", "pt2", "-o", str(out), "--threads", "1"],
@@ -251,7 +250,7 @@ def test_a_sigterm_during_a_checkpoint_save_lets_the_save_finish_then_stops(tmp_
 # --------------------------------------- a signal to one process, one DDP rank
 def _start_training(out: Path, data: Path, env: dict[str, str] | None = None, *extra: str) -> subprocess.Popen:
     """`hybridvit train` of 50 epochs in a new process (stopped by the tests long before it ends)."""
-    env = dict(os.environ, **(env or {}), PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    env = child_env(**(env or {}))
     code = "import sys; from hybridvit.cli import main; sys.exit(main())"
     return subprocess.Popen([sys.executable, "-c", code, "train", "--data", str(data), "--epochs", "50",
                              "--output", str(out), *TINY_TRAIN, *extra], env=env, stdout=subprocess.PIPE,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -121,44 +122,47 @@ def _failed(path: Path, tmp: Path, error: BaseException, what: str | None) -> Ou
     return OutputError(f"could not write {what or path}: {_reason(error)} ({kept}); {advice}")
 
 
+@contextmanager
+def _temporary(path: Path, what: str | None, recorded: Callable[[], BaseException | None] = lambda: None
+               ) -> Iterator[Path]:
+    """The temporary sibling a write goes to (`temp_path`), removed when the write fails or is stopped
+    (also by `_stop.hard_stop`); an OSError or RuntimeError becomes an OutputError that says why (the
+    error `recorded()` returns, where the writer kept a truer one)."""
+    tmp = temp_path(path)
+    try:
+        with remove_on_stop(tmp):
+            yield tmp
+    except (OSError, RuntimeError) as e:
+        raise _failed(path, tmp, recorded() or e, what) from e
+    except BaseException:  # Ctrl-C, SIGTERM: no temporary file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], what: str | None = None) -> Path:
     """Calls `write(f)` with a binary file that becomes `path` only when it completed and reached the
     disk (temporary sibling, fsync, rename). On failure the temporary file is removed, the previous
     `path` (if any) stays, and an OutputError says why: a full disk is "No space left on device"."""
     path = Path(path)
-    tmp = temp_path(path)
     rec = None
-    try:
-        with remove_on_stop(tmp):
-            with _open(tmp) as raw:
-                rec = _Recording(raw)
-                write(rec)
-                rec.flush()
-                os.fsync(rec.fileno())
-            os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        raise _failed(path, tmp, rec.error if rec is not None and rec.error is not None else e, what) from e
-    except BaseException:  # Ctrl-C, SIGTERM: no temporary file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
+    with _temporary(path, what, lambda: rec.error if rec is not None else None) as tmp:
+        with _open(tmp) as raw:
+            rec = _Recording(raw)
+            write(rec)
+            rec.flush()
+            os.fsync(rec.fileno())
+        os.replace(tmp, path)
     return path
 
 
 def atomic_save(path: str | os.PathLike, save: Callable[[Path], Any], what: str | None = None) -> Path:
     """`atomic_write` for a writer that takes a file name (`save(tmp_path)`), e.g. an ONNX program's."""
     path = Path(path)
-    tmp = temp_path(path)
-    try:
-        with remove_on_stop(tmp):
-            save(tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        raise _failed(path, tmp, e, what) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with _temporary(path, what) as tmp:
+        save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return path
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 __all__ = ["hard_stop", "remove_on_stop", "stop_line"]
 
-_PENDING: dict[Path, int] = {}  # path -> how many writers hold it
+_PENDING: set[Path] = set()  # temporary files and folders of the writes under way
 _ACTIVE: list[str] = []  # the commands under hard_stop (innermost last)
 
 
@@ -37,13 +37,11 @@ def remove_on_stop(path: str | os.PathLike) -> Iterator[Path]:
     """Registers `path` (a temporary file or folder) for removal if `hard_stop` ends the process while
     the block runs; the block itself removes or renames it as usual."""
     p = Path(path)
-    _PENDING[p] = _PENDING.get(p, 0) + 1
+    _PENDING.add(p)
     try:
         yield p
     finally:
-        _PENDING[p] -= 1
-        if not _PENDING[p]:
-            del _PENDING[p]
+        _PENDING.discard(p)
 
 
 def _remove_pending() -> None:

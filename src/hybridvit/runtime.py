@@ -63,7 +63,7 @@ MALLOC_SETTINGS = {  # what keep_freed_memory sets, in bytes
 }
 
 
-def keep_freed_memory(settings: dict[str, int] | None = None) -> bool:
+def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep the memory of freed buffers in the process for the next forward pass;
     returns whether it applied (Linux with glibc; elsewhere nothing changes).
 
@@ -89,8 +89,7 @@ def keep_freed_memory(settings: dict[str, int] | None = None) -> bool:
         libc.gnu_get_libc_version  # noqa: B018 (glibc only: musl's mallopt ignores these)
     except (OSError, AttributeError):
         return False
-    s = {**MALLOC_SETTINGS, **(settings or {})}
-    return all(libc.mallopt(k, int(s[name])) == 1 for k, name in
+    return all(libc.mallopt(k, MALLOC_SETTINGS[name]) == 1 for k, name in
                ((_M_MMAP_THRESHOLD, "mmap_threshold"), (_M_TRIM_THRESHOLD, "trim_threshold"),
                 (_M_TOP_PAD, "top_pad")))
 
