@@ -9,6 +9,7 @@ from conftest import assert_matches_official_layout, load_fixture
 
 import hybridvit
 from hybridvit.checkpoint import CheckpointError
+from hybridvit.layers.accel.switch import fast_paths
 from hybridvit.models.cabvit import CaBAttention, CabViTH
 from hybridvit.registry import count_params, get_entry, meta_model
 
@@ -233,6 +234,31 @@ def test_attention_bias_follows_new_weights(tiny_h):
         attn.attention_biases.mul_(0)  # in-place edit (as an EMA update does) is seen at once
         assert attn.attn_bias(hw, N)[..., :N].abs().max() == 0
         assert attn.to(torch.float64).attn_bias(hw, N).dtype == torch.float64
+
+
+def test_attention_bias_is_gathered_once_in_the_query_dtype(tiny_h):
+    """In eager no-grad eval the gathered bias is reused per geometry and dtype: a second forward pass
+    gathers no table and casts none under bf16 autocast; the logits equal the plain path's."""
+    x = torch.randn(1, 3, 64, 64)
+
+    def run(fast: bool = True):
+        with fast_paths(fast), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+                torch.profiler.profile() as prof:
+            out = tiny_h(x).float()
+        return out, [e.name for e in prof.events()]
+
+    first, first_ops = run()
+    again, ops = run()
+    plain, _ = run(False)
+    assert first_ops.count("aten::index_select") > 0
+    assert ops.count("aten::index_select") == 0
+    assert torch.equal(first, again)
+    assert (again - plain).abs().max().item() <= 0.05 * plain.abs().max().item()  # bf16 rounding
+    attn = tiny_h.stages[2].blocks.blocks[1].attn
+    hw, N = attn.rel_grid, attn.rel_grid[0] * attn.rel_grid[1]
+    with torch.no_grad():
+        assert attn.attn_bias(hw, N, torch.bfloat16).dtype == torch.bfloat16
+        assert attn.attn_bias(hw, N).dtype == torch.float32
 
 
 def _randomise_bn_and_layer_scales(m: torch.nn.Module) -> None:

@@ -255,6 +255,37 @@ def test_conv_bn_folding_equals_batchnorm():
         torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)))
 
 
+def test_conv_bn_folded_weights_are_cached_and_follow_every_edit():
+    """Eager no-grad eval folds the BatchNorm once (no refolding ops on the next call), in the autocast
+    dtype under autocast; an in-place edit of a running statistic or weight is seen at the next call, and
+    with autograd on nothing is cached (the gradient reaches the conv)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 9, 11)
+    conv, bn = torch.nn.Conv2d(8, 6, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(6).eval()
+    bn.running_var.uniform_(0.5, 2.0)
+
+    def ops() -> set[str]:
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = conv_bn(x, conv, bn)
+        torch.testing.assert_close(out, bn(conv(x)).detach(), atol=1e-5, rtol=1e-5)
+        return {e.name for e in prof.events()}
+
+    assert "aten::rsqrt" in ops()  # folded on the first call
+    assert "aten::rsqrt" not in ops()  # reused
+    bn.running_var.mul_(4.0)  # in place, as a BatchNorm update or an EMA writes it
+    assert "aten::rsqrt" in ops()
+    with torch.no_grad():
+        conv.weight.add_(0.5)
+    assert "aten::rsqrt" in ops()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv_bn(x, conv, bn)
+        ref = bn(conv(x))
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max().item() <= 0.02 * ref.float().abs().max().item()
+    conv_bn(x, conv, bn).sum().backward()  # eval with autograd: folded anew, differentiable
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 def test_fuse_keeps_outputs():
     model = _small_model().eval()
     x = torch.randn(2, 3, 72, 40)

@@ -148,6 +148,25 @@ def test_cpu_attention_with_a_trainable_bias_has_the_gradients_of_sdpa(dtype):
         assert attention._sdpa_applies(q)
 
 
+@pytest.mark.parametrize("bias_shape", [None, (1, 2, 10, 10), (3, 2, 10, 10)])
+def test_eager_scores_match_the_traced_form_and_leave_the_bias_alone(monkeypatch, bias_shape):
+    """The eager scores (bias copied into the output, one baddbmm with the scale as its factor) equal the
+    form tracers get (product, then scale and add) up to bf16 rounding, and never write to the bias."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(3, 2, 10, 16, generator=g).to(BF16) for _ in range(2))
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=g).to(BF16)
+    kept = None if bias is None else bias.clone()
+    eager = attention._scores(q, k, bias, 0.25)
+    monkeypatch.setattr(attention, "is_tracing", lambda: True)
+    traced = attention._scores(q, k, bias, 0.25)
+    ref = (q.float() @ k.float().transpose(-2, -1)) * 0.25 + (0 if bias is None else bias.float())
+    assert eager.shape == traced.shape == (3, 2, 10, 10) and eager.dtype == BF16
+    for out in (eager, traced):
+        assert (out.float() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+    if bias is not None:
+        assert torch.equal(bias, kept)
+
+
 def test_crossformer_bf16_training_step_matches_the_plain_path():
     """A bf16 training step with the bf16 attention is as close to fp32 as SDPA's fp32 math path."""
     model = crossformer_fixture_model("crossformerpp_tiny").train()

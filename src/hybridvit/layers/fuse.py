@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .accel.switch import eager_fast
+from .accel import autocast_dtype, cached_for, eager_fast
 
 
 class LayerScale(nn.Module):
@@ -64,12 +64,23 @@ def fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module) -> torch.Tensor:
     """norm(conv(x)); with the fast paths on, an eval-mode BatchNorm is folded into the conv weights on the
-    fly (the weights are tiny next to the map: one pass over the map instead of two). Nothing is cached,
-    so edited weights take effect at once. After `fold_bn` norm is Identity."""
+    fly (the weights are tiny next to the map: one pass over the map instead of two). In eager no-grad
+    inference the folded weights, in the autocast dtype where autocast is on, are cached under the
+    version counters of the conv's and the norm's tensors (`accel.cache.cached_for`): an edited weight or
+    running statistic takes effect at the next call, and a batch-1 forward pass no longer spends its time
+    refolding (CabViT-H-L2: 3 ms of 45). After `fold_bn` norm is Identity."""
     if (not eager_fast() or not isinstance(norm, nn.BatchNorm2d) or norm.training or norm.running_var is None
             or conv.padding_mode != "zeros"):
         return norm(conv(x))
-    weight, bias = bn_folded_weights(conv, norm)
+    tensors = [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+               if t is not None]
+
+    def fold() -> tuple[torch.Tensor, torch.Tensor]:
+        weight, bias = bn_folded_weights(conv, norm)
+        amp = autocast_dtype(x.device.type) if x.device.type in ("cpu", "cuda") else None
+        return (weight, bias) if amp is None else (weight.to(amp), bias.to(amp))
+
+    weight, bias = cached_for(norm, ("conv", norm.eps), tensors, fold)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 

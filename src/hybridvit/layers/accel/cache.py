@@ -17,7 +17,7 @@ bypass autograd's checks.)
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -66,6 +66,53 @@ def cast_param(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     value = t.detach().to(dtype)
     _CAST_PARAMS[t] = (key, value)
     return value
+
+
+def _cacheable(ref: torch.Tensor, training: bool = False) -> bool:
+    """Whether a value computed from `ref`'s module may come from the cache: eager no-grad inference,
+    no dispatch mode other than the CPU bf16 policy (FLOP counters and memory tracers see every op),
+    real non-inference tensors."""
+    if training or not eager_inference():
+        return False
+    mode = _get_current_dispatch_mode()
+    if not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
+        return False
+    return ref.device.type != "meta" and not ref.is_inference()
+
+
+def _remember(store: dict, geometry: tuple, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """store[geometry]'s value if its key is `key`, else compute() stored under it (at most
+    `_MAX_GEOMETRIES` geometries, oldest first out)."""
+    hit = store.get(geometry)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    store.pop(geometry, None)
+    if len(store) >= _MAX_GEOMETRIES:
+        store.pop(next(iter(store)))
+    store[geometry] = (key, value)
+    return value
+
+
+# module -> {geometry: (version key, value)}; entries go with their module (and never into pickles)
+_MODULE_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def cached_for(module: nn.Module, geometry: tuple, tensors: list[torch.Tensor],
+               compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """compute(), a value that depends only on `tensors` (the module's parameters and buffers it reads)
+    and `geometry` (hashable), cached per module in eager no-grad eval under the tensors' `version_key`
+    and the autocast dtype, with the rules of `CachedTable.table`. For modules whose parameters are
+    not a `CachedTable` of their own (their state_dict names are the official ones)."""
+    if _OUTSIDE_MODES and _get_current_dispatch_mode() is not None:
+        with _disable_current_modes():
+            return compute()
+    if not _cacheable(tensors[0], module.training):
+        return compute()
+    store = _MODULE_VALUES.get(module)
+    if store is None:
+        store = _MODULE_VALUES[module] = {}
+    return _remember(store, geometry, (autocast_dtype(tensors[0].device.type), version_key(tensors)), compute)
 
 
 class CachedTable(nn.Module):
@@ -122,24 +169,9 @@ class CachedTable(nn.Module):
         if _OUTSIDE_MODES and _get_current_dispatch_mode() is not None:
             with _disable_current_modes():
                 return self.compute(*geometry)
-        if self.training or not eager_inference():
+        if not _cacheable(next(self.parameters()), self.training):
             return self.compute(*geometry)
-        mode = _get_current_dispatch_mode()
-        if not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
-            return self.compute(*geometry)  # dispatch modes (FLOP counters, memory tracers) see every op
-        ref = next(self.parameters())
-        if ref.device.type == "meta" or ref.is_inference():
-            return self.compute(*geometry)
-        key = self._key()
-        hit = self._tables.get(geometry)
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        value = self.compute(*geometry)
-        self._tables.pop(geometry, None)
-        if len(self._tables) >= _MAX_GEOMETRIES:
-            self._tables.pop(next(iter(self._tables)))
-        self._tables[geometry] = (key, value)
-        return value
+        return _remember(self._tables, geometry, self._key(), lambda: self.compute(*geometry))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
