@@ -62,6 +62,7 @@ def test_bf16_weight_copy_follows_in_place_edits(native_bf16):
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         first = linear(x, layer)
         cached = accel_cache._CAST_PARAMS[layer.weight][1]
+        assert cached.is_mkldnn == accel_cache._REORDER_LINEAR  # kept in oneDNN's blocked layout
         assert torch.equal(linear(x, layer), first)
         assert accel_cache._CAST_PARAMS[layer.weight][1] is cached  # reused while unchanged
         layer.weight.mul_(-1)  # an EMA update or load_state_dict writes in place
@@ -71,6 +72,24 @@ def test_bf16_weight_copy_follows_in_place_edits(native_bf16):
     assert accel_cache._CAST_PARAMS[layer.weight][1] is not cached
     assert (flipped.float() - plain.float()).abs().max().item() <= 2 ** -7 * plain.float().abs().max().item()
     assert not torch.allclose(flipped.float(), first.float())
+
+
+@needs_onednn
+@pytest.mark.skipif(not accel_cache._REORDER_LINEAR, reason="this PyTorch has no mkldnn._reorder_linear_weight")
+def test_packed_fp32_weight_gives_the_plain_values_and_follows_edits():
+    """fp32 inference keeps the weight reordered for oneDNN: F.linear's values, a fresh packing after an
+    in-place edit, and the parameter itself untouched (state_dict, training)."""
+    layer, x = _layer_and_input()
+    with torch.no_grad():
+        assert fused_linear.onednn_dtype(x) == torch.float32
+        out = linear(x, layer, gelu=True)
+        packed = accel_cache._CAST_PARAMS[layer.weight][1]
+        assert packed.is_mkldnn and not layer.weight.is_mkldnn
+        torch.testing.assert_close(out, F.gelu(F.linear(x, layer.weight, layer.bias)), atol=1e-5, rtol=1e-5)
+        layer.weight.mul_(-1)
+        torch.testing.assert_close(linear(x, layer), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert accel_cache._CAST_PARAMS[layer.weight][1] is not packed
+    assert isinstance(layer.state_dict()["weight"], torch.Tensor) and not layer.state_dict()["weight"].is_mkldnn
 
 
 def test_bf16_fused_linear_only_where_exact(monkeypatch):

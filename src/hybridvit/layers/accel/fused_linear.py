@@ -9,6 +9,8 @@ than addmm in fp32, which first broadcasts the bias into the output, plus a sepa
   version (an in-place edit recomputes them), instead of autocast casting them on every call; the GELU
   and residual add act on the fp32 accumulator before the one rounding to bf16 (the plain path rounds
   the product first: the values differ by bf16 rounding only).
+In both, the weight is kept reordered into oneDNN's blocked layout (`cache.cast_param(..., pack=True)`),
+which the inner product otherwise redoes on every call.
 Anything else (training, other devices and dtypes, fp16, tracing, dispatch modes such as FLOP counters
 and the CPU bf16 policy of `cpu_bf16`) runs the plain ops.
 """
@@ -54,7 +56,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False,
     dtype = onednn_dtype(x)
     if dtype is not None:
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        weight = cast_param(layer.weight, dtype)
+        weight = cast_param(layer.weight, dtype, pack=True)
         bias = cast_param(layer.bias, dtype)
         if residual is not None and not gelu and residual.dtype == dtype:
             y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(x2.shape[0], -1), weight,
