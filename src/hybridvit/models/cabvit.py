@@ -48,6 +48,7 @@ from ..layers import (
     fold_bn,
     fold_layer_scale,
     gelu_,
+    linear,
     scale_channels,
 )
 from ..layers.accel import cached_for
@@ -298,12 +299,12 @@ class CaBAttention(nn.Module):
         h, d = self.num_heads, self.head_dim
         # digest tokens only serve as keys and values; projecting them together with the block's tokens
         # (their unused query rows cost less than concatenating the 2C-wide keys/values after projection)
-        qkv = self.qkv(x if digest is None else torch.cat([x, digest.to(x.dtype)], 1))
+        qkv = linear(x if digest is None else torch.cat([x, digest.to(x.dtype)], 1), self.qkv)
         q = qkv[:, :N, :C].unflatten(-1, (h, d)).transpose(1, 2)
         k = qkv[..., C:2 * C].unflatten(-1, (h, d)).transpose(1, 2)
         v = qkv[..., 2 * C:].unflatten(-1, (h, d)).transpose(1, 2)
         x = attend(q, k, v, self.attn_bias(hw, N, q.dtype), scale=self.scale)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return linear(x.transpose(1, 2).reshape(B, N, C), self.proj)
 
 
 class CaBBlock(nn.Module):

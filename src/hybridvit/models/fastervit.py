@@ -47,6 +47,7 @@ from ..layers import (
     drop_path_rates,
     fold_bn,
     fold_layer_scale,
+    linear,
     make_layer_scale,
     pad_hw,
     padding_bias_map,
@@ -277,7 +278,7 @@ class HierarchicalAttention(nn.Module):
         nh, d = self.num_heads, self.head_dim
         bias = self.pos_bias(h, w, num_prefix).unsqueeze(0)  # (1, heads, N, N), broadcast over B*nW
         # strided views of the projection: SDPA reads them without copies
-        q, k, v = self.qkv(x).view(B, N, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = linear(x, self.qkv).view(B, N, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)
         dropout_p = self.attn_drop if self.training else 0.0
         if key_mask is None:
             x = attend(q, k, v, bias, dropout_p=dropout_p)
@@ -289,7 +290,7 @@ class HierarchicalAttention(nn.Module):
             q, k, v = (t.reshape(-1, nw * nh, N, d) for t in (q, k, v))
             x = attend(q, k, v, bias, dropout_p=dropout_p).reshape(B, nh, N, d)
         x = x.transpose(1, 2).reshape(B, N, C)  # exported graphs: see `attend`
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(linear(x, self.proj))
 
 
 class HATBlock(nn.Module):
