@@ -82,8 +82,8 @@ def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: 
     fuses into its softmax kernel. Eagerly the bias is copied once into the output and one batched
     product adds onto it with the scale as its factor (`baddbmm_`: oneDNN's sum post-op and output
     scale), where the product then an in-place scale and add read and write the logits twice more:
-    1.0-1.2x faster per call at the shapes these families run (`benchmarks/attention_forms.py`,
-    `scores` rows). It records for autograd (training) like the out-of-place form."""
+    1.0-1.2x faster per call at the shapes these families run (`benchmarks/eager_levers.py`). It records
+    for autograd (training) like the out-of-place form."""
     if is_tracing():
         logits = torch.matmul(q, k.transpose(-2, -1)) * scale
         return logits if bias is None else logits + bias
@@ -93,8 +93,8 @@ def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: 
     if bias is None:
         logits = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)
     else:
-        # a copy: the caller's bias is never written to
-        logits = bias.expand(*batch, N, M).clone(memory_format=torch.contiguous_format)
+        # a copy (in the query dtype): the caller's bias is never written to
+        logits = bias.expand(*batch, N, M).to(q.dtype, memory_format=torch.contiguous_format, copy=True)
         logits.view(-1, N, M).baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
     return logits.view(*batch, N, M)
 
