@@ -1,6 +1,7 @@
 """CabViT-H (official equivalence, parameter counts, official layout) and CabViT-P (design, gradients)."""
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -239,12 +240,13 @@ def test_attention_bias_follows_new_weights(tiny_h):
 def test_attention_bias_is_gathered_once_in_the_query_dtype(tiny_h):
     """In eager no-grad eval the gathered bias is reused per geometry and dtype: a second forward pass
     gathers no table and casts none under bf16 autocast; the logits equal the plain path's."""
+    model = copy.deepcopy(tiny_h)  # a module of its own: nothing cached by earlier tests
     x = torch.randn(1, 3, 64, 64)
 
     def run(fast: bool = True):
         with fast_paths(fast), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
                 torch.profiler.profile() as prof:
-            out = tiny_h(x).float()
+            out = model(x).float()
         return out, [e.name for e in prof.events()]
 
     first, first_ops = run()
@@ -254,10 +256,11 @@ def test_attention_bias_is_gathered_once_in_the_query_dtype(tiny_h):
     assert ops.count("aten::index_select") == 0
     assert torch.equal(first, again)
     assert (again - plain).abs().max().item() <= 0.05 * plain.abs().max().item()  # bf16 rounding
-    attn = tiny_h.stages[2].blocks.blocks[1].attn
+    attn = model.stages[2].blocks.blocks[1].attn
     hw, N = attn.rel_grid, attn.rel_grid[0] * attn.rel_grid[1]
     with torch.no_grad():
-        assert attn.attn_bias(hw, N, torch.bfloat16).dtype == torch.bfloat16
+        bf16 = attn.attn_bias(hw, N, torch.bfloat16)
+        assert bf16.dtype == torch.bfloat16 and attn.attn_bias(hw, N, torch.bfloat16) is bf16  # cast once, kept
         assert attn.attn_bias(hw, N).dtype == torch.float32
 
 

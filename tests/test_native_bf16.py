@@ -167,17 +167,19 @@ def test_cpu_attention_with_a_trainable_bias_has_the_gradients_of_sdpa(dtype):
         assert attention._sdpa_applies(q)
 
 
-@pytest.mark.parametrize("bias_shape", [None, (1, 2, 10, 10), (3, 2, 10, 10)])
-def test_eager_scores_match_the_traced_form_and_leave_the_bias_alone(monkeypatch, bias_shape):
-    """The eager scores (bias copied into the output, one baddbmm with the scale as its factor) equal the
-    form tracers get (product, then scale and add) up to bf16 rounding, and never write to the bias."""
+@pytest.mark.parametrize("bias_shape,bias_dtype", [(None, None), ((1, 2, 10, 10), BF16), ((3, 2, 10, 10), BF16),
+                                                    ((1, 2, 10, 10), torch.float32)])
+def test_eager_scores_match_the_traced_form_and_leave_the_bias_alone(monkeypatch, bias_shape, bias_dtype):
+    """The eager scores (bias copied into the output in the query dtype, one baddbmm with the scale as its
+    factor) equal the form tracers get (product, then scale and add) up to bf16 rounding, and never write
+    to the bias."""
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(3, 2, 10, 16, generator=g).to(BF16) for _ in range(2))
-    bias = None if bias_shape is None else torch.randn(bias_shape, generator=g).to(BF16)
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=g).to(bias_dtype)
     kept = None if bias is None else bias.clone()
     eager = attention._scores(q, k, bias, 0.25)
     monkeypatch.setattr(attention, "is_tracing", lambda: True)
-    traced = attention._scores(q, k, bias, 0.25)
+    traced = attention._scores(q, k, None if bias is None else bias.to(BF16), 0.25)
     ref = (q.float() @ k.float().transpose(-2, -1)) * 0.25 + (0 if bias is None else bias.float())
     assert eager.shape == traced.shape == (3, 2, 10, 10) and eager.dtype == BF16
     for out in (eager, traced):
