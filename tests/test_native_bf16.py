@@ -204,3 +204,22 @@ def test_crossformer_bf16_training_step_matches_the_plain_path():
     ref = grads(True, False)
     err = {fast: ((grads(fast, True) - ref).norm() / ref.norm()).item() for fast in (True, False)}
     assert 0 < err[True] < 0.05 and err[True] <= 1.5 * err[False] + 1e-3, err
+
+
+@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t", "cabvit_h_l1"])
+def test_a_model_built_under_inference_mode_runs_its_fast_paths(native_bf16, name):
+    """Parameters made under torch.inference_mode have no version counter to key a cache on: the fast paths
+    cast them per call instead of failing, in fp32 and under bf16 autocast, with the plain path's logits."""
+    import hybridvit
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model = hybridvit.create_model(name, num_classes=10).eval()
+        for amp in (False, True):
+            with torch.autocast("cpu", dtype=BF16, enabled=amp):
+                fast = model(x).float()
+                with fast_paths(False):
+                    plain = model(x).float()
+            tol = 0.05 if amp else 1e-4
+            assert (fast - plain).abs().max().item() <= tol * plain.abs().max().item() + 1e-6

@@ -65,6 +65,8 @@ def cast_param(t: torch.Tensor | None, dtype: torch.dtype, pack: bool = False) -
     1.04-1.13x at batch 1 on Zen 5 (fastervit_0, crossformerpp_s, cabvit_h_l2), the same values. Also in
     fp32, where it costs one more copy of the linear weights. Plain copies where this PyTorch has no
     reorder op."""
+    if t is not None and t.is_inference():  # made under torch.inference_mode: no version counter to key on
+        return t.to(dtype)
     pack = pack and _REORDER_LINEAR and t is not None and t.dim() == 2 and t.device.type == "cpu"
     if t is None or (t.dtype == dtype and not pack):
         return t
