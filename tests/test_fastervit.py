@@ -284,6 +284,10 @@ def test_conv_bn_folded_weights_are_cached_and_follow_every_edit():
     assert (out.float() - ref.float()).abs().max().item() <= 0.02 * ref.float().abs().max().item()
     conv_bn(x, conv, bn).sum().backward()  # eval with autograd: folded anew, differentiable
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    with torch.inference_mode():  # a statistic replaced under inference mode has no version counter
+        bn.running_mean = torch.zeros(6)
+    with torch.no_grad():
+        torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5, rtol=1e-5)
 
 
 def test_fuse_keeps_outputs():

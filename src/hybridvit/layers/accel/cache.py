@@ -120,7 +120,7 @@ def cached_for(module: nn.Module, geometry: tuple, tensors: list[torch.Tensor],
     if _OUTSIDE_MODES and _get_current_dispatch_mode() is not None:
         with _disable_current_modes():
             return compute()
-    if not _cacheable(tensors[0], module.training):
+    if not _cacheable(tensors[0], module.training) or any(t.is_inference() for t in tensors[1:]):
         return compute()
     store = _MODULE_VALUES.get(module)
     if store is None:
