@@ -22,7 +22,6 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import hybridvit.layers.attention as attention
 import hybridvit.layers.fuse as fuse
 import hybridvit.models.cabvit as cabvit
 import hybridvit.models.fastervit as fastervit
-from hybridvit.bench import environment, make_step, prepare
+from hybridvit.bench import environment, make_step, prepare, time_runs
 from hybridvit.layers.accel import cache, fused_linear
 from hybridvit.runtime import keep_freed_memory
 
@@ -106,11 +105,8 @@ def main() -> int:
                     for label in times:
                         ctx = without(lever) if label == "without" else contextlib.nullcontext()
                         with ctx:
-                            step()
-                            t0 = time.perf_counter()
-                            for _ in range(n):
-                                step()
-                            times[label].append((time.perf_counter() - t0) / n * 1e3)
+                            step()  # the first call after a switch fills or drops the caches
+                            times[label].append(statistics.fmean(time_runs(step, dev, n)) * 1e3)
                 med = {k: statistics.median(v) for k, v in times.items()}
                 r = {"model": name, "batch_size": bs, "lever": lever, "ms_without": round(med["without"], 2),
                      "ms_with": round(med["with"], 2), "speedup": round(med["without"] / med["with"], 3),

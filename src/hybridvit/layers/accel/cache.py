@@ -81,18 +81,6 @@ def cast_param(t: torch.Tensor | None, dtype: torch.dtype, pack: bool = False) -
     return value
 
 
-def _cacheable(ref: torch.Tensor, training: bool = False) -> bool:
-    """Whether a value computed from `ref`'s module may come from the cache: eager no-grad inference,
-    no dispatch mode other than the CPU bf16 policy (FLOP counters and memory tracers see every op),
-    real non-inference tensors."""
-    if training or not eager_inference():
-        return False
-    mode = _get_current_dispatch_mode()
-    if not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
-        return False
-    return ref.device.type != "meta" and not ref.is_inference()
-
-
 def _remember(store: dict, geometry: tuple, key: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     """store[geometry]'s value if its key is `key`, else compute() stored under it (at most
     `_MAX_GEOMETRIES` geometries, oldest first out)."""
@@ -111,21 +99,44 @@ def _remember(store: dict, geometry: tuple, key: tuple, compute: Callable[[], to
 _MODULE_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def cached_for(module: nn.Module, geometry: tuple, tensors: list[torch.Tensor],
-               compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """compute(), a value that depends only on `tensors` (the module's parameters and buffers it reads)
-    and `geometry` (hashable), cached per module in eager no-grad eval under the tensors' `version_key`
-    and the autocast dtype, with the rules of `CachedTable.table`. For modules whose parameters are
-    not a `CachedTable` of their own (their state_dict names are the official ones)."""
+def _cached(store: Callable[[], dict], geometry: tuple, tensors: list[torch.Tensor], training: bool,
+            compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """compute(), or its value kept in store() under `geometry` and the `version_key` of `tensors` (what it
+    reads) with the autocast dtype. The rules of every cached value: only in eager no-grad eval
+    (`training` False), with no dispatch mode but the CPU bf16 policy (FLOP counters and memory tracers
+    see every op; `tables_outside_dispatch_modes` computes with them off), on real tensors with version
+    counters (none made under inference mode)."""
     if _OUTSIDE_MODES and _get_current_dispatch_mode() is not None:
         with _disable_current_modes():
             return compute()
-    if not _cacheable(tensors[0], module.training) or any(t.is_inference() for t in tensors[1:]):
+    if training or not eager_inference():
         return compute()
+    mode = _get_current_dispatch_mode()
+    if not (mode is None or isinstance(mode, Bf16ByFp32Kernels)):
+        return compute()
+    if tensors[0].device.type == "meta" or any(t.is_inference() for t in tensors):
+        return compute()
+    return _remember(store(), geometry, (autocast_dtype(tensors[0].device.type), version_key(tensors)), compute)
+
+
+# module -> {geometry: (version key, value)}; entries go with their module (and never into pickles)
+_MODULE_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _module_store(module: nn.Module) -> dict:
     store = _MODULE_VALUES.get(module)
     if store is None:
         store = _MODULE_VALUES[module] = {}
-    return _remember(store, geometry, (autocast_dtype(tensors[0].device.type), version_key(tensors)), compute)
+    return store
+
+
+def cached_for(module: nn.Module, geometry: tuple, tensors: list[torch.Tensor],
+               compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """compute(), a value that depends only on `tensors` (the module's parameters and buffers it reads)
+    and `geometry` (hashable), cached per module under the rules of `CachedTable.table` (`_cached`). For
+    modules whose parameters are not a `CachedTable` of their own (their state_dict names are the
+    official ones)."""
+    return _cached(lambda: _module_store(module), geometry, tensors, module.training, compute)
 
 
 class CachedTable(nn.Module):
@@ -174,17 +185,9 @@ class CachedTable(nn.Module):
             return tuple(getattr(self, name) for name in self.GEOMETRY_BUFFERS)
         return self.geometry(*size, device=device)
 
-    def _key(self) -> tuple:
-        params = list(self.parameters())
-        return autocast_dtype(params[0].device.type), version_key(params)
-
     def table(self, *geometry: int) -> torch.Tensor:
-        if _OUTSIDE_MODES and _get_current_dispatch_mode() is not None:
-            with _disable_current_modes():
-                return self.compute(*geometry)
-        if not _cacheable(next(self.parameters()), self.training):
-            return self.compute(*geometry)
-        return _remember(self._tables, geometry, self._key(), lambda: self.compute(*geometry))
+        return _cached(lambda: self._tables, geometry, list(self.parameters()), self.training,
+                       lambda: self.compute(*geometry))
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
