@@ -10,7 +10,12 @@ with and without it in interleaved rounds (median), same weights, same input:
 - `packed`: fused-linear weights kept in oneDNN's blocked layout (`cast_param(..., pack=True)`), against
   the plain layout that oneDNN reorders inside every call;
 - `projections`: FasterViT's and CabViT's attention projections through the fused linear, against
-  `nn.Linear` (autocast casting the weight at every call).
+  `nn.Linear` (autocast casting the weight at every call);
+- `convs`: convolutions through oneDNN's fused convolution with the weight kept reordered into its blocked
+  layout and the ReLU / exact GELU in its epilogue (`layers.fuse.conv_bn`), against `F.conv2d` on the
+  cached BN-folded weight followed by the activation in place;
+- `softmax`: eager bf16 attention weights from the fp32 softmax kernel for fewer than 128 keys
+  (`layers.attention._softmax`), against the bf16 kernel.
 
     python benchmarks/eager_levers.py --models fastervit_0 crossformerpp_s cabvit_h_l2 --batch-sizes 16 1 \
         --amp bf16 --rounds 7 --out benchmarks/results/cpu_issue22_eager_levers.json
@@ -50,6 +55,14 @@ def _unpacked(t, dtype, pack=False):
     return cache.cast_param(t, dtype)
 
 
+def _no_onednn_conv(*args):
+    return None
+
+
+def _bf16_softmax(scores):
+    return scores.softmax(-1)
+
+
 def _plain_linear(x, layer, gelu=False, residual=None):
     assert not gelu and residual is None
     return layer(x)
@@ -61,6 +74,8 @@ WITHOUT = {
     "caches": [(fuse, "cached_for", _uncached), (cabvit, "cached_for", _uncached)],
     "packed": [(fused_linear, "cast_param", _unpacked)],
     "projections": [(fastervit, "linear", _plain_linear), (cabvit, "linear", _plain_linear)],
+    "convs": [(fuse, "_onednn_conv_dtype", _no_onednn_conv)],
+    "softmax": [(attention, "_softmax", _bf16_softmax)],
 }
 
 

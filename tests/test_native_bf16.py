@@ -12,13 +12,13 @@ from conftest import load_fixture
 from test_cabvit import fixture_model as cabvit_fixture_model
 from test_crossformer import fixture_model as crossformer_fixture_model
 
-from hybridvit.layers import attention
+from hybridvit.layers import attention, fuse
 from hybridvit.layers.accel import cache as accel_cache
 from hybridvit.layers.accel import fused_linear
 from hybridvit.layers.accel.fused_linear import linear
 from hybridvit.layers.accel.switch import fast_paths
 from hybridvit.layers.attention import attend
-from hybridvit.layers.fuse import LayerScale, scale_channels
+from hybridvit.layers.fuse import LayerScale, conv_bn, scale_channels
 from hybridvit.models import cabvit
 
 BF16 = torch.bfloat16
@@ -223,3 +223,96 @@ def test_a_model_built_under_inference_mode_runs_its_fast_paths(native_bf16, nam
                     plain = model(x).float()
             tol = 0.05 if amp else 1e-4
             assert (fast - plain).abs().max().item() <= tol * plain.abs().max().item() + 1e-6
+
+
+needs_onednn_conv = pytest.mark.skipif(not fuse._ONEDNN_CONV, reason="PyTorch built without oneDNN's fused convolution")
+
+
+def _conv_ops(fn) -> tuple[torch.Tensor, set[str]]:
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.name for e in prof.events()}
+
+
+@needs_onednn_conv
+@pytest.mark.parametrize("act", [None, "relu", "gelu", torch.nn.ReLU(), torch.nn.GELU()])
+@pytest.mark.parametrize("with_bn,groups,stride", [(True, 1, 2), (False, 1, 1), (True, 6, 1), (False, 6, 2)])
+def test_onednn_conv_gives_the_plain_values_and_reorders_its_weight_once(act, with_bn, groups, stride):
+    """In eager fp32 inference conv_bn runs oneDNN's convolution with the activation in its epilogue and
+    the (BN-folded) weight reordered once: the plain act(bn(conv(x))) values at every input size and
+    layout, no reorder on the next call, a fresh one after an in-place edit; with autograd the plain ops."""
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(6, 12, 3, stride, 1, groups=groups).eval()  # cached in eval, as models run
+    bn = torch.nn.BatchNorm2d(12).eval() if with_bn else None
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.3)
+        if bn is not None:
+            bn.running_var.uniform_(0.5, 2.0, generator=g)
+            bn.running_mean.normal_(generator=g)
+    plain_act = {"relu": F.relu, "gelu": F.gelu, None: lambda y: y}.get(act, act)
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        y = conv(x)
+        return plain_act(y if bn is None else bn(y))
+
+    x = torch.randn(2, 6, 9, 11, generator=g)
+    with torch.no_grad():
+        out, ops = _conv_ops(lambda: conv_bn(x, conv, bn, act))
+        assert "mkldnn::_convolution_pointwise" in ops and "mkldnn::_reorder_convolution_weight" in ops
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+        for other in (torch.randn(1, 6, 20, 7, generator=g), x.contiguous(memory_format=torch.channels_last)):
+            out, ops = _conv_ops(lambda other=other: conv_bn(other, conv, bn, act))
+            assert "mkldnn::_reorder_convolution_weight" not in ops  # the packed weight is reused
+            torch.testing.assert_close(out, ref(other), atol=1e-5, rtol=1e-5)
+        conv.weight.mul_(-1)  # in place, as load_state_dict or an EMA writes it
+        out, ops = _conv_ops(lambda: conv_bn(x, conv, bn, act))
+        assert "mkldnn::_reorder_convolution_weight" in ops
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+    out, ops = _conv_ops(lambda: conv_bn(x, conv, bn, act))  # autograd on: the plain ops, differentiable
+    assert "mkldnn::_convolution_pointwise" not in ops
+    out.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert not conv.state_dict()["weight"].is_mkldnn
+
+
+@needs_onednn_conv
+def test_onednn_conv_in_bf16_and_where_it_does_not_apply(native_bf16, monkeypatch):
+    """Under bf16 autocast on a CPU with bf16 instructions the fused convolution computes in bf16 (the plain
+    autocast values up to bf16 rounding); without them, under a dispatch mode, with fast paths off or for an
+    activation oneDNN has no epilogue for, the plain ops run."""
+    torch.manual_seed(0)
+    conv, bn = torch.nn.Conv2d(4, 8, 3, 1, 1), torch.nn.BatchNorm2d(8).eval()
+    x = torch.randn(2, 4, 10, 10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        out, ops = _conv_ops(lambda: conv_bn(x, conv, bn, "gelu"))
+        ref = F.gelu(bn(conv(x)).float())
+        assert out.dtype == BF16 and "mkldnn::_convolution_pointwise" in ops
+        assert (out.float() - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+        with fast_paths(False):
+            assert "mkldnn::_convolution_pointwise" not in _conv_ops(lambda: conv_bn(x, conv, bn, "gelu"))[1]
+        monkeypatch.setattr(fused_linear, "cpu_has_native_bf16", lambda: False)
+        assert "mkldnn::_convolution_pointwise" not in _conv_ops(lambda: conv_bn(x, conv, bn, "gelu"))[1]
+    with torch.no_grad():
+        silu = torch.nn.SiLU()
+        out, ops = _conv_ops(lambda: conv_bn(x, conv, bn, silu))
+        assert "mkldnn::_convolution_pointwise" not in ops
+        torch.testing.assert_close(out, F.silu(bn(conv(x))), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [16, 49, 53, 196])
+def test_short_rows_take_the_fp32_softmax_kernel_with_the_bf16_values(keys):
+    """Eager bf16 inference reads rows shorter than FP32_SOFTMAX_BELOW into the fp32 softmax kernel and
+    rounds once: the bf16 kernel's values (both accumulate in fp32), rows summing to 1. Longer rows,
+    autograd and tracers keep the bf16 kernel."""
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(3, 2, 7, keys, generator=g) * 4).to(BF16)
+    with torch.no_grad():
+        out, ops = _conv_ops(lambda: attention._softmax(scores))
+    assert out.dtype == BF16 and out.shape == scores.shape
+    plain = scores.softmax(-1)
+    assert (out.float() - plain.float()).abs().max().item() <= 2 ** -8  # one bf16 rounding apart at most
+    torch.testing.assert_close(out.float().sum(-1), torch.ones(3, 2, 7), atol=0.02, rtol=0)
+    short = keys < attention.FP32_SOFTMAX_BELOW
+    assert ("aten::_to_copy" in ops) == short  # the fp32 kernel's weights rounded to bf16
+    _, ops = _conv_ops(lambda: attention._softmax(scores))  # autograd on
+    assert "aten::_to_copy" not in ops

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .accel import fast_paths_enabled, is_exporting, is_tracing
+from .accel import eager_inference, fast_paths_enabled, is_exporting, is_tracing
 
 BIAS_ALIGNMENT = 8  # elements: what SDPA's memory-efficient CUDA kernel asks of the bias's strides
 
@@ -99,13 +99,30 @@ def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: 
     return logits.view(*batch, N, M)
 
 
+FP32_SOFTMAX_BELOW = 128  # keys: below this, eager CPU bf16 takes the fp32 softmax kernel (`_softmax`)
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension, in the scores' dtype (accumulated in fp32 either way).
+
+    ATen's bf16 CPU softmax is slow on rows shorter than 128: on Zen 5, 2 threads, 1.4-2.9x slower than
+    reading the same bf16 logits into its fp32 kernel (`dtype=torch.float32`) and rounding the weights
+    to bf16 once (16, 49, 53 and 92 keys: the windows, groups and carrier tokens of these families), and
+    faster from 128 keys on (128, 196, 212-292; `benchmarks/eager_levers.py --levers softmax`). Both compute
+    in fp32 and round once, so eager CPU bf16 inference takes the fp32 kernel below `FP32_SOFTMAX_BELOW`
+    keys; training and tracers keep the plain op (inductor generates its own softmax)."""
+    if (scores.dtype == torch.bfloat16 and scores.shape[-1] < FP32_SOFTMAX_BELOW
+            and scores.device.type == "cpu" and eager_inference()):
+        return scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16)
+    return scores.softmax(-1)
+
+
 def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      scale: float | None, dropout_p: float) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v in the query dtype, (B, h, N, d): the scores (`_scores`), one
     softmax and one batched product."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # softmax in the query dtype still accumulates in fp32 inside the CPU kernel
-    weights = _scores(q, k, bias, scale).softmax(-1)
+    weights = _softmax(_scores(q, k, bias, scale))
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return torch.matmul(weights, v)

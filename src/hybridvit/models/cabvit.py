@@ -47,7 +47,6 @@ from ..layers import (
     drop_path_rates,
     fold_bn,
     fold_layer_scale,
-    gelu_,
     linear,
     scale_channels,
 )
@@ -85,8 +84,9 @@ class ConvBN(nn.Sequential):
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
         self.bn = nn.BatchNorm2d(out_chs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_bn(x, self.conv, self.bn)
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """act(bn(conv(x))), `act` None or "gelu" (exact; `layers.fuse.conv_bn`)."""
+        return conv_bn(x, self.conv, self.bn, act)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -102,7 +102,7 @@ class Stem(nn.Module):
         self.conv2 = ConvBN(dim // 2, dim, 3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(gelu_(self.conv1(x)))
+        return self.conv2(self.conv1(x, "gelu"))
 
 
 class PatchMerging(nn.Module):
@@ -116,7 +116,7 @@ class PatchMerging(nn.Module):
         self.conv3 = ConvBN(out_dim, out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv3(gelu_(self.conv2(gelu_(self.conv1(x)))))
+        return self.conv3(self.conv2(self.conv1(x, "gelu"), "gelu"))
 
 
 class ConvNeXtBlock(nn.Module):
@@ -132,7 +132,7 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last input: the permutes are views, LN and the MLP read contiguous (B, H, W, C) rows
-        y = self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
+        y = self.mlp(self.norm(conv_bn(x, self.conv_dw).permute(0, 2, 3, 1)))
         return add_residual(x, self.drop_path(scale_channels(y, self.gamma).permute(0, 3, 1, 2)))
 
     @torch.no_grad()
@@ -165,7 +165,7 @@ class TokenMergeEnhance(nn.Module):
         prefix, t = x[:, :P], x[:, P:]
         B, N, C = t.shape
         m = t.transpose(1, 2).reshape(B, C, hw[0], hw[1])
-        digest = self.merge(m).flatten(2).transpose(1, 2) if self.merge is not None else None
+        digest = conv_bn(m, self.merge).flatten(2).transpose(1, 2) if self.merge is not None else None
         if self.enhance is None:
             return x, digest
         t = self.enhance(m).flatten(2).transpose(1, 2)
@@ -568,7 +568,7 @@ class CabViTP(HybridModel):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C_in, H, W) -> tokens (B, 1 + h*w, C), class token first, with position embedding."""
-        x = self.patch_embed(x)
+        x = conv_bn(x, self.patch_embed)
         B, C, h, w = x.shape
         x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1)
         return x + position_embedding(self.pos_embed, self.grid0, (h, w))

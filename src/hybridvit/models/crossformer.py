@@ -35,7 +35,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import CachedTable, DropPath, Mlp, attend, drop_path_rates, linear, padding_bias_map
+from ..layers import CachedTable, DropPath, Mlp, attend, conv_bn, drop_path_rates, linear, padding_bias_map
 from ..layers.accel.switch import eager_fast
 from ._base import HybridModel
 from ._variant import LICENSE_MIT, Variant, pretrained_cfg
@@ -68,7 +68,7 @@ class CrossScaleEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_first:
             x = self.norm(x).permute(0, 3, 1, 2)
-        x = torch.cat([proj(x) for proj in self.projs], dim=1).permute(0, 2, 3, 1)
+        x = torch.cat([conv_bn(x, proj) for proj in self.projs], dim=1).permute(0, 2, 3, 1)
         return x if self.norm_first else self.norm(x)
 
 
@@ -211,7 +211,7 @@ class AmplitudeCooling(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.norm(conv_bn(x.permute(0, 3, 1, 2), self.conv).permute(0, 2, 3, 1))
 
 
 class CrossFormerBlock(nn.Module):

@@ -22,8 +22,10 @@ Speed (same outputs as the plain computation, checked by the tests; `layers.acce
 - a HAT stage partitions its map into windows once, keeps [carrier tokens + window tokens] of every
   window in one (B*nW, P + ws*ws, C) tensor through all its blocks (carriers are updated in place of
   their rows, no per-block concatenation or split) and reverses once;
-- in eval, BatchNorm is folded into the preceding convolution on the fly (`layers.fuse.conv_bn`);
-  `fuse()` makes that permanent and folds layer scales into the layers before them;
+- in eval, BatchNorm is folded into the preceding convolution on the fly (`layers.fuse.conv_bn`), and
+  in eager CPU inference every convolution is oneDNN's with its weight kept reordered and the ReLU /
+  GELU in its epilogue; `fuse()` makes the folding permanent and folds layer scales into the layers
+  before them;
 - maps stay channels_last between the convolutions and the window partitioning.
 """
 from __future__ import annotations
@@ -78,8 +80,8 @@ class Stem(nn.Module):
         # channels_last from the first conv on (a copy of the 3-channel input only): oneDNN convolutions
         # skip their layout reorders and the HAT stages partition NHWC memory directly
         x = x.contiguous(memory_format=torch.channels_last)
-        x = self.act(conv_bn(x, self.conv1, self.norm1))
-        return self.act(conv_bn(x, self.conv2, self.norm2))
+        x = conv_bn(x, self.conv1, self.norm1, self.act)
+        return conv_bn(x, self.conv2, self.norm2, self.act)
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -96,7 +98,7 @@ class Downsample(nn.Module):
         self.reduction = nn.Conv2d(dim, out_dim, 3, 2, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduction(self.norm(x))
+        return conv_bn(self.norm(x), self.reduction)
 
 
 class ConvBlock(nn.Module):
@@ -113,7 +115,7 @@ class ConvBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = conv_bn(self.act(conv_bn(x, self.conv1, self.norm1)), self.conv2, self.norm2)
+        y = conv_bn(conv_bn(x, self.conv1, self.norm1, self.act), self.conv2, self.norm2)
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, 1, 1)
         return x + self.drop_path(y)
@@ -160,7 +162,7 @@ class CarrierTokenInit(nn.Module):
         self.pos_embed = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        x = self.pos_embed(x)
+        x = conv_bn(x, self.pos_embed)
         H, W = x.shape[-2:]
         if H >= grid_h and W >= grid_w:
             sh, sw = H // grid_h, W // grid_w

@@ -2,7 +2,9 @@
 parameters are unchanged (`version_key`).
 
 - `CachedTable`: tables that depend only on a module's own parameters and a geometry;
-- `cast_param`: a parameter's copy in another dtype (bf16 weights of the fused linears).
+- `cast_param`: a parameter's copy in another dtype (bf16 weights of the fused linears);
+- `cached_for`: any other value computed from a module's tensors (BatchNorm-folded and oneDNN-reordered
+  convolution weights, CabViT's gathered attention bias).
 
 FasterViT's continuous position bias and absolute position MLP and CrossFormer's dynamic position bias
 (DPB) are MLPs evaluated on fixed coordinates: in inference their output is the same for every batch.
@@ -93,10 +95,6 @@ def _remember(store: dict, geometry: tuple, key: tuple, compute: Callable[[], to
         store.pop(next(iter(store)))
     store[geometry] = (key, value)
     return value
-
-
-# module -> {geometry: (version key, value)}; entries go with their module (and never into pickles)
-_MODULE_VALUES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _cached(store: Callable[[], dict], geometry: tuple, tensors: list[torch.Tensor], training: bool,
