@@ -14,8 +14,8 @@ with and without it in interleaved rounds (median), same weights, same input:
 - `convs`: convolutions through oneDNN's fused convolution with the weight kept reordered into its blocked
   layout and the ReLU / exact GELU in its epilogue (`layers.fuse.conv_bn`), against `F.conv2d` on the
   cached BN-folded weight followed by the activation in place;
-- `softmax`: eager bf16 attention weights from the fp32 softmax kernel for fewer than 128 keys
-  (`layers.attention._softmax`), against the bf16 kernel.
+- `softmax`: eager bf16 attention weights from ATen's fp32 softmax kernel on the row lengths where it is
+  faster (16-63 keys, not a multiple of 32: `layers.attention._softmax`), against the bf16 kernel.
 
     python benchmarks/eager_levers.py --models fastervit_0 crossformerpp_s cabvit_h_l2 --batch-sizes 16 1 \
         --amp bf16 --rounds 7 --out benchmarks/results/cpu_issue22_eager_levers.json

@@ -299,11 +299,11 @@ def test_onednn_conv_in_bf16_and_where_it_does_not_apply(native_bf16, monkeypatc
         torch.testing.assert_close(out, F.silu(bn(conv(x))), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("keys", [16, 49, 53, 196])
+@pytest.mark.parametrize("keys", [8, 16, 32, 49, 53, 64, 196])
 def test_short_rows_take_the_fp32_softmax_kernel_with_the_bf16_values(keys):
-    """Eager bf16 inference reads rows shorter than FP32_SOFTMAX_BELOW into the fp32 softmax kernel and
-    rounds once: the bf16 kernel's values (both accumulate in fp32), rows summing to 1. Longer rows,
-    autograd and tracers keep the bf16 kernel."""
+    """Eager bf16 inference reads the rows where ATen's fp32 kernel is faster (16-63 keys, not a multiple of
+    32) into it and rounds once: the bf16 kernel's values (both accumulate in fp32), rows summing to 1.
+    Other lengths and autograd keep the bf16 kernel."""
     g = torch.Generator().manual_seed(0)
     scores = (torch.randn(3, 2, 7, keys, generator=g) * 4).to(BF16)
     with torch.no_grad():
@@ -312,7 +312,7 @@ def test_short_rows_take_the_fp32_softmax_kernel_with_the_bf16_values(keys):
     plain = scores.softmax(-1)
     assert (out.float() - plain.float()).abs().max().item() <= 2 ** -8  # one bf16 rounding apart at most
     torch.testing.assert_close(out.float().sum(-1), torch.ones(3, 2, 7), atol=0.02, rtol=0)
-    short = keys < attention.FP32_SOFTMAX_BELOW
+    short = keys in (16, 49, 53)
     assert ("aten::_to_copy" in ops) == short  # the fp32 kernel's weights rounded to bf16
     _, ops = _conv_ops(lambda: attention._softmax(scores))  # autograd on
     assert "aten::_to_copy" not in ops

@@ -99,19 +99,23 @@ def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: 
     return logits.view(*batch, N, M)
 
 
-FP32_SOFTMAX_BELOW = 128  # keys: below this, eager CPU bf16 takes the fp32 softmax kernel (`_softmax`)
+def _fp32_softmax_is_faster(keys: int) -> bool:
+    """Whether ATen's fp32 CPU softmax kernel, reading bf16 logits, beats its bf16 kernel on rows of `keys`:
+    16-63 keys that are not a multiple of 32 (`benchmarks/results/cpu_softmax_rows.json`, Zen 5, 2 threads:
+    1.1-2.7x, at 16, 24, 40, 48, 49, 53 and 56 keys; the bf16 kernel wins at multiples of 32, under 16 keys
+    and mostly from 64 on)."""
+    return 16 <= keys < 64 and keys % 32 != 0
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
     """softmax over the last dimension, in the scores' dtype (accumulated in fp32 either way).
 
-    ATen's bf16 CPU softmax is slow on rows shorter than 128: on Zen 5, 2 threads, 1.4-2.9x slower than
-    reading the same bf16 logits into its fp32 kernel (`dtype=torch.float32`) and rounding the weights
-    to bf16 once (16, 49, 53 and 92 keys: the windows, groups and carrier tokens of these families), and
-    faster from 128 keys on (128, 196, 212-292; `benchmarks/eager_levers.py --levers softmax`). Both compute
-    in fp32 and round once, so eager CPU bf16 inference takes the fp32 kernel below `FP32_SOFTMAX_BELOW`
-    keys; training and tracers keep the plain op (inductor generates its own softmax)."""
-    if (scores.dtype == torch.bfloat16 and scores.shape[-1] < FP32_SOFTMAX_BELOW
+    ATen's bf16 CPU softmax is slow on short rows that its vector width does not divide: where the fp32
+    kernel reading the same bf16 logits and rounding the weights once is faster (`_fp32_softmax_is_faster`:
+    the 16-, 49- and 53-key windows, groups and carrier attentions of these families), eager CPU bf16
+    inference takes it. Both compute in fp32 and round once, so the values agree up to that one rounding.
+    Training and tracers keep the plain op (inductor generates its own softmax)."""
+    if (scores.dtype == torch.bfloat16 and _fp32_softmax_is_faster(scores.shape[-1])
             and scores.device.type == "cpu" and eager_inference()):
         return scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16)
     return scores.softmax(-1)
