@@ -1,8 +1,8 @@
 """ATen's bf16 CPU softmax against its fp32 kernel reading the same bf16 logits, per row length.
 
 Both compute in fp32 and round the weights to bf16 once. About 5 M logits per call, interleaved rounds,
-median of 9 (two calls each), under `keep_freed_memory` as the hybridvit commands run. What
-`layers.attention._softmax` decides from:
+median of 9 (each the mean of two calls, `hybridvit.bench.time_runs`), under `keep_freed_memory` as the
+hybridvit commands run. What `layers.attention._softmax` decides from:
 
     python benchmarks/softmax_rows.py --out benchmarks/results/cpu_softmax_rows.json
 """
@@ -12,12 +12,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from hybridvit.bench import environment
+from hybridvit.bench import environment, time_runs
 from hybridvit.runtime import keep_freed_memory
 
 LENGTHS = [8, 12, 16, 24, 32, 40, 48, 49, 53, 56, 64, 72, 80, 96, 112, 127, 128, 160, 196, 292]
@@ -32,6 +31,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()
+    dev = torch.device("cpu")
     out = {"environment": environment("cpu"), "command": " ".join(["python"] + sys.argv), "results": []}
     for n in args.lengths:
         x = (torch.randn(max(1, 5_000_000 // (64 * n)), 64, n) * 3).to(torch.bfloat16)
@@ -42,10 +42,7 @@ def main() -> int:
             f()
         for _ in range(args.rounds):
             for k, f in forms.items():
-                t0 = time.perf_counter()
-                f()
-                f()
-                times[k].append((time.perf_counter() - t0) / 2 * 1e3)
+                times[k].append(statistics.fmean(time_runs(f, dev, 2)) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
         r = {"keys": n, "logits": x.numel(), "ms_bf16_kernel": round(med["bf16_kernel"], 3),
              "ms_fp32_kernel": round(med["fp32_kernel"], 3),

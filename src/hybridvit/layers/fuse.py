@@ -83,11 +83,12 @@ def _act_name(act: str | nn.Module | None) -> str | None:
 
 def _activate(y: torch.Tensor, act: str | nn.Module | None) -> torch.Tensor:
     """act(y) for `conv_bn`'s plain path, in place on the temporary in eager inference."""
-    if act is None:
+    name = _act_name(act)
+    if name == "none":
         return y
-    if act == "gelu" or (isinstance(act, nn.GELU) and act.approximate == "none"):
+    if name == "gelu":
         return gelu_(y)
-    if act == "relu" or isinstance(act, nn.ReLU):
+    if name == "relu":
         return y.relu_() if eager_inference() and not y.requires_grad else F.relu(y)
     return act(y)
 
@@ -95,12 +96,14 @@ def _activate(y: torch.Tensor, act: str | nn.Module | None) -> torch.Tensor:
 def _onednn_conv_dtype(x: torch.Tensor, conv: nn.Conv2d, foldable: bool, norm: nn.Module | None,
                        act: str | nn.Module | None) -> torch.dtype | None:
     """The dtype of oneDNN's fused convolution for this call (`accel.fused_linear.onednn_dtype`: CPU eager
-    inference, fp32 or native bf16), None where the plain ops run."""
-    if not (_ONEDNN_CONV and eager_inference() and x.dim() == 4 and not isinstance(conv.padding, str)
-            and conv.padding_mode == "zeros" and _act_name(act) is not None
-            and (foldable or norm is None or isinstance(norm, nn.Identity))):
+    inference, fp32 or native bf16), None where the plain ops run. `onednn_dtype` comes first: it checks
+    for eager inference before reading `x` (a torch.fx proxy under symbolic tracing)."""
+    dtype = onednn_dtype(x) if _ONEDNN_CONV else None
+    if dtype is None or not (x.dim() == 4 and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+                             and _act_name(act) is not None
+                             and (foldable or norm is None or isinstance(norm, nn.Identity))):
         return None
-    return onednn_dtype(x)
+    return dtype
 
 
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module | None = None,
