@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
+from hybridvit.layers.linear import cpu_has_native_bf16
 
 import hybridvit
 from hybridvit.bench import bench_models, environment, matmul_peak_gflops, prepare
-from hybridvit.layers.accel.cpu_bf16 import Bf16ByFp32Kernels, cpu_has_native_bf16, use_fp32_kernels
 from hybridvit.precision import Precision
 
 MODELS = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]
@@ -78,10 +78,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--timm", nargs="*", default=[],
                     help="timm models to add (e.g. convnext_tiny swin_tiny_patch4_window7_224)")
-    ap.add_argument("--fuse", action="store_true", help="also time hybridvit with model.fuse() (conv+BN folded)")
-    ap.add_argument("--native-bf16", action="store_true",
-                    help="also time hybridvit with cpu_bf16_kernels='native' under bf16 (PyTorch's own bf16 "
-                         "kernels even where they are emulated: the gain of the model code alone)")
+    ap.add_argument("--fuse", action="store_true", help="also time hybridvit's inference form (model.fuse())")
     ap.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="optimizer of the training step")
     ap.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency runs (shorter runs)")
     ap.add_argument("--keep-memory", action="store_true",
@@ -112,12 +109,6 @@ def main() -> int:
             n = 8192 if dev.type == "cuda" else (2048 if amp == "none" or cpu_has_native_bf16() else 512)
             peak = matmul_peak_gflops(dev, dtype, n=n)
             out["matmul_peak_gflops"][amp] = max(peak, out["matmul_peak_gflops"].get(amp, 0.0))
-            if amp == "bf16" and use_fp32_kernels("auto", dev.type, True):
-                # what hybridvit runs bf16 products with on this CPU (layers/accel/cpu_bf16.py)
-                with Bf16ByFp32Kernels():
-                    peak = matmul_peak_gflops(dev, dtype, n=2048)
-                key = "bf16_fp32_kernels"
-                out["matmul_peak_gflops"][key] = max(peak, out["matmul_peak_gflops"].get(key, 0.0))
 
     measure_peaks()
     for name in args.models:
@@ -135,12 +126,8 @@ def main() -> int:
             # bf16 error of each side against the fp32 official logits: the kernels differ, not the numerics
             errs = {}
             with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-                for label, m, kernels in [("official", official, None), ("hybridvit", ours, "auto"),
-                                          ("hybridvit+native_bf16", ours, "native")]:
-                    if kernels:
-                        m.cpu_bf16_kernels = kernels
+                for label, m in [("official", official), ("hybridvit", ours)]:
                     errs[label] = (m(x).float() - ref).abs().max().item()
-            ours.cpu_bf16_kernels = "auto"
             out.setdefault("bf16_max_abs_err_vs_fp32_official", {})[name] = errs
             print(f"{name}: bf16 max abs error vs fp32 official logits: {errs}", flush=True)
         modes = [True] if args.train_only else [False, True] if args.train else [False]
@@ -150,30 +137,23 @@ def main() -> int:
                 variants = [("official", official, False), ("hybridvit", ours, False)]
                 if args.fuse and not train:
                     variants.append(("hybridvit+fuse", ours, True))
-                if args.native_bf16:
-                    variants.append(("hybridvit+native_bf16", ours, False))
                 for label, m, fuse in variants:
                     mm, _ = prepare(copy.deepcopy(m), dev, channels_last=(label != "official"),
                                     compile=compiled, train=train, fuse=fuse)
-                    if label.endswith("native_bf16"):
-                        getattr(mm, "_orig_mod", mm).cpu_bf16_kernels = "native"
                     pairs.append((f"{name}/{label}", mm))
                 for t in args.timm:
                     mm, _ = prepare(f"timm:{t}", dev, compile=compiled, train=train)
                     pairs.append((f"timm/{t}", mm))
                 for amp in args.amp:
                     measure_peaks()
-                    # the native-bf16 variant differs from hybridvit only under bf16
-                    timed = [p for p in pairs if amp == "bf16" or not p[0].endswith("native_bf16")]
-                    res = bench_models(timed, batch_size=args.batch_size, device=args.device,
+                    res = bench_models(pairs, batch_size=args.batch_size, device=args.device,
                                        amp=None if amp == "none" else amp, train=train, repeats=args.repeats,
                                        warmup=args.warmup, optimizer=args.optimizer,
                                        latency=not args.no_latency)
                     ref = res[0]["img_per_s"]
                     for r in res:
-                        key = "bf16_fp32_kernels" if r.get("bf16_products") == "fp32 kernels" else amp
-                        peak = out["matmul_peak_gflops"][key]
-                        r.update(peak_reference=key, name=name, compiled=compiled, fp32_max_abs_diff=diff,
+                        peak = out["matmul_peak_gflops"][amp]
+                        r.update( name=name, compiled=compiled, fp32_max_abs_diff=diff,
                                  ratio_vs_official=r["img_per_s"] / ref,
                                  pct_of_matmul_peak=100 * r["achieved_gflops"] / peak)
                         print(f"  {r['model']:<28} {amp:<5} train={train} compile={compiled} "

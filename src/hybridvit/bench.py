@@ -106,7 +106,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp
     precision = Precision.from_amp(amp, device)
     if not train:
         def step():
-            with torch.inference_mode(), precision.autocast(model):
+            with torch.inference_mode(), precision.autocast():
                 return model(x)
         return step
     if optimizer not in ("sgd", "adamw"):
@@ -116,11 +116,9 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, device: torch.device, amp
     target = torch.zeros(x.shape[0], dtype=torch.long, device=device)
 
     def step():
-        # forward and backward in one bf16 kernel context (see layers/accel/cpu_bf16.py; nothing off CPU bf16)
-        with precision.kernels(model):
-            with precision.autocast():
-                loss = torch.nn.functional.cross_entropy(model(x).float(), target)
-            loss.backward()
+        with precision.autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), target)
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -145,7 +143,14 @@ COMPILE_MODES = ("freezing", "default")
 
 
 class FrozenCompiled(torch.nn.Module):
-    """`torch.compile(model)` run with inductor's `freezing` switched on.
+    """`torch.compile(model)` run with inductor's `freezing` switched on: a frozen copy of the model.
+
+    Freezing makes the parameters and buffers constants of the compiled graph (prepacked weights, folded
+    tables), so the compiled model answers for the weights it was frozen with. It keeps the identity and
+    version counter of every parameter and buffer it froze, and each call refuses to run once any of them
+    changed (an in-place edit, `load_state_dict`, a replaced tensor): compile again after an edit. Writes
+    through `p.data` bypass version counters, as they bypass autograd's checks; do not edit a model through
+    `.data` while a frozen copy of it serves.
 
     Inductor compiles at the first call (and at each new input shape), so the setting must hold while the
     model runs: `torch.compile(..., options={"freezing": True})` does not reach the freezing step (measured
@@ -157,6 +162,11 @@ class FrozenCompiled(torch.nn.Module):
         # static shapes: a new batch size or image size compiles its own graph (as a deployment runs one
         # shape), where automatic dynamic shapes would recompile every graph symbolically
         self.compiled = torch.compile(model, dynamic=False)
+        self._frozen = self._fingerprint()
+
+    def _fingerprint(self) -> list[tuple[str, int, int]]:
+        tensors = list(self._orig_mod.named_parameters()) + list(self._orig_mod.named_buffers())
+        return [(name, id(t), t._version) for name, t in tensors]
 
     @property
     def _orig_mod(self) -> torch.nn.Module:
@@ -165,6 +175,11 @@ class FrozenCompiled(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config
 
+        if self._fingerprint() != self._frozen:
+            changed = next((a[0] for a, b in zip(self._fingerprint(), self._frozen) if a != b), "a tensor")
+            raise RuntimeError(f"the weights of this frozen compiled model changed since it was compiled ({changed}); "
+                               "it would answer with the old ones. Compile the edited model again "
+                               "(hybridvit.bench.compile_model)")
         with inductor_config.patch(freezing=True):
             return self.compiled(*args, **kwargs)
 
@@ -176,8 +191,8 @@ def compile_model(model: torch.nn.Module, train: bool = False, mode: str = "free
     and buffers become constants of the graph, so inductor prepacks the weights of oneDNN linears and
     convolutions and fuses their bias and activation epilogues, and folds whatever depends on them only
     (the position-bias tables and their gathers: the softmax then reads one constant bias); static shapes.
-    Freezing applies only where autograd is off, and the compiled model then answers for the weights it
-    was frozen with: compile again after a weight edit.
+    Freezing applies only where autograd is off, and the compiled model is a frozen copy: it answers for
+    the weights it was frozen with and refuses to run after an edit (compile again).
     For training (or mode "default"): torch.compile's defaults. The attention runs in the explicit form
     under compile on the CPU (layers/attention.py), which inductor fuses."""
     if mode not in COMPILE_MODES:
@@ -247,9 +262,6 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
              "times_ms": [round(v * 1e3, 2) for v in times[i]]}
         if getattr(model, "runtime", None):  # an exported file (deploy.ExportedModel): its runtime, int8 or not
             r["runtime"], r["int8"] = model.runtime, bool(model.int8)
-        if amp == "bf16" and dev.type == "cpu":  # which kernels ran the bf16 products (layers/accel/cpu_bf16.py)
-            fp32 = Precision.from_amp("bf16", dev).products_on_fp32_kernels(model)
-            r["bf16_products"] = "fp32 kernels" if fp32 else "bf16 kernels"
 
         if latency:
             r["latency_b1_ms"] = statistics.median(times1[i]) * 1e3
@@ -315,11 +327,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the int8 extra); with --peak, each row's share of the matmul peak")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
     p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--fuse", action="store_true", help="fold conv+BN pairs for inference (model.fuse())")
-    p.add_argument("--cpu-bf16-kernels", default="auto", choices=["auto", "native", "fp32"],
-                   help="bf16 products of hybridvit models on CPU: auto = fp32 kernels on bf16 operands where the "
-                        "CPU has no bf16 instructions (same numerics, much faster there), native = PyTorch's bf16 "
-                        "kernels always")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="time hybridvit models as built instead of their inference form (model.fuse(): BatchNorms "
+                        "and layer scales folded, position-bias tables computed once)")
     options.add_threads(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before measuring (default: 3)")
     p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported (default: 7)")
@@ -367,9 +377,6 @@ def _run(args: argparse.Namespace, folder: str) -> int:
                                              args.fuse)[0])]
     models += [prepare(n, dev, not args.no_channels_last, args.compile, args.train, args.fuse)[::-1]
                for n in args.compare]
-    for _, m in models:
-        if hasattr(getattr(m, "_orig_mod", m), "cpu_bf16_kernels"):
-            getattr(m, "_orig_mod", m).cpu_bf16_kernels = args.cpu_bf16_kernels
     res = bench_models(models, batch_size=args.batch_size, img_size=img_size, device=args.device,
                        amp=args.amp, train=args.train, warmup=args.warmup, repeats=args.repeats)
     out: dict[str, Any] = {"results": res, "environment": environment(args.device),
@@ -377,9 +384,7 @@ def _run(args: argparse.Namespace, folder: str) -> int:
     if args.peak:
         precision = Precision.from_amp(args.amp, dev)
         dtype = precision.dtype or torch.float32
-        # the peak of the kernels the hybridvit models use: with fp32 kernels for bf16, that of those
-        with precision.policy_kernels(args.cpu_bf16_kernels):
-            out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
+        out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
     ref = res[0]["img_per_s"]
     w = max(24, *(len(r["model"]) + 2 for r in res))
     print(f"{'model':<{w}}{'img/s':>9}{'ratio':>7}{'b1 ms':>8}{'MB/img':>8}{'GMACs':>7}{'GFLOP/s':>9}")

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     check_img_size(model.model_name, args.img_size)
     size = args.img_size or list(model.pretrained_cfg["input_size"][1:])
     size = (size[0], size[-1])
-    model = model.to(dtype)
+    model = model.to(dtype).fuse()  # the inference form: folded BatchNorms and layer scales, tables as constants
     classes = model.class_names
     what = f"{model.model_name}, input (B, {model.in_chans}, {size[0]}, {size[1]}), {model.num_classes} classes"
     if classes:

@@ -5,9 +5,8 @@ MACs are torch.utils.flop_counter FLOPs / 2 for one forward pass in eval mode. P
 knows the CUDA attention kernels but not the CPU one (`_scaled_dot_product_flash_attention_for_cpu`),
 so on CPU tensors every attention product went uncounted while on the `meta` device (where SDPA
 decomposes into `bmm`) it was counted: crossformerpp_s read 4.04 GMACs in `bench` and 4.42 in
-`models`. The mapping below counts the CPU kernel like the others, so both agree. The README's 4.43
-came from calling `model.eval()` inside the count: eval() refreshes the cached position biases (an
-MLP run once per resolution, not per image); here the model is switched to eval before counting.
+`models`. The mapping below counts the CPU kernel like the others, so both agree. Position-bias tables
+(an MLP run once per resolution by the inference form, `model.fuse()`, not per image) are left out.
 
 Shapes are reported as (C, H, W) (channels first, no batch), whatever layout a stage keeps
 internally (CrossFormer's stages work in (B, H, W, C)).
@@ -71,9 +70,9 @@ def profile_macs(model: nn.Module, x: torch.Tensor | Sequence[int] | None = None
     as FlopCounterMode writes them, e.g. 'FasterViT.stages.0'), for per-stage breakdowns."""
     x = _input(model, x)
     was_training = model.training
-    # position-bias tables (an MLP run once per resolution, cached in inference, not per-image work) are
+    # position-bias tables (an MLP run once per resolution by the inference form, not per-image work) are
     # left out of the count: counted, they made crossformerpp_s read 4.43 instead of 4.42
-    from .layers.accel.cache import tables_outside_dispatch_modes
+    from .layers.table import tables_outside_dispatch_modes
 
     model.eval()
     counter = flop_counter()

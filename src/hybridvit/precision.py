@@ -1,14 +1,14 @@
 """Numerical precision of a run: the one place where an `--amp` value becomes a dtype, an autocast
-context (with the CPU bf16 kernel policy of layers/accel/cpu_bf16.py) and a gradient scaler."""
+context and a gradient scaler."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from .layers.accel.cpu_bf16 import bf16_kernels, model_policy, use_fp32_kernels
+from .layers.linear import cpu_has_native_bf16
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 _DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,6 +34,9 @@ class Precision:
             raise ValueError(f"unknown precision --amp {amp!r}: choose one of {', '.join(AMP_CHOICES)}")
         if mode == "auto":
             mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+        if mode == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn("--amp bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so PyTorch emulates "
+                          "bf16 and it runs slower than fp32 here; --amp none (or auto) is faster", stacklevel=2)
         return cls(device, _DTYPES[mode])
 
     @property
@@ -41,31 +44,11 @@ class Precision:
         """"fp32", "bf16" or "fp16"."""
         return next(k for k, v in _DTYPES.items() if v == self.dtype).replace("none", "fp32")
 
-    def autocast(self, model: nn.Module | None = None):
-        """torch.autocast in `dtype` (nothing for fp32); given `model`, also inside its CPU bf16 kernel
-        context (inference: forward only)."""
+    def autocast(self):
+        """torch.autocast in `dtype` (nothing for fp32)."""
         if self.dtype is None:
             return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        if model is not None:
-            stack.enter_context(self.kernels(model))
-        stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
-        return stack
-
-    def kernels(self, model: nn.Module):
-        """The CPU bf16 kernel context of `model`'s policy (layers/accel/cpu_bf16.py), for a training step's
-        forward and backward together; nothing off CPU bf16."""
-        return bf16_kernels(model_policy(model), self.device, self.dtype)
-
-    def policy_kernels(self, policy: str):
-        """The CPU bf16 kernel context of an explicit `policy` ("auto" | "native" | "fp32"), e.g. to measure
-        the matmul peak of the kernels a model under that policy uses; nothing off CPU bf16."""
-        return bf16_kernels(policy, self.device, self.dtype)
-
-    def products_on_fp32_kernels(self, model: nn.Module) -> bool:
-        """Whether `model`'s bf16 products run on fp32 kernels here (CPU bf16 without bf16 instructions,
-        under the model's policy)."""
-        return use_fp32_kernels(model_policy(model), self.device.type, self.dtype == torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)

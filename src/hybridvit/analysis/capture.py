@@ -1,7 +1,7 @@
 """What the attention of a model computes, recorded from outside the model.
 
-Every family's attention goes through `layers.attention.attend`, which on the plain path (fast paths off,
-`layers.accel`) calls `torch.nn.functional.scaled_dot_product_attention` with the prepared bias. These
+Every family's attention goes through `layers.attention.attend`, which on the plain path (`layers.plain_paths()`)
+calls `torch.nn.functional.scaled_dot_product_attention` with the prepared bias. These
 recorders hook that call with a `TorchFunctionMode`: nothing in the models or in `attend` checks for
 them, so the hot path carries no analysis code.
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..layers.accel import fast_paths
+from ..layers.context import plain_paths
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> tuple:
@@ -135,14 +135,14 @@ def capture_attention(model: nn.Module | None = None) -> Iterator[AttentionCaptu
     ...     model(x)
     >>> cap.records[0]["module"], cap.records[0]["weights"].shape
 
-    The model runs its plain path (fast paths off, so that every attention reaches SDPA, where the
+    The model runs its plain path (`plain_paths()`, so that every attention reaches SDPA, where the
     recorder sits). With `model`, each record names the submodule of `model` that called attend (forward
     hooks that are removed on exit). For analysis in eager mode.
     """
     cap = AttentionCapture()
     handles = cap._track(model) if model is not None else []
     try:
-        with fast_paths(False), cap:
+        with plain_paths(), cap:
             yield cap
     finally:
         for h in handles:
@@ -152,8 +152,8 @@ def capture_attention(model: nn.Module | None = None) -> Iterator[AttentionCaptu
 @contextmanager
 def trace_attention(keep_tensors: bool = False, plain: bool = False) -> Iterator[AttentionTrace]:
     """Within this context every SDPA call is recorded (see AttentionTrace) and computed as usual.
-    `plain=True` runs the plain path (fast paths off), where every attention call is an SDPA call, also
+    `plain=True` runs the plain path (`plain_paths()`), where every attention call is an SDPA call, also
     on the CPU in bf16. Eager mode only (a compiled graph does not call back into Python)."""
     trace = AttentionTrace(keep_tensors)
-    with fast_paths(False) if plain else nullcontext(), trace:
+    with plain_paths() if plain else nullcontext(), trace:
         yield trace

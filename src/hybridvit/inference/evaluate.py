@@ -57,7 +57,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: Precisio
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["targets"].to(device)
-        with precision.autocast(model):
+        with precision.autocast():
             logits = model(x)
         logits = logits.float()
         n_classes = logits.shape[1]
@@ -183,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     run_data(args, model)
     ds = _dataset(args, model)
     model.to(device)
+    if hasattr(model, "fuse"):  # the inference form (an exported file is already one)
+        model.fuse()
     loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, plan.workers,
                          drop_last=False)
     res = evaluate(model, loader, device, precision, progress=not args.no_progress)

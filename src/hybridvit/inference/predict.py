@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     files = find_images(args.images)
     classes = model.class_names
     model.to(device)
+    if hasattr(model, "fuse"):  # the inference form (an exported file is already one)
+        model.fuse()
     cfg = model.pretrained_cfg
     pre = Preprocess.from_cfg(cfg)
     tf, norm = pre.geometry, pre.normalize.to(device)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     n_batches = -(-len(files) // args.batch_size)
     for paths, x in _progress(_batches(files, tf, args.batch_size, failed), not args.no_progress and n_batches > 1,
                               "predict"):
-        with torch.no_grad(), precision.autocast(model):
+        with torch.no_grad(), precision.autocast():
             probs = model(norm(x.to(device))).float().softmax(-1)
         p, idx = probs.topk(min(args.topk, probs.shape[-1]), dim=-1)
         for path, pi, ii in zip(paths, p.tolist(), idx.tolist()):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .accel import eager_inference, fast_paths_enabled, is_exporting, is_tracing
+from .context import is_exporting, is_tracing, plain
 
 BIAS_ALIGNMENT = 8  # elements: what SDPA's memory-efficient CUDA kernel asks of the bias's strides
 
@@ -63,70 +63,22 @@ def prepare_bias(q: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | N
 def _sdpa_applies(q: torch.Tensor) -> bool:
     """Whether `attend` calls SDPA for this query rather than the explicit form.
 
-    SDPA: off the CPU (CUDA's fused kernels), on the CUDA path's aligned bias (`_aligns_bias`), with the
-    fast paths switched off (the plain path), and for eager fp32 on the CPU. The explicit form: bf16 and
-    fp16 on the CPU, and everything torch.compile / export traces on the CPU, where inductor fuses the
-    scale, the bias add and the softmax around two batched products. Measured side by side on whole
-    models and per shape (benchmarks/attention_forms.py): SDPA's fused CPU kernel is slower in bf16 at the
-    16-196 keys these families use, and with a trainable bias it falls back to its math path, which
-    upcasts bf16 to fp32; in eager fp32 it is as fast or faster."""
-    if q.device.type != "cpu" or _aligns_bias(q) or not fast_paths_enabled():
+    SDPA: off the CPU (CUDA's fused kernels), on the CUDA path's aligned bias (`_aligns_bias`), under
+    `plain_paths()`, and for eager fp32 on the CPU. The explicit form (two batched products around one
+    softmax): bf16 and fp16 on the CPU, and everything torch.compile / export traces on the CPU, where
+    inductor fuses the scale, the bias add and the softmax. Whole-model measurements side by side:
+    `benchmarks/results/cpu_levers.json` (lever `attention`)."""
+    if q.device.type != "cpu" or _aligns_bias(q) or plain():
         return True
     return q.dtype == torch.float32 and not is_tracing()
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """q k^T * scale + bias, (..., N, M), in the query dtype.
-
-    A tracer (torch.compile, export) gets the product and out-of-place scale and add, which inductor
-    fuses into its softmax kernel. Eagerly the bias is copied once into the output and one batched
-    product adds onto it with the scale as its factor (`baddbmm_`: oneDNN's sum post-op and output
-    scale), where the product then an in-place scale and add read and write the logits twice more:
-    1.0-1.2x faster per call at the shapes these families run (`benchmarks/eager_levers.py`). It records
-    for autograd (training) like the out-of-place form."""
-    if is_tracing():
-        logits = torch.matmul(q, k.transpose(-2, -1)) * scale
-        return logits if bias is None else logits + bias
-    *batch, N, d = q.shape
-    M = k.shape[-2]
-    q3, k3 = q.reshape(-1, N, d), k.reshape(-1, M, d)
-    if bias is None:
-        logits = torch.bmm(q3, k3.transpose(1, 2)).mul_(scale)
-    else:
-        # a copy (in the query dtype): the caller's bias is never written to
-        logits = bias.expand(*batch, N, M).to(q.dtype, memory_format=torch.contiguous_format, copy=True)
-        logits.view(-1, N, M).baddbmm_(q3, k3.transpose(1, 2), alpha=scale)
-    return logits.view(*batch, N, M)
-
-
-def _fp32_softmax_is_faster(keys: int) -> bool:
-    """Whether ATen's fp32 CPU softmax kernel, reading bf16 logits, beats its bf16 kernel on rows of `keys`:
-    16-63 keys that are not a multiple of 32 (`benchmarks/results/cpu_softmax_rows.json`, Zen 5, 2 threads:
-    1.1-2.7x, at 16, 24, 40, 48, 49, 53 and 56 keys; the bf16 kernel wins at multiples of 32, under 16 keys
-    and mostly from 64 on)."""
-    return 16 <= keys < 64 and keys % 32 != 0
-
-
-def _softmax(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dimension, in the scores' dtype (accumulated in fp32 either way).
-
-    ATen's bf16 CPU softmax is slow on short rows that its vector width does not divide: where the fp32
-    kernel reading the same bf16 logits and rounding the weights once is faster (`_fp32_softmax_is_faster`:
-    the 16-, 49- and 53-key windows, groups and carrier attentions of these families), eager CPU bf16
-    inference takes it. Both compute in fp32 and round once, so the values agree up to that one rounding.
-    Training and tracers keep the plain op (inductor generates its own softmax)."""
-    if (scores.dtype == torch.bfloat16 and _fp32_softmax_is_faster(scores.shape[-1])
-            and scores.device.type == "cpu" and eager_inference()):
-        return scores.softmax(-1, dtype=torch.float32).to(torch.bfloat16)
-    return scores.softmax(-1)
-
-
 def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                      scale: float | None, dropout_p: float) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v in the query dtype, (B, h, N, d): the scores (`_scores`), one
-    softmax and one batched product."""
+    """softmax(q k^T * scale + bias) v in the query dtype, (B, h, N, d)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    weights = _softmax(_scores(q, k, bias, scale))
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    weights = (scores if bias is None else scores + bias).softmax(-1)
     if dropout_p > 0:
         weights = F.dropout(weights, dropout_p)
     return torch.matmul(weights, v)

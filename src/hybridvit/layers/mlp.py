@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .accel.fused_linear import linear
+from .linear import linear
 
 
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2 on (..., C), parameter names `fc1`/`fc2` as in timm and the official code.
 
     forward(x, shortcut) returns shortcut + MLP(x) when a shortcut is given: in inference the GELU and
-    the add join the GEMMs (`layers.accel.fused_linear`). `act` names the activation in the module tree only.
+    the add join the GEMMs (`layers.linear`). `act` names the activation in the module tree only.
     """
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,

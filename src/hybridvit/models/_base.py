@@ -31,7 +31,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers.accel.switch import is_fx_tracing
+from ..layers.context import is_fx_tracing
+from ..layers.table import record_tables
 
 
 def feature_take_indices(num_stages: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
@@ -119,13 +120,10 @@ class HybridModel(nn.Module):
     classifier_prefixes: tuple[str, ...] = ("head.",)
     head_norm: bool = False  # True: `norm` acts on the pooled vector (part of the head)
     grad_checkpointing: bool = False
-    is_fused: bool = False  # set by fuse(): BatchNorms and layer scales folded away, inference only
+    is_fused: bool = False  # set by fuse(): the frozen inference form (see `fuse`)
     global_pool: str = "avg"  # forward_head's pooling: one of `global_pool_types`
     global_pool_types: tuple[str, ...] = ("avg", "")  # "": no pooling (the classifier removed)
     min_input_size: int = 1  # per side, for models built without a registry entry (pretrained_cfg's wins)
-    # preferred CPU bf16 kernel policy ("auto" | "native" | "fp32"): data only, read by the runtime's
-    # `layers.accel.cpu_bf16.model_policy` when it enters the `bf16_kernels` context; the model applies nothing
-    cpu_bf16_kernels: str = "auto"
     stage_info: list[dict[str, Any]]
     pretrained_cfg: dict[str, Any]
 
@@ -288,16 +286,29 @@ class HybridModel(nn.Module):
                 module.init_non_persistent_buffers()
         return self
 
+    @torch.no_grad()
     def fuse(self) -> HybridModel:
-        """Inference fusion, outputs unchanged up to rounding: every block folds what it holds through its
-        own `fuse()` (conv+BN pairs into the conv, BN becoming Identity; layer scales into the layer before
-        them). Needs eval(); returns self. A model without such blocks (CrossFormer) is returned as it is."""
+        """Turns the model, in place, into its inference form; outputs unchanged up to float rounding.
+
+        Everything derivable from the weights is computed once, in place of the originals: every block
+        folds what it holds through its own `fuse()` (conv+BN pairs into the conv, the BN becoming
+        Identity; layer scales into the layer before them), then one forward at the configured input size
+        (`pretrained_cfg['input_size']`) stores the position-bias tables and gathered biases it meets
+        (`layers.table`); other input sizes compute theirs at each call. The form is frozen: it answers
+        for the weights it was fused with, and refuses `train()`, `load_state_dict` and `save_pretrained`
+        (edit, train or save the unfused model and fuse again). Needs eval(); returns self."""
         if self.training:
             raise RuntimeError("fuse() is for inference: call model.eval() first")
-        blocks = [m for m in self.modules() if m is not self and callable(getattr(m, "fuse", None))]
-        for m in blocks:
+        if self.is_fused:
+            return self
+        for m in [m for m in self.modules() if m is not self and callable(getattr(m, "fuse", None))]:
             m.fuse()
-        self.is_fused = self.is_fused or bool(blocks)
+        ref = next(self.parameters(), None)
+        if ref is not None and ref.device.type != "meta":
+            size = tuple(self.pretrained_cfg.get("input_size", (self.in_chans, 224, 224)))[-2:]
+            with record_tables():
+                self(torch.zeros(1, self.in_chans, *size, device=ref.device, dtype=ref.dtype))
+        self.is_fused = True
         return self
 
     def train(self, mode: bool = True) -> HybridModel:
@@ -306,6 +317,12 @@ class HybridModel(nn.Module):
                                "are folded into other layers, so it cannot train. Train the unfused model and fuse "
                                "the copy you deploy")
         return super().train(mode)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        if self.is_fused:
+            raise RuntimeError("this model was fused for inference (model.fuse()): it answers for the weights it "
+                               "was fused with. Load the weights into an unfused model, then call fuse()")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def set_features_only(self, out_indices: Sequence[int] = (0, 1, 2, 3)) -> None:
         """Turns the classifier into a backbone returning the NCHW maps of `out_indices`; the stages after

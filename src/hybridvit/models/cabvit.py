@@ -23,10 +23,9 @@ when it differs; both are exactly the official values at the training size.
 
 Speed (same outputs as the plain computation): CabViT-H runs channels_last from the stem on, so the
 ConvNeXt permutes and the (B, H*W, C) token views of the CaB stages are free; attention goes through
-SDPA with one additive bias gathered per block from the tiny bias tables (no cached bias that could go
-stale); without autograd the GELUs and residual adds reuse their temporaries (fresh large CPU buffers
-cost page faults) and BatchNorm is folded into its conv on the fly; `fuse()` folds conv+BN pairs and
-layer scales for inference. `layers.accel.switch` switches all of this off.
+SDPA with one additive bias gathered per block from the tiny bias tables at every forward; the inference
+form (`fuse()`) folds conv+BN pairs and layer scales and gathers the biases of the configured size once.
+`layers.plain_paths()` gives the plain ops.
 """
 from __future__ import annotations
 
@@ -41,16 +40,15 @@ from torch import nn
 from ..layers import (
     DropPath,
     Mlp,
-    add_residual,
     attend,
     conv_bn,
+    derived,
     drop_path_rates,
     fold_bn,
     fold_layer_scale,
     linear,
     scale_channels,
 )
-from ..layers.accel import cached_for
 from ._base import HybridModel
 from ._variant import LICENSE_NONE, Variant, pretrained_cfg
 
@@ -77,7 +75,7 @@ def resize_digest_param(p: torch.Tensor, num_blocks: int, grid0: tuple[int, int]
 # ----------------------------------------------------------------------------------------- conv parts
 class ConvBN(nn.Sequential):
     """Conv2d without bias followed by BatchNorm2d, (B, C, H, W) -> (B, C', H', W'); in eval the BN is
-    folded into the conv on the fly (`layers.fuse.conv_bn`), permanently by `fuse()`."""
+    folded into the conv by the inference form (`fuse()`)."""
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1):
         super().__init__()
@@ -133,7 +131,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last input: the permutes are views, LN and the MLP read contiguous (B, H, W, C) rows
         y = self.mlp(self.norm(conv_bn(x, self.conv_dw).permute(0, 2, 3, 1)))
-        return add_residual(x, self.drop_path(scale_channels(y, self.gamma).permute(0, 3, 1, 2)))
+        return x + self.drop_path(scale_channels(y, self.gamma).permute(0, 3, 1, 2))
 
     @torch.no_grad()
     def fuse(self) -> None:
@@ -262,18 +260,12 @@ class CaBAttention(nn.Module):
     def attn_bias(self, hw: tuple[int, int], num_tokens: int,
                   dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """Additive logit bias (1, heads, N or 1, N + M) for `num_tokens` queries on a (H, W) grid, in
-        `dtype` if given. The same for every batch: in eager no-grad inference it is cached per geometry
-        and dtype under the version counters of the bias parameters (`accel.cache.cached_for`), so a
-        forward pass gathers and casts no table (CabViT-H-L2 at batch 1: 4 ms of 45)."""
-        tensors = [getattr(self, n) for n in ("attention_biases", "digest_bias") if hasattr(self, n)]
-        if not tensors:
+        `dtype` if given. The same for every batch: gathered at every forward from the bias parameters,
+        once for the configured size by the inference form (`fuse()`, `layers.table`)."""
+        if not (hasattr(self, "attention_biases") or hasattr(self, "digest_bias")):
             return None
-
-        def compute() -> torch.Tensor | None:
-            bias = self._attn_bias(hw, num_tokens)
-            return bias if dtype is None or bias is None else bias.to(dtype)
-
-        return cached_for(self, (tuple(hw), num_tokens, dtype), tensors, compute)
+        bias = derived(self, (tuple(hw), num_tokens), lambda: self._attn_bias(hw, num_tokens))
+        return bias if dtype is None or bias is None else bias.to(dtype)
 
     def _attn_bias(self, hw: tuple[int, int], num_tokens: int) -> torch.Tensor | None:
         """`attn_bias` computed."""
@@ -340,9 +332,9 @@ class CaBBlock(nn.Module):
     def forward(self, x: torch.Tensor, hw: tuple[int, int],
                 digests: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         s = self.digest(torch.cat(digests, 1), digest_grid(hw)) if self.digest is not None else None
-        x = add_residual(x, self.drop_path(scale_channels(self.attn(self.norm1(x), hw, s), self.gamma_1)))
+        x = x + self.drop_path(scale_channels(self.attn(self.norm1(x), hw, s), self.gamma_1))
         x, digest = self.tme(x, hw)
-        x = add_residual(x, self.drop_path(scale_channels(self.mlp(self.mlp_norm(self.norm2(x))), self.gamma_2)))
+        x = x + self.drop_path(scale_channels(self.mlp(self.mlp_norm(self.norm2(x))), self.gamma_2))
         return x, digest
 
 

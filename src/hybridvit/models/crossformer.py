@@ -15,9 +15,10 @@ Attention"; "CrossFormer++: ..."):
   `AmplitudeCooling` (ACL: depthwise 3x3 conv + LayerNorm, no residual) after every third block except
   a stage's last.
 
-Speed (same outputs as the plain computation; `layers.accel.switch` switches it off): the DPB is cached per
-group size in inference (`layers.accel.cache`), the linears run oneDNN's fused GEMM epilogues
-(`layers.accel.fused_linear`) and in inference the residual adds join the output projections.
+Speed (same outputs as the plain computation; `layers.plain_paths()` gives the plain ops): the DPB is
+evaluated at every forward from its parameters and once by the inference form (`fuse()`, `layers.table`);
+the linears run oneDNN's fused GEMM epilogues (`layers.linear`) and in inference the residual adds join the
+output projections.
 
 Departures from the official code, exact at the official resolution: SDA/LDA and the group size are
 decided from the feature size at run time (official: from the construction-time resolution), with the
@@ -35,8 +36,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import CachedTable, DropPath, Mlp, attend, conv_bn, drop_path_rates, linear, padding_bias_map
-from ..layers.accel.switch import eager_fast
+from ..layers import DropPath, Mlp, PositionTable, attend, conv_bn, drop_path_rates, linear, padding_bias_map
+from ..layers.context import eager_inference
 from ._base import HybridModel
 from ._variant import LICENSE_MIT, Variant, pretrained_cfg
 
@@ -161,12 +162,12 @@ class LongShortDistanceAttention(nn.Module):
         return (shortcut.reshape(out.shape) + out).reshape(B, Hp, Wp, C)
 
 
-class DynamicPositionBias(CachedTable):
+class DynamicPositionBias(PositionTable):
     """DPB: MLP over relative coordinates (dh, dw) -> per-head bias, for any group size G.
 
     forward(G) -> (num_heads, G*G, G*G), the bias of token pairs of one GxG group (row-major). It depends
-    only on the weights and G: in eager no-grad inference it is computed once per G and reused, keyed on
-    the parameters' versions (`layers.accel.cache`), so edited weights are never served a stale bias.
+    only on the weights and G: computed at every forward, and once for the configured size by the inference
+    form (`fuse()`, `layers.table`).
     """
 
     GEOMETRY_BUFFERS = ("rel_coords", "rel_index")  # of the configured size (`keep_geometry`)
@@ -242,7 +243,7 @@ class CrossFormerBlock(nn.Module):
         return self.group_size, self.interval if self.long_distance else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or not eager_fast():
+        if self.training or not eager_inference():
             x = x + self.drop_path(grouped_attention(self, self.norm1(x)))
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         else:  # no dropout / drop path: the residual adds can join the output projections

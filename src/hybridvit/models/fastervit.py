@@ -12,20 +12,17 @@ keys are masked), the window shrinks to the map when the map is smaller, the car
 follows the number of windows, and the continuous position biases are evaluated for the grid in
 use. At the configured resolution all of this reduces exactly to the official computation.
 
-Speed (same outputs as the plain computation, checked by the tests; `layers.accel.switch` switches it off):
+Speed (same outputs as the plain computation, checked by the tests; `layers.plain_paths()` gives the plain
+ops):
 
 - attention through SDPA with the position bias as one additive (1, heads, N, N) mask broadcast over
   the windows of the batch;
-- the position MLPs (absolute embeddings, continuous relative biases) depend only on weights and
-  geometry: in eager no-grad inference they are computed once per geometry and reused, keyed on the
-  parameters' versions (`layers.accel.cache`), so edited weights are never served a stale table;
+- the position MLPs (absolute embeddings, continuous relative biases) are evaluated at every forward
+  from the parameters; the inference form (`fuse()`) computes them once for the configured size
+  (`layers.table`), folds BatchNorm into the convolutions and layer scales into the layers before them;
 - a HAT stage partitions its map into windows once, keeps [carrier tokens + window tokens] of every
   window in one (B*nW, P + ws*ws, C) tensor through all its blocks (carriers are updated in place of
   their rows, no per-block concatenation or split) and reverses once;
-- in eval, BatchNorm is folded into the preceding convolution on the fly (`layers.fuse.conv_bn`), and
-  in eager CPU inference every convolution is oneDNN's with its weight kept reordered and the ReLU /
-  GELU in its epilogue; `fuse()` makes the folding permanent and folds layer scales into the layers
-  before them;
 - maps stay channels_last between the convolutions and the window partitioning.
 """
 from __future__ import annotations
@@ -40,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import (
-    CachedTable,
     DropPath,
     LayerNorm2d,
     Mlp,
+    PositionTable,
     attend,
     conv_bn,
     drop_path_rates,
@@ -77,8 +74,8 @@ class Stem(nn.Module):
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # channels_last from the first conv on (a copy of the 3-channel input only): oneDNN convolutions
-        # skip their layout reorders and the HAT stages partition NHWC memory directly
+        # channels_last from the first conv on (a copy of the 3-channel input only): the convolutions skip
+        # their layout reorders and the HAT stages partition NHWC memory directly
         x = x.contiguous(memory_format=torch.channels_last)
         x = conv_bn(x, self.conv1, self.norm1, self.act)
         return conv_bn(x, self.conv2, self.norm2, self.act)
@@ -185,12 +182,12 @@ class CoordMLP(nn.Module):
         return self.fc2(self.act(self.fc1(coords.to(self.fc1.weight.dtype))))
 
 
-class AbsolutePositionMLP(CachedTable):
+class AbsolutePositionMLP(PositionTable):
     """Absolute position embedding of a token grid from an MLP on coordinates normalised to
     about [-1, 1] (the official `PosEmbMLPSwinv1D`, rank 2), for any (h, w) grid.
 
     compute(h, w, num_prefix) -> (1, P + h*w, C): grid tokens in raster order after P zero rows for
-    prefix (carrier) tokens; cached per geometry in inference (`layers.accel.cache`).
+    prefix (carrier) tokens; computed once by `fuse()` (`layers.table`).
     """
 
     def __init__(self, dim: int):
@@ -211,13 +208,13 @@ class AbsolutePositionMLP(CachedTable):
         return x + self.table(h, w, num_prefix).to(x.dtype)
 
 
-class ContinuousPositionBias(CachedTable):
+class ContinuousPositionBias(PositionTable):
     """Swin-V2 style log-spaced continuous relative position bias (the official `PosEmbMLPSwinv2D`).
 
     Relative offsets are normalised by the grid size the model was configured for (`pretrained_size`),
     so other grid sizes reuse the same offsets and extrapolate smoothly. compute(h, w, P) is the
-    additive bias (heads, P + h*w, P + h*w) where the P prefix (carrier) tokens get zero bias; cached per
-    geometry in inference (`layers.accel.cache`).
+    additive bias (heads, P + h*w, P + h*w) where the P prefix (carrier) tokens get zero bias; computed
+    once for the configured size by the inference form (`fuse()`, `layers.table`).
     """
 
     GEOMETRY_BUFFERS = ("rel_coords", "rel_index")  # of the configured size (`keep_geometry`)

@@ -100,11 +100,10 @@ def save_run(ctx: RunContext, state: TrainState, model_info: dict[str, Any], pat
 
 @dataclass
 class Loop:
-    """What the epochs share: the model as trained (compiled, DDP-wrapped), the model whose CPU bf16 policy
-    applies, on-device augmentation, mixup, data, schedule, and what the checkpoints record."""
+    """What the epochs share: the model as trained (compiled, DDP-wrapped), on-device augmentation, mixup,
+    data, schedule, and what the checkpoints record."""
 
     train_model: nn.Module
-    kernel_model: nn.Module
     augment: nn.Module
     mixup: Any
     data: RunData
@@ -122,7 +121,6 @@ def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedul
 
     cfg, info, pcfg = ctx.cfg, ctx.info, model_info["pretrained_cfg"]
     train_model: nn.Module = torch.compile(state.model) if cfg.compile else state.model
-    kernel_model = train_model  # bf16 kernels for forward and backward (layers/accel/cpu_bf16.py)
     if info.enabled:
         # depthwise kernels (C, 1, k, k) get gradients whose stride on the size-1 dim differs from
         # DDP's bucket view: harmless (a size-1 dim has no layout), but warned about at every step
@@ -132,7 +130,7 @@ def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedul
     augment = DeviceAugment(pcfg["mean"], pcfg["std"], cfg.randaugment, cfg.hflip, cfg.reprob).to(ctx.device)
     mixup = MixupCutmix(model_info["num_classes"], cfg.mixup, cfg.cutmix, cfg.mixup_prob, cfg.mixup_switch_prob,
                         cfg.smoothing)
-    return Loop(train_model, kernel_model, augment, mixup, data, sched, model_info)
+    return Loop(train_model, augment, mixup, data, sched, model_info)
 
 
 def train_micro_batch(ctx: RunContext, state: TrainState, loop: Loop, batch: dict[str, Any], sync: bool,
@@ -155,8 +153,7 @@ def train_micro_batch(ctx: RunContext, state: TrainState, loop: Loop, batch: dic
     if ctx.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     no_sync = contextlib.nullcontext() if sync or not info.enabled else loop.train_model.no_sync()
-    # forward and backward share the bf16 kernel policy of the model (layers/accel/cpu_bf16.py)
-    with no_sync, ctx.precision.kernels(loop.kernel_model):
+    with no_sync:
         with ctx.precision.autocast():
             logits = _forward_train(loop.train_model, x)
         if loop.mixup.active:
