@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 import torch
-from hybridvit.layers.linear import cpu_has_native_bf16
 
 import hybridvit
 from hybridvit.bench import bench_models, environment, matmul_peak_gflops, prepare
+from hybridvit.layers.linear import cpu_has_native_bf16
 from hybridvit.precision import Precision
 
 MODELS = ["fastervit_0", "crossformerpp_s", "cabvit_h_l2"]

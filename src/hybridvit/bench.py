@@ -197,6 +197,10 @@ def compile_model(model: torch.nn.Module, train: bool = False, mode: str = "free
     under compile on the CPU (layers/attention.py), which inductor fuses."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, not {mode!r}")
+    # dynamo's cache of this module's graphs does not know inductor's freezing: without a reset, compiling
+    # an edited model again would reuse the graph frozen with its old weights (and a default compile after
+    # a frozen one the frozen graph). Other compiled models recompile at their next call.
+    torch.compiler.reset()
     if train or mode == "default":
         return torch.compile(model)
     return FrozenCompiled(model)
