@@ -20,7 +20,7 @@ from hybridvit.analysis.attention import attended_distance, capture, group_index
 from hybridvit.analysis.capture import capture_attention
 from hybridvit.analysis.load import load_images, load_model
 from hybridvit.cli import main
-from hybridvit.layers.accel import fast_paths_enabled
+from hybridvit.layers.context import plain
 from hybridvit.models.crossformer import group_tokens
 
 needs_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -69,7 +69,7 @@ def test_capture_gives_the_fused_output_and_rows_that_sum_to_one(name):
         fused = model.eval()(x)
         with capture_attention(model) as cap:
             captured = model(x)
-    assert fast_paths_enabled()  # switched on again: the fused path is back
+    assert not plain()  # the plain paths switched off again on exit: the default forward is back
     with torch.no_grad():
         assert torch.equal(model(x), fused)
     assert (captured - fused).abs().max().item() <= 1e-5
@@ -110,7 +110,7 @@ def test_uniform_attention_distance_is_exact_and_lda_reaches_interval_times_fart
         for name, p in model.named_parameters():
             if name.endswith(("attn.qkv.weight", "attn.qkv.bias")) or ".dpb.mlp.8." in name:
                 p.zero_()
-    model.eval()  # refresh the cached position biases
+    model.eval()
     rows = {lay.module: (lay, w) for lay, w in capture(model, torch.randn(1, 3, 224, 224))}
     sda, lda = rows["stages.2.blocks.0.attn"], rows["stages.2.blocks.1.attn"]
     assert (sda[0].kind, lda[0].kind) == ("sda", "lda")

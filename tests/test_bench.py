@@ -51,13 +51,12 @@ def test_bench_command_writes_json_with_peak(tmp_path, capsys):
     from hybridvit.cli import main
     out = tmp_path / "bench.json"
     assert main(["bench", "-m", "fastervit_nano", "--compare", "cabvit_h_l1", "-b", "2", "--img-size", "64",
-                 "--amp", "bf16", "--cpu-bf16-kernels", "fp32", "--warmup", "0", "--repeats", "1", "--peak",
-                 "--json", str(out)]) == 0
+                 "--amp", "bf16", "--warmup", "0", "--repeats", "1", "--peak", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [r["model"] for r in res["results"]] == ["fastervit_nano", "cabvit_h_l1"]
     assert all(r["amp"] == "bf16" and r["img_per_s"] > 0 for r in res["results"])
-    assert {r["bf16_products"] for r in res["results"]} == {"fp32 kernels"}
-    assert res["matmul_peak_gflops"] > 0 and "--cpu-bf16-kernels" in res["command"]
+    assert all("bf16_products" not in r for r in res["results"])  # the bf16-by-fp32-kernels mode is retired
+    assert res["matmul_peak_gflops"] > 0 and "--peak" in res["command"]
     assert "matmul peak" in capsys.readouterr().out
 
 

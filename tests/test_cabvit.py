@@ -10,7 +10,7 @@ from conftest import assert_matches_official_layout, load_fixture
 
 import hybridvit
 from hybridvit.checkpoint import CheckpointError
-from hybridvit.layers.accel.switch import fast_paths
+from hybridvit.layers import plain_paths
 from hybridvit.models.cabvit import CaBAttention, CabViTH
 from hybridvit.registry import count_params, get_entry, meta_model
 
@@ -237,31 +237,47 @@ def test_attention_bias_follows_new_weights(tiny_h):
         assert attn.to(torch.float64).attn_bias(hw, N).dtype == torch.float64
 
 
-def test_attention_bias_is_gathered_once_in_the_query_dtype(tiny_h):
-    """In eager no-grad eval the gathered bias is reused per geometry and dtype: a second forward pass
-    gathers no table and casts none under bf16 autocast; the logits equal the plain path's."""
-    model = copy.deepcopy(tiny_h)  # a module of its own: nothing cached by earlier tests
-    x = torch.randn(1, 3, 64, 64)
+def test_attention_bias_is_gathered_at_every_forward_and_once_by_fuse(tiny_h):
+    """An ordinary model gathers its attention biases at every forward (nothing kept: a write through `.data`
+    is seen at the next call), in the query dtype under bf16 autocast, with the plain path's logits. The fused
+    model stores the biases of its configured size as `fused_table_*` buffers and gathers none there; at
+    another size it gathers them per call."""
+    model = copy.deepcopy(tiny_h)  # a module of its own
+    side = model.pretrained_cfg["input_size"][-1]
+    x = torch.randn(1, 3, side, side)
 
-    def run(fast: bool = True):
-        with fast_paths(fast), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+    def run(m, x, fast: bool = True):
+        with plain_paths(not fast), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
                 torch.profiler.profile() as prof:
-            out = model(x).float()
+            out = m(x).float()
         return out, [e.name for e in prof.events()]
 
-    first, first_ops = run()
-    again, ops = run()
-    plain, _ = run(False)
-    assert first_ops.count("aten::index_select") > 0
-    assert ops.count("aten::index_select") == 0
+    first, first_ops = run(model, x)
+    again, ops = run(model, x)
+    plain, _ = run(model, x, False)
+    gathers = first_ops.count("aten::index_select")
+    assert gathers > 0 and ops.count("aten::index_select") == gathers
     assert torch.equal(first, again)
     assert (again - plain).abs().max().item() <= 0.05 * plain.abs().max().item()  # bf16 rounding
     attn = model.stages[2].blocks.blocks[1].attn
     hw, N = attn.rel_grid, attn.rel_grid[0] * attn.rel_grid[1]
     with torch.no_grad():
-        bf16 = attn.attn_bias(hw, N, torch.bfloat16)
-        assert bf16.dtype == torch.bfloat16 and attn.attn_bias(hw, N, torch.bfloat16) is bf16  # cast once, kept
+        assert attn.attn_bias(hw, N, torch.bfloat16).dtype == torch.bfloat16
         assert attn.attn_bias(hw, N).dtype == torch.float32
+        assert attn.attn_bias(hw, N) is not attn.attn_bias(hw, N)  # gathered, not kept
+        before = attn.attn_bias(hw, N)
+        attn.attention_biases.data.add_(1.0)  # no version counter moves
+        assert torch.equal(attn.attn_bias(hw, N)[..., :N], before[..., :N] + 1.0)
+        edited = model(x)
+
+    fused = copy.deepcopy(model).fuse()
+    assert any(n.rsplit(".", 1)[-1].startswith("fused_table_") for n, _ in fused.named_buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), edited, atol=1e-4, rtol=0)
+    fused_out, fused_ops = run(fused, x)
+    assert fused_ops.count("aten::index_select") == 0  # the stored biases, read
+    _, other_ops = run(fused, torch.randn(1, 3, side + 32, side + 32))
+    assert other_ops.count("aten::index_select") > 0  # another size: gathered at the call
 
 
 def _randomise_bn_and_layer_scales(m: torch.nn.Module) -> None:
@@ -307,19 +323,41 @@ def test_fixture_channels_last_and_fused(fixture, tiny_h):
     assert (out - fixture["logits"]).abs().max().item() <= 1e-4
 
 
-def test_inplace_inference_ops_match_autograd_path(tiny_h):
-    """Without autograd the GELU and residual adds run in place; with it they must not (backward works)."""
-    from hybridvit.layers import fast_paths
-
+def test_inference_matches_the_autograd_and_plain_paths(tiny_h):
+    """No-grad inference (the linear epilogues) == the autograd path == `plain_paths()`; a training step of a
+    model with drop path and layer scales gives finite gradients for every parameter."""
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast = tiny_h(x)
-        with fast_paths(False):
+        with plain_paths():
             plain = tiny_h(x)
-    slow = tiny_h(x)  # grad enabled: out-of-place path
+    slow = tiny_h(x)  # grad enabled
     assert (fast - slow).abs().max().item() <= 1e-6 * slow.abs().max().item()
     assert (fast - plain).abs().max().item() <= 1e-6 * slow.abs().max().item()
     m = hybridvit.create_model("cabvit_h_l1", num_classes=10, drop_path_rate=0.3, layer_scale_init_value=0.5,
                                **TINY_H).train()
     m(x).square().sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters() if p.requires_grad)
+
+
+def test_cabvit_residual_stream_stays_bf16_under_autocast(tiny_h, fixture):
+    """Under bf16 autocast the layer scales keep each block's output, the residual stream, in bf16."""
+    from hybridvit.models import cabvit
+
+    model, x = tiny_h, fixture["input"]
+    dtypes = []
+
+    def record(_m, _args, out):
+        dtypes.append((out[0] if isinstance(out, tuple) else out).dtype)
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, (cabvit.ConvNeXtBlock, cabvit.CaBBlock))]
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes), dtypes
+    with torch.no_grad():
+        ref = model(x)
+    assert (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 from conftest import load_fixture
 
 import hybridvit
-from hybridvit.layers import fast_paths
+from hybridvit.layers import derived, plain_paths
 from hybridvit.registry import get_entry, list_models, meta_model
 
 # the smallest registered model of each kind (test_real_models_cover_every_kind keeps this in step with the
@@ -240,34 +241,56 @@ def test_backward_reaches_every_parameter_and_grad_checkpointing_agrees(real):
         torch.testing.assert_close(grads_ck[k], g, rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_fast_paths_off_equals_on(real):
+def test_plain_paths_equal_the_default(real):
     name, model = real
     for size in [(224, 224), (72, 104)]:
         x = torch.randn(2, 3, *size)
         with torch.no_grad():
             fast = model(x)
-            with fast_paths(False):
+            with plain_paths():
                 plain = model(x)
         torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())
 
 
+def _fused_tables(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if n.rsplit(".", 1)[-1].startswith("fused_table_")}
+
+
 def test_fuse_is_each_blocks_own_and_keeps_the_output(real):
     """HybridModel.fuse() calls every block's own fuse(): no BatchNorm is left in those blocks, the output
-    is unchanged, and a fused model refuses to train; a model without such blocks stays as it is."""
+    is unchanged, the position tables and gathered biases of the configured size are stored as
+    non-persistent `fused_table_*` buffers (none before), and the fused model is frozen: it refuses to
+    train and to load weights."""
     name, model = real
     model = copy.deepcopy(model)
     blocks = [n for n, m in model.named_modules() if m is not model and callable(getattr(m, "fuse", None))]
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    side = model.pretrained_cfg["input_size"][-1]
+    at_size = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(1))
+    assert not _fused_tables(model)
+    state = model.state_dict()
     with torch.no_grad():
-        ref = model(x)
+        ref, ref_at_size = model(x), model(at_size)
         out = model.fuse()(x)
+        out_at_size = model(at_size)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
-    assert model.is_fused == bool(blocks)
+    torch.testing.assert_close(out_at_size, ref_at_size, rtol=1e-4, atol=1e-5 * ref_at_size.abs().max().item())
+    assert model.is_fused and model.fuse() is model
     fused = dict(model.named_modules())
     assert not [n for n in blocks if any(isinstance(m, torch.nn.BatchNorm2d) for m in fused[n].modules())]
-    if blocks:
-        with pytest.raises(RuntimeError, match="fused for inference"):
-            model.train()
+    tables = _fused_tables(model)
+    assert tables, "fuse() stored no table"
+    assert not set(tables) & set(model.state_dict())  # non-persistent: never saved
+    stored = {f"{n}.{b}".lstrip(".") for n, m in model.named_modules()
+              for b in m.__dict__.get("_fused_tables", {}).values()}
+    assert stored == set(tables)
+    for m in model.modules():  # `derived` answers the stored table for its geometry, without computing
+        for key, buffer in m.__dict__.get("_fused_tables", {}).items():
+            assert derived(m, key, lambda: pytest.fail("computed again")) is getattr(m, buffer)
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.train()
+    with pytest.raises(RuntimeError, match="fused for inference"):
+        model.load_state_dict(state)
 
 
 def test_check_input(real):
@@ -284,9 +307,9 @@ def test_check_input(real):
         assert model(torch.randn(1, 3, min_side, min_side)).shape == (1, 7)
 
 
-# ------------------------------------------------------------------------- caches, tracing, compilation
+# ------------------------------------------------------------ no hidden state, tracing, compilation
 def _stale_fastervit():
-    """test_fastervit's small model (carrier tokens, layer scale, propagation; 16 cached position tables), a
+    """test_fastervit's small model (carrier tokens, layer scale, propagation; 16 position tables), a
     copy with other weights, and a training step on another batch."""
     from test_fastervit import _small_model
 
@@ -306,7 +329,7 @@ def _stale_fastervit():
 
 
 def _stale_crossformerpp():
-    """test_crossformer's small CrossFormer++ (DPB eval caches), a second one, and a cross-entropy step."""
+    """test_crossformer's small CrossFormer++ (DPB position tables), a second one, and a cross-entropy step."""
     import torch.nn.functional as F
     from test_crossformer import _small_pp
 
@@ -325,7 +348,7 @@ def _dpbs_are_float64(model):
     from hybridvit.models.crossformer import DynamicPositionBias
 
     dpbs = [m for m in model.modules() if isinstance(m, DynamicPositionBias)]
-    assert dpbs and all(d(d.group_size).dtype == torch.float64 for d in dpbs)  # recomputed, not rounded
+    assert dpbs and all(d(d.group_size).dtype == torch.float64 for d in dpbs)  # computed in float64
 
 
 STALE_CASES = {  # build, fp32 tolerance, float64 tolerance, a check after the cast to float64
@@ -336,16 +359,18 @@ STALE_CASES = {  # build, fp32 tolerance, float64 tolerance, a check after the c
 
 
 @pytest.mark.parametrize("case", list(STALE_CASES))
-def test_eval_caches_follow_training_loading_in_place_edits_and_casting(case):
-    """The eval-mode position caches (FasterViT's tables, CrossFormer's DPB) are never stale: after a training
-    step and eval(), after load_state_dict in eval mode, after in-place edits (an EMA update) without eval()
-    again, and after a cast to float64, the cached forward equals the plain one (autograd on: every table
-    computed from its MLP)."""
+def test_position_tables_follow_training_loading_in_place_and_data_edits_and_casting(case):
+    """An ordinary (unfused) model computes its position tables (FasterViT's, CrossFormer's DPB) at every
+    forward and keeps none: after a training step and eval(), after load_state_dict in eval mode, after
+    in-place edits (an EMA update) and writes through `p.data` (which bypass version counters) without
+    eval() again, and after a cast to float64, the no-grad forward changes at once and equals the autograd
+    one (every table computed from its MLP)."""
     build, tol, tol64, check64 = STALE_CASES[case]
     model, other, x, step = build()
     with torch.no_grad():
         before = model(x)
-    step(model, x)  # training changes the position MLPs; back in eval the caches follow
+    assert not _fused_tables(model)
+    step(model, x)  # training changes the position MLPs
     model.eval()
     with torch.no_grad():
         after = model(x)
@@ -357,12 +382,19 @@ def test_eval_caches_follow_training_loading_in_place_edits_and_casting(case):
         torch.testing.assert_close(loaded, other(x), **tol)
     torch.testing.assert_close(loaded, other(x).detach(), **tol)
     with torch.no_grad():  # in-place edits (an EMA update) in eval mode, without eval() again
-        model(x)
         for p in model.parameters():
             p.mul_(0.9)
-        fast = model(x)
-    torch.testing.assert_close(fast, model(x).detach(), **tol)
-    model = model.to(torch.float64)  # the caches are recomputed in the new dtype
+        edited = model(x)
+    assert (edited - loaded).abs().max() > 1e-4
+    torch.testing.assert_close(edited, model(x).detach(), **tol)
+    for p in model.parameters():  # through .data: no version counter moves
+        p.data.mul_(1.1)
+    with torch.no_grad():
+        written = model(x)
+    assert (written - edited).abs().max() > 1e-4
+    torch.testing.assert_close(written, model(x).detach(), **tol)
+    assert not _fused_tables(model)
+    model = model.to(torch.float64)  # the tables are computed in the new dtype
     with torch.no_grad():
         fast = model(x.double())
     if check64 is not None:
@@ -370,26 +402,34 @@ def test_eval_caches_follow_training_loading_in_place_edits_and_casting(case):
     torch.testing.assert_close(fast, model(x.double()).detach(), **tol64)
 
 
-@pytest.mark.parametrize("name", _real("fastervit", "crossformer"))  # the cached position tables
+@pytest.mark.parametrize("name", _real("fastervit", "crossformer"))  # the position tables
 def test_in_place_weight_edit_in_eval_is_never_stale(name):
     """An external EMA (torch.optim.swa_utils.AveragedModel) edits the eval model's weights in place and
-    never calls eval() again: its outputs must follow at once (the cached position tables are keyed on
-    the parameters' versions)."""
+    never calls eval() again: its outputs follow at once, and so they do after a write through `p.data`
+    (nothing is keyed on the parameters: the position tables are computed at every forward)."""
     from torch.optim.swa_utils import AveragedModel
 
     model = _model(name)
     ema = AveragedModel(model).eval()
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
-        before = ema(x)  # fills the caches
+        before = ema(x)
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
         ema.update_parameters(model)  # in place, eval mode untouched
         after = ema(x)
-        with fast_paths(False):
+        with plain_paths():
             plain = ema(x)
     assert (after - before).abs().max() > 1e-3
     torch.testing.assert_close(after, plain, rtol=1e-4, atol=1e-5)
+    for p in ema.parameters():
+        p.data.mul_(0.9)
+    with torch.no_grad():
+        written = ema(x)
+        with plain_paths():
+            plain = ema(x)
+    assert (written - after).abs().max() > 1e-4
+    torch.testing.assert_close(written, plain, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow  # torch.jit.trace of every kind
@@ -422,9 +462,9 @@ def test_default_compile_over_two_input_sizes(name):
 @dataclasses.dataclass(frozen=True)
 class CompileCase:
     """A model compiled with fullgraph=True (any graph break raises) and dynamic=False, and how its outputs are
-    checked: after a training step through the compiled model (train), with eager's output computed first so
-    that the compiled model reads the eval caches eager filled (eager_first), against fixed official logits
-    (build returns them), and again after load_state_dict of new weights (reload)."""
+    checked: after a training step through the compiled model (train), with eager's output computed first
+    (eager_first), against fixed official logits (build returns them), and again after load_state_dict of
+    new weights (reload)."""
     build: Callable[[], tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]]
     atol: float
     rtol: float
@@ -479,13 +519,12 @@ def _compile_cabvit_h_fused_at_training_size():
 
 FP32 = dict(atol=1e-5, rtol=1.3e-6)  # torch.testing.assert_close's float32 default
 COMPILE_CASES = {
-    # training (tables computed) and inference (tables read) at a padded size (masks, carrier grid from the
-    # actual size)
+    # training and inference at a padded size (masks, carrier grid from the actual size)
     "fastervit_train_and_eval_padded": CompileCase(_compile_fastervit_padded, atol=1e-5, rtol=1e-5, train=True),
     "crossformerpp_fixture": CompileCase(_compile_crossformerpp_fixture, **FP32, eager_first=True),
-    # the DPB eval cache read under compile; new weights: the compiled model computes the DPB
-    "crossformerpp_eval_cache_then_new_weights": CompileCase(_compile_crossformerpp_small, **FP32, eager_first=True,
-                                                             reload=_small_pp),
+    # the DPB computed in the compiled graph; new weights: the compiled model computes the DPB from them
+    "crossformerpp_then_new_weights": CompileCase(_compile_crossformerpp_small, **FP32, eager_first=True,
+                                                  reload=_small_pp),
     "cabvit_h": CompileCase(_compile_cabvit_h, atol=1e-6, rtol=1e-5),  # torch.allclose(atol=1e-6)
     "cabvit_p": CompileCase(_compile_cabvit_p, atol=1e-6, rtol=1e-5),
     "cabvit_h_fused_at_training_size": CompileCase(_compile_cabvit_h_fused_at_training_size, atol=1e-4, rtol=0),
@@ -495,9 +534,9 @@ COMPILE_CASES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(COMPILE_CASES))
 def test_compile_fullgraph_equals_eager(case):
-    """torch.compile(fullgraph=True, dynamic=False) of every family, at padded sizes, with the eval caches
-    cold and warm, after training and after new weights: no graph break, and eager's (or the official)
-    outputs. The eager backend still traces the whole model with dynamo and skips code generation (slow on
+    """torch.compile(fullgraph=True, dynamic=False) of every family, at padded sizes, fused (the stored
+    tables read) and not, after training and after new weights: no graph break, and eager's (or the
+    official) outputs. The eager backend still traces the whole model with dynamo and skips code generation (slow on
     CPU); HV_COMPILE_BACKEND=inductor also checks the generated kernels."""
     spec = COMPILE_CASES[case]
     torch._dynamo.reset()
@@ -525,15 +564,37 @@ def test_compile_fullgraph_equals_eager(case):
             torch.testing.assert_close(compiled(x), model(x), atol=spec.atol, rtol=spec.rtol)
 
 
-@pytest.mark.slow  # two Python subprocesses
-def test_fast_path_switch_from_the_environment():
-    import subprocess
-    import sys
+def test_plain_paths_is_per_thread_and_restored():
+    """`plain_paths()` is a contextvars switch, not a process flag: it holds in its own block and thread
+    only, nests, and is restored on exit (also after an exception)."""
+    import threading
 
-    code = "from hybridvit.layers import fast_paths_enabled as f; print(f())"
-    out = {v: subprocess.run([sys.executable, "-c", code], env={**os.environ, "HYBRIDVIT_FAST_PATHS": v},
-                             capture_output=True, text=True, check=True).stdout.strip() for v in ("0", "1")}
-    assert out == {"0": "False", "1": "True"}
+    from hybridvit.layers.context import plain
+
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    def other_thread():
+        with plain_paths():
+            seen["other_inside"] = plain()
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    assert inside.wait(10)
+    seen["main_meanwhile"] = plain()
+    release.set()
+    t.join(10)
+    assert seen == {"other_inside": True, "main_meanwhile": False}
+    with plain_paths():
+        assert plain()
+        with plain_paths(False):
+            assert not plain()
+        assert plain()
+    with pytest.raises(KeyError), plain_paths():
+        raise KeyError
+    assert not plain()
 
 
 # ------------------------------------------------------------------ timm's model interface (without timm)
@@ -719,3 +780,172 @@ def test_meta_construction_then_to_empty_and_load_gives_the_model(name):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=1e-5)
+
+
+# ------------------------------------------------------------- layers: linear epilogue, layer scale, attention
+BF16 = torch.bfloat16
+# the module (`hybridvit.layers.linear` is also the name of the function the package exports)
+linear_module = importlib.import_module("hybridvit.layers.linear")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """The linear epilogue's native-bf16 gate patched open, so that these run on any CPU (oneDNN emulates bf16
+    where the instructions are missing: correct, only slow; the shapes here are tiny)."""
+    monkeypatch.setattr(linear_module, "cpu_has_native_bf16", lambda: True)
+
+
+def _layer_and_input(seed: int = 0) -> tuple[torch.nn.Linear, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    layer = torch.nn.Linear(32, 48)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(48, 32, generator=g) * 0.2)
+        layer.bias.copy_(torch.randn(48, generator=g))
+    return layer, torch.randn(2, 5, 32, generator=g)
+
+
+def _needs_onednn_linear():
+    if not linear_module._ONEDNN_LINEAR:
+        pytest.skip("PyTorch built without oneDNN's fused linear")
+
+
+@pytest.mark.parametrize("gelu,residual", [(False, False), (True, False), (False, True)])
+def test_bf16_linear_epilogue_equals_plain_autocast_linear(native_bf16, gelu, residual):
+    from hybridvit.layers.linear import linear, onednn_dtype
+
+    _needs_onednn_linear()
+    layer, x = _layer_and_input()
+    res = torch.randn(2, 5, 48).to(BF16) if residual else None
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        with plain_paths():
+            assert onednn_dtype(x) is None
+            plain = linear(x, layer, gelu=gelu, residual=res)
+        assert onednn_dtype(x) == BF16
+        fused = linear(x, layer, gelu=gelu, residual=res)
+    assert fused.dtype == plain.dtype == BF16 and fused.shape == plain.shape
+    # the plain path rounds the product to bf16 before GELU / the add; the fused one after: one bf16 ulp
+    tol = 2 ** -7 * plain.float().abs().max().item()
+    assert (fused.float() - plain.float()).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_linear_epilogue_reads_the_weight_at_every_call(native_bf16, amp):
+    """The fused linear keeps no cast or packed copy of its weight: an in-place edit, a write through
+    `.data` (no version counter moves) and a replaced parameter are all seen at the next call, in fp32 and
+    under bf16 autocast, with F.linear's values; the parameter itself stays a plain tensor."""
+    import torch.nn.functional as F
+
+    from hybridvit.layers.linear import linear, onednn_dtype
+
+    _needs_onednn_linear()
+    layer, x = _layer_and_input()
+    tol = 2 ** -7 if amp else 1e-5
+
+    def check():
+        with torch.no_grad(), torch.autocast("cpu", dtype=BF16, enabled=amp):
+            assert onednn_dtype(x) == (BF16 if amp else torch.float32)
+            out = linear(x, layer, gelu=True).float()
+        ref = F.gelu(F.linear(x, layer.weight, layer.bias)).detach()
+        assert (out - ref).abs().max().item() <= tol * ref.abs().max().item() + 1e-6
+        return out
+
+    first = check()
+    with torch.no_grad():
+        layer.weight.mul_(-1)  # in place, as load_state_dict or an EMA writes it
+    flipped = check()
+    layer.weight.data.mul_(0.5)  # through .data
+    halved = check()
+    layer.weight = torch.nn.Parameter(torch.randn(48, 32) * 0.2)  # replaced
+    check()
+    assert not torch.allclose(first, flipped) and not torch.allclose(flipped, halved)
+    assert not layer.weight.is_mkldnn and not layer.state_dict()["weight"].is_mkldnn
+
+
+def test_linear_epilogue_only_where_exact(monkeypatch):
+    """oneDNN's epilogue runs in eager no-grad CPU inference, in fp32 or in bf16 where the CPU has bf16
+    instructions; training, fp16 and `plain_paths()` take the plain ops."""
+    from hybridvit.layers.linear import onednn_dtype
+
+    _needs_onednn_linear()
+    layer, x = _layer_and_input()
+    monkeypatch.setattr(linear_module, "cpu_has_native_bf16", lambda: False)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        assert onednn_dtype(x) is None  # emulated bf16: PyTorch's own ops
+    monkeypatch.setattr(linear_module, "cpu_has_native_bf16", lambda: True)
+    with torch.autocast("cpu", dtype=BF16):
+        assert onednn_dtype(x) is None  # autograd: training takes the plain ops
+    with torch.no_grad():
+        assert onednn_dtype(x) == torch.float32
+        assert onednn_dtype(x.half()) is None
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert onednn_dtype(x) is None
+        with plain_paths():
+            assert onednn_dtype(x) is None
+
+
+def test_layer_scale_keeps_the_branch_dtype():
+    from hybridvit.layers.fuse import LayerScale, scale_channels
+
+    x = torch.randn(2, 3, 8).to(BF16)
+    gamma = torch.rand(8)
+    with torch.autocast("cpu", dtype=BF16):
+        assert scale_channels(x, gamma).dtype == BF16
+    assert torch.equal(scale_channels(x.float(), gamma), x.float() * gamma)  # fp32 unchanged
+    assert scale_channels(x, None) is x  # folded away
+    ls = LayerScale(8, 0.5)
+    assert ls(x).dtype == BF16
+    assert torch.equal(ls(x.float()), x.float() * 0.5)
+
+
+def _qkv_bias(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    bias = (torch.randn(1, 2, 10, 10, generator=g) * 0.5).requires_grad_()
+    return q, k, v, bias
+
+
+@pytest.mark.parametrize("dtype", [BF16, torch.float16])
+def test_cpu_attention_with_a_trainable_bias_has_the_gradients_of_sdpa(dtype):
+    """The CPU's explicit attention stays in the query dtype with a trainable bias (SDPA's fused CPU
+    kernel takes no bias gradient, and its math path upcasts bf16) and gives SDPA's values and
+    gradients (fp32 SDPA as the reference)."""
+    import torch.nn.functional as F
+
+    from hybridvit.layers import attention
+    from hybridvit.layers.attention import attend
+
+    q, k, v, bias = _qkv_bias(dtype)
+    assert not attention._sdpa_applies(q)
+    out = attend(q, k, v, bias)
+    assert out.dtype == dtype and out.shape == q.shape
+    out.float().square().sum().backward()
+    q32, k32, v32, bias32 = (t.detach().float().requires_grad_() for t in (q, k, v, bias))
+    ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=bias32)
+    ref.square().sum().backward()
+    tol = 0.03 if dtype == BF16 else 0.005
+    assert (out.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    for a, b in [(q, q32), (k, k32), (v, v32), (bias, bias32)]:
+        rel = (a.grad.float() - b.grad).norm() / b.grad.norm()
+        assert rel.item() < tol
+    with plain_paths():  # the plain path: SDPA itself
+        assert attention._sdpa_applies(q)
+
+
+@pytest.mark.parametrize("name", ["fastervit_nano", "crossformer_t", "cabvit_h_l1"])
+def test_a_model_built_under_inference_mode_runs(native_bf16, name):
+    """Parameters made under torch.inference_mode have no version counter: nothing keys on one, so the
+    model runs in fp32 and under bf16 autocast with the plain path's logits, and its fused form too."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        model = hybridvit.create_model(name, num_classes=10).eval()
+        for amp in (False, True):
+            with torch.autocast("cpu", dtype=BF16, enabled=amp):
+                fast = model(x).float()
+                with plain_paths():
+                    plain = model(x).float()
+            tol = 0.05 if amp else 1e-4
+            assert (fast - plain).abs().max().item() <= tol * plain.abs().max().item() + 1e-6
+        ref = model(x)
+        fused = model.fuse()(x)
+    assert (fused - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-6

@@ -1,6 +1,8 @@
 """CrossFormer / CrossFormer++: official equivalence, parameter counts, conversion, any resolution, padding."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,23 +227,43 @@ def _small_pp(**kw) -> torch.nn.Module:
                                   num_heads=(1, 1, 2, 2), drop_path_rate=0.0, **kw)
 
 
-def test_dpb_eval_cache_equals_training_computation():
+def test_dpb_is_computed_at_every_forward_and_fuse_stores_the_configured_size():
+    """An ordinary model computes the DPB at every forward, even in eval under no_grad (a new tensor each
+    call, equal to the MLP's; a weight edit through `.data` is seen at once); with autograd on the MLP gets
+    gradients in eval mode. `fuse()` stores the DPB of the configured size as a `fused_table_*` buffer, which
+    is what the module returns from then on."""
     model = fixture_model("crossformerpp_tiny")
     x = load_fixture("crossformerpp_tiny")["input"][:1]
     with torch.no_grad():
-        cached = model(x)
-        for dpb in _dpbs(model):  # inference reads the cache, computed exactly as the MLP would
-            assert dpb(dpb.group_size) is dpb(dpb.group_size)
+        inferred = model(x)
+        for dpb in _dpbs(model):
+            assert dpb(dpb.group_size) is not dpb(dpb.group_size)  # computed, not kept
             torch.testing.assert_close(dpb(dpb.group_size), dpb.compute(dpb.group_size), atol=0, rtol=0)
+    assert all("_fused_tables" not in dpb.__dict__ for dpb in _dpbs(model))
     recomputed = model(x)  # autograd on: the MLP runs (and gets gradients), even in eval mode
     assert all(dpb(dpb.group_size).requires_grad for dpb in _dpbs(model))
-    torch.testing.assert_close(cached, recomputed.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(inferred, recomputed.detach(), atol=1e-5, rtol=0)
     recomputed.sum().backward()
     assert all(dpb.proj.weight.grad is not None for dpb in _dpbs(model))
 
+    edited = fixture_model("crossformerpp_tiny")
+    for dpb in _dpbs(edited):
+        dpb.proj.weight.data.mul_(-2.0)  # no version counter moves
+    with torch.no_grad():
+        out = edited(x)
+        assert (out - inferred).abs().max().item() > 1e-4
+        edited.fuse()
+        torch.testing.assert_close(edited(x), out, atol=1e-5, rtol=1e-5)
+    for dpb in _dpbs(edited):
+        names = dpb.__dict__["_fused_tables"]
+        assert names and all(n.startswith("fused_table_") for n in names.values())
+        for (G,), name in names.items():
+            assert dpb(G) is getattr(dpb, name)  # read, not computed
+            torch.testing.assert_close(getattr(dpb, name), dpb.compute(G), atol=0, rtol=0)
+
 
 @pytest.mark.parametrize("H,W,G,S", [(16, 16, 4, 4), (16, 16, 4, 1), (14, 14, 14, 1), (8, 4, 4, 1), (7, 10, 3, 2)])
-def test_inference_fast_paths_equal_plain_ops(H, W, G, S):
+def test_inference_paths_equal_plain_ops(H, W, G, S):
     """Residual adds joined to the projections / read through group views, fused oneDNN linears (fp32 CPU
     inference) == the plain training-mode ops."""
     torch.manual_seed(0)
@@ -258,9 +280,30 @@ def test_inference_fast_paths_equal_plain_ops(H, W, G, S):
 
 def test_flop_counter_sees_plain_ops_in_inference(monkeypatch):
     from hybridvit.bench import count_macs
-    from hybridvit.layers.accel import fused_linear
+    linear_module = importlib.import_module("hybridvit.layers.linear")  # the module, not the function
 
     model, x = _small_pp().eval(), torch.randn(1, 3, 64, 64)
     counted = count_macs(model, x)  # under a dispatch mode the oneDNN linears step aside
-    monkeypatch.setattr(fused_linear, "_ONEDNN_LINEAR", False)
+    monkeypatch.setattr(linear_module, "_ONEDNN_LINEAR", False)
     assert counted == count_macs(model, x) > 8e6
+
+
+def test_crossformer_bf16_training_step_matches_the_plain_path():
+    """A bf16 training step with the bf16 attention (explicit on the CPU, with the trainable DPB as its
+    bias) is as close to fp32 as SDPA's path under `plain_paths()`."""
+    from hybridvit.layers import plain_paths
+
+    model = fixture_model("crossformerpp_tiny").train()
+    x = load_fixture("crossformerpp_tiny")["input"]
+
+    def grads(fast: bool, amp: bool) -> torch.Tensor:
+        torch.manual_seed(0)  # the same drop-path draws
+        model.zero_grad(set_to_none=True)
+        with plain_paths(not fast), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    ref = grads(True, False)
+    err = {fast: ((grads(fast, True) - ref).norm() / ref.norm()).item() for fast in (True, False)}
+    assert 0 < err[True] < 0.05 and err[True] <= 1.5 * err[False] + 1e-3, err

@@ -114,7 +114,7 @@ def test_no_host_sync_in_forward_and_backward(name):
     model = fixture_model(name).cuda()
     x = torch.randn(2, 3, *SIZES[1], device="cuda")
     with torch.no_grad():
-        model(x)  # eval caches filled before the check (once per resolution)
+        model(x)  # a first forward (kernel selection, allocator) before the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -1,5 +1,5 @@
-"""FasterViT: official equivalence, every variant's conversion and size, any resolution, dtypes, cached tables, fusing
-(compiled without graph breaks: test_contract.py)."""
+"""FasterViT: official equivalence, every variant's conversion and size, any resolution, dtypes, position tables
+computed per forward and stored by fuse(), fusing (compiled without graph breaks: test_contract.py)."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,7 @@ import torch
 from conftest import assert_matches_official_layout, load_fixture
 
 import hybridvit
-from hybridvit.layers import MASK_VALUE, CachedTable, LayerScale, attend, conv_bn
-from hybridvit.layers.accel.switch import fast_paths
+from hybridvit.layers import MASK_VALUE, LayerScale, PositionTable, attend, conv_bn, fold_bn, plain_paths
 from hybridvit.models.fastervit import HierarchicalAttention
 from hybridvit.registry import count_params
 
@@ -217,29 +216,52 @@ def _small_model(**kw):
 
 
 def _tables(model):
-    return [m for m in model.modules() if isinstance(m, CachedTable)]
+    return [m for m in model.modules() if isinstance(m, PositionTable)]
 
 
-def test_eval_tables_are_cached_and_equal_the_computation():
+def test_tables_are_computed_at_every_forward_and_fuse_stores_the_configured_size():
+    """An ordinary model keeps no table (only the configured size's geometry buffers): every forward computes
+    them from the MLPs, so a weight edit, even through `p.data`, is seen at the next call. `fuse()` stores the
+    table of the configured size (64x64 here) in a non-persistent `fused_table_*` buffer of each module, which
+    is what `table()` then returns; other sizes are still computed."""
     model = _small_model().eval()
     tables = _tables(model)
     assert len(tables) == 4 * 4  # per HAT block: window position embedding and bias, the same for carriers
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast = model(x)
-        for t in tables:
-            assert len(t._tables) == 1
-            (geometry, (_, table)), = t._tables.items()
-            assert t.table(*geometry) is table  # read, not recomputed
-            torch.testing.assert_close(table, t.compute(*geometry), atol=0, rtol=0)
-    slow = model(x)  # autograd on: every table computed from the MLPs
+    assert not any(n.rsplit(".", 1)[-1].startswith("fused_table_") for n, _ in model.named_buffers())
+    assert all("_fused_tables" not in t.__dict__ for t in tables)
+    slow = model(x)  # autograd on: the same values, gradients reach the MLPs in eval
     torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
     slow.sum().backward()
-    assert all(t.mlp.fc1.weight.grad is not None for t in tables)  # gradients reach the MLPs in eval too
+    assert all(t.mlp.fc1.weight.grad is not None for t in tables)
+    for t in tables:  # through .data: no version counter moves, the next forward still sees it
+        t.mlp.fc2.weight.data.mul_(3.0)
+    with torch.no_grad():
+        edited = model(x)
+    assert (edited - fast).abs().max().item() > 1e-4
+    torch.testing.assert_close(edited, model(x).detach(), atol=1e-6, rtol=1e-6)
+
+    fused = model.fuse()
+    for t in tables:
+        names = t.__dict__["_fused_tables"]
+        assert len(names) == 1 and all(n.startswith("fused_table_") for n in names.values())
+        (geometry, name), = names.items()
+        stored = getattr(t, name)
+        assert t.table(*geometry) is stored  # read, not computed
+        torch.testing.assert_close(stored, t.compute(*geometry), atol=0, rtol=0)
+        assert name not in t.state_dict()  # non-persistent
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), edited, atol=1e-5, rtol=1e-5)
+        other = torch.randn(1, 3, 72, 40)  # another size: computed at the call, nothing more stored
+        fused(other)
+    assert all(len(t.__dict__["_fused_tables"]) == 1 for t in tables)
 
 
-def test_conv_bn_folding_equals_batchnorm():
-    """The eval-mode on-the-fly folding == conv followed by the BatchNorm module, with and without conv bias."""
+def test_conv_bn_equals_batchnorm_and_fold_bn():
+    """conv_bn == conv followed by the BatchNorm module, in eval (running statistics) and training (batch
+    statistics), with and without conv bias; fold_bn's one conv computes the same in eval."""
     torch.manual_seed(0)
     x = torch.randn(2, 8, 9, 11)
     for bias in (True, False):
@@ -251,43 +273,47 @@ def test_conv_bn_folding_equals_batchnorm():
         bn.eval()
         with torch.no_grad():
             torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fold_bn(conv, bn)(x), bn(conv(x)), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(conv_bn(x, conv, bn, "relu"), bn(conv(x)).relu(), atol=1e-5, rtol=1e-5)
         bn.train()  # training: the BatchNorm module itself (batch statistics)
         torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)))
 
 
-def test_conv_bn_folded_weights_are_cached_and_follow_every_edit():
-    """Eager no-grad eval folds the BatchNorm once (no refolding ops on the next call), in the autocast
-    dtype under autocast; an in-place edit of a running statistic or weight is seen at the next call, and
-    with autograd on nothing is cached (the gradient reaches the conv)."""
+def test_conv_bn_follows_every_edit():
+    """conv_bn keeps nothing between calls: an in-place edit of a running statistic or a weight, a write
+    through `.data` and a statistic replaced under inference mode are seen at the next call; under bf16
+    autocast it computes in bf16; with autograd on the gradient reaches the conv."""
     torch.manual_seed(0)
     x = torch.randn(1, 8, 9, 11)
     conv, bn = torch.nn.Conv2d(8, 6, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(6).eval()
     bn.running_var.uniform_(0.5, 2.0)
 
-    def ops() -> set[str]:
-        with torch.no_grad(), torch.profiler.profile() as prof:
+    def check() -> torch.Tensor:
+        with torch.no_grad():
             out = conv_bn(x, conv, bn)
-        torch.testing.assert_close(out, bn(conv(x)).detach(), atol=1e-5, rtol=1e-5)
-        return {e.name for e in prof.events()}
+            torch.testing.assert_close(out, bn(conv(x)), atol=1e-5, rtol=1e-5)
+        return out
 
-    assert "aten::rsqrt" in ops()  # folded on the first call
-    assert "aten::rsqrt" not in ops()  # reused
+    first = check()
     bn.running_var.mul_(4.0)  # in place, as a BatchNorm update or an EMA writes it
-    assert "aten::rsqrt" in ops()
+    second = check()
     with torch.no_grad():
         conv.weight.add_(0.5)
-    assert "aten::rsqrt" in ops()
+    third = check()
+    conv.weight.data.mul_(-1)  # through .data
+    fourth = check()
+    assert not torch.allclose(first, second) and not torch.allclose(second, third)
+    assert not torch.allclose(third, fourth)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = conv_bn(x, conv, bn)
         ref = bn(conv(x))
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref.float()).abs().max().item() <= 0.02 * ref.float().abs().max().item()
-    conv_bn(x, conv, bn).sum().backward()  # eval with autograd: folded anew, differentiable
+    conv_bn(x, conv, bn).sum().backward()  # eval with autograd: differentiable
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     with torch.inference_mode():  # a statistic replaced under inference mode has no version counter
         bn.running_mean = torch.zeros(6)
-    with torch.no_grad():
-        torch.testing.assert_close(conv_bn(x, conv, bn), bn(conv(x)), atol=1e-5, rtol=1e-5)
+    check()
 
 
 def test_fuse_keeps_outputs():
@@ -318,13 +344,13 @@ def test_fused_fixture_logits():
 
 def test_cpu_attention_is_explicit_and_the_plain_path_is_sdpa():
     """In bf16 on the CPU attention runs as two batched products and a softmax (faster there than SDPA's
-    fused CPU kernel, benchmarks/attention_forms.py); with the fast paths off it is SDPA, same logits up
+    fused CPU kernel, benchmarks/attention_forms.py); under `plain_paths()` it is SDPA, same logits up
     to bf16 rounding; eager fp32 keeps SDPA."""
     model = _small_model().eval()
     x = torch.randn(2, 3, 64, 64)
 
-    def ops(enable: bool):
-        with fast_paths(enable), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+    def ops(fast: bool):
+        with plain_paths(not fast), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
                 torch.profiler.profile() as prof:
             out = model(x).float()
         return out, {e.name for e in prof.events()}
@@ -341,18 +367,23 @@ def test_cpu_attention_is_explicit_and_the_plain_path_is_sdpa():
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.name for e in prof.events()}
 
 
-def test_ema_buffer_copies_then_eval_use_fresh_tables():
+def test_ema_copies_then_eval_give_the_updated_weights_outputs():
+    """timm-style EMA (lerped weights, copied buffers) of a model that never ran in eval: the EMA's eval
+    outputs are those of a model built with the EMA's state (nothing stale can travel with the buffers)."""
     from hybridvit.train.ema import ModelEma
 
-    model = _small_model()  # never switched to eval: its tables are stale, but shaped like the EMA's
+    model = _small_model()
     ema = ModelEma(model, decay=0.5)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(0.1 * p.grad)
-    ema.update(model)  # lerps weights in place, copies every buffer (tables included)
+    ema.update(model)  # lerps weights in place, copies every buffer (geometry included)
     ema.module.eval()  # the evaluation loop calls eval() before using the EMA weights
     x = torch.randn(1, 3, 64, 64)
+    fresh = _small_model().eval()
+    fresh.load_state_dict(ema.module.state_dict())
     with torch.no_grad():
         out = ema.module(x)
+        torch.testing.assert_close(out, fresh(x), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(out, ema.module(x).detach(), atol=1e-6, rtol=1e-6)

@@ -29,8 +29,8 @@ def test_attention_on_cpu_tensors_is_counted():
 
 
 def test_macs_per_image_do_not_depend_on_batch_device_or_layout():
-    # crossformer's position-bias cache refreshed by eval() inside the count added a batch-independent
-    # MLP (crossformerpp_s read 4.43 in the README, 4.42 in `models`, 4.04 in `bench`)
+    # the position-bias MLP (once per resolution in the inference form) counted per forward added a
+    # batch-independent term (crossformerpp_s read 4.43 in the README, 4.42 in `models`, 4.04 in `bench`)
     kw = dict(depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), embed_dim=32)  # 224 px: every group size its own
     torch.manual_seed(0)
     model = hybridvit.create_model("crossformerpp_s", **kw).train()

@@ -188,7 +188,9 @@ def test_commands_stop_with_one_line(command, sig, code, tmp_path):
 # In the child: the signal arrives while Python code runs inside PyTorch's C++ dispatcher (the rule lookup it
 # calls for each operator torch.export traces), at the Nth lookup. An exception raised there by the default
 # handlers could not cross the C++ frames: at some N (2000 and 5000 for fastervit_0 under torch 2.13, found
-# by a scan) the process aborted with SIGABRT and a page of C++ stack, which CI once met by chance.
+# by a scan) the process aborted with SIGABRT and a page of C++ stack, which CI once met by chance. Since
+# export traces the fused model (issue 30: its tables are constants, not traced) fastervit_0 makes about
+# 3,900 lookups, so the later point is 3500 (a scan of every 100th lookup: each one stops with one line).
 _SIGNAL_IN_DISPATCH = """
 import os, signal, sys
 import torch._library.simple_registry as registry
@@ -205,7 +207,7 @@ sys.exit(main(sys.argv[3:]))
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-@pytest.mark.parametrize("nth", [2000, 5000])
+@pytest.mark.parametrize("nth", [2000, 3500])
 def test_a_signal_inside_pytorch_tracing_stops_export_with_one_line(tmp_path, nth, sig, code):
     env = child_env()
     out = tmp_path / "m.pt2"
@@ -214,6 +216,7 @@ def test_a_signal_inside_pytorch_tracing_stops_export_with_one_line(tmp_path, nt
                           env=env, capture_output=True, text=True, timeout=600,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0, f"export finished before the {nth}th dispatch-rule lookup: lower nth"
     assert done.returncode == code and len(lines) == 1, done.stderr[-3000:]
     word = "interrupted (Ctrl-C)" if sig == signal.SIGINT else "stopped by SIGTERM"
     assert lines[0].startswith(word) and "hybridvit export" in lines[0]

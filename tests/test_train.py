@@ -182,27 +182,26 @@ def test_every_family_trains_on_the_embedded_digits(tmp_path, model):
     hybridvit.load_checkpoint(fresh, s["checkpoint"])
 
 
-@pytest.mark.slow
-def test_bf16_training_on_cpu_runs_its_products_on_fp32_kernels(tmp_path, monkeypatch):
-    """`--amp bf16` on a CPU: forward and backward take the model's CPU bf16 policy (layers/accel/cpu_bf16.py)."""
-    pytest.importorskip("sklearn", reason="needs the train extra (scikit-learn)")
-    from hybridvit.layers.accel import cpu_bf16
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch):
+    """`--amp bf16` on a CPU without bf16 instructions (PyTorch emulates bf16 there, slower than fp32) warns;
+    with them, or for another device or precision, it does not."""
+    import warnings
 
-    monkeypatch.setattr(cpu_bf16, "cpu_has_native_bf16", lambda: False)  # as on an AVX2-only CPU
-    seen: list[str] = []
-    real = cpu_bf16.Bf16ByFp32Kernels.__torch_dispatch__
+    from hybridvit import precision
+    from hybridvit.precision import Precision
 
-    def spy(self, func, types, args=(), kwargs=None):
-        seen.append(str(func))
-        return real(self, func, types, args, kwargs)
-
-    monkeypatch.setattr(cpu_bf16.Bf16ByFp32Kernels, "__torch_dispatch__", spy)
-    out = tmp_path / "run"
-    assert cli_main(["train", "--epochs", "1", "--max-steps-per-epoch", "2", "--amp", "bf16", "--output", str(out),
-                     "--no-progress", "--no-plot"]) == 0
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert 0 < row["train_loss"] < 10 and 0 <= row["val_top1"] <= 100
-    assert "aten.convolution_backward.default" in seen and "aten.addmm.default" in seen
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)  # as on an AVX2-only CPU
+    with pytest.warns(UserWarning, match="no bf16 instructions"):
+        p = Precision.from_amp("bf16", cpu)
+    assert p.dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Precision.from_amp("none", cpu)
+        Precision.from_amp("auto", cpu)
+        Precision.from_amp("bf16", torch.device("cuda"))  # only the CPU's instructions are in question
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+        assert Precision.from_amp("bf16", cpu).dtype == torch.bfloat16
 
 
 def test_batch_of_one_meeting_batchnorm_gets_advice(tmp_path, capsys):
@@ -213,10 +212,11 @@ def test_batch_of_one_meeting_batchnorm_gets_advice(tmp_path, capsys):
     assert "use --batch-size 2 or more or a larger --img-size" in capsys.readouterr().err
 
 
-def test_precision_is_built_once_from_amp(tmp_path, capsys):
-    from hybridvit.layers.accel import cpu_bf16
+def test_precision_is_built_once_from_amp(tmp_path, capsys, monkeypatch):
+    from hybridvit import precision
     from hybridvit.precision import Precision
 
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)  # no warning on this CPU
     cpu = torch.device("cpu")
     assert Precision.from_amp("auto", cpu).dtype is None and Precision.from_amp("none", cpu).name == "fp32"
     p = Precision.from_amp("bf16", cpu)
@@ -224,13 +224,11 @@ def test_precision_is_built_once_from_amp(tmp_path, capsys):
     assert Precision.from_amp("fp16", cpu).grad_scaler().is_enabled()
     with pytest.raises(ValueError, match="auto, none, bf16, fp16"):
         Precision.from_amp("fp8", cpu)
-    # the autocast of a model enters its CPU bf16 kernel policy explicitly (not only through the model)
-    model = hybridvit.create_model("fastervit_nano", num_classes=3, img_size=32)
-    model.cpu_bf16_kernels = "fp32"
-    with p.autocast(model):
-        assert torch.is_autocast_enabled("cpu") and cpu_bf16._active()
-    with Precision.from_amp("none", cpu).autocast(model):
-        assert not torch.is_autocast_enabled("cpu") and not cpu_bf16._active()
+    with p.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")
+    with Precision.from_amp("none", cpu).autocast():
+        assert not torch.is_autocast_enabled("cpu")
     assert cli_main(["train", "--amp", "fp8", "--output", str(tmp_path / "run"), "--no-progress"]) == 2
     assert "unknown precision --amp 'fp8': choose one of auto, none, bf16, fp16" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

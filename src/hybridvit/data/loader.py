@@ -169,15 +169,21 @@ class _Loader(DataLoader):
         return it
 
 
+def end_workers(it) -> None:
+    """Asks the workers of loader iterator `it` to finish, the way a finished epoch does (nothing without
+    workers, or when they have finished)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def stop_workers() -> None:
     """Ends the workers of every loader iterator still alive (an epoch that a signal interrupted, whose
     iterator the traceback kept). Workers ignore SIGTERM, so multiprocessing's exit handler, which ends
     them with SIGTERM and then waits, would wait forever; this runs before it (atexit is last-in first-out)
     and asks them to finish the way a finished epoch does."""
     for it in list(_LIVE_ITERATORS):
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        end_workers(it)
 
 
 atexit.register(stop_workers)

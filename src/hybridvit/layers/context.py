@@ -35,8 +35,10 @@ def plain_paths(enable: bool = True) -> Iterator[None]:
 
 
 def plain() -> bool:
-    """Whether this thread asked for the plain ops (`plain_paths`)."""
-    return _PLAIN.get()
+    """Whether this thread asked for the plain ops (`plain_paths`). False in a graph torch.compile traces:
+    compilation takes its own forms whatever the switch says, and dynamo cannot trace `ContextVar.get`
+    (a graph break, which fullgraph=True refuses)."""
+    return not torch.compiler.is_compiling() and _PLAIN.get()
 
 
 def is_fx_tracing() -> bool:

@@ -55,6 +55,8 @@ def derived(module: nn.Module, key: Hashable, compute: Callable[[], torch.Tensor
     names = module.__dict__.get("_fused_tables")
     if names is not None and key in names:
         return getattr(module, names[key])
+    if torch.compiler.is_compiling():  # nothing to record or step around in a compiled graph, and dynamo
+        return compute()  # cannot trace ContextVar.get (a graph break)
     if _OUTSIDE_MODES.get() and _get_current_dispatch_mode() is not None:
         with _disable_current_modes():
             value = compute()

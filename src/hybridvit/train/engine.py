@@ -188,7 +188,7 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int) 
     checkpoint every `checkpoint_every` steps; returns the last learning rate."""
     from tqdm import tqdm
 
-    from ..data.loader import make_loader
+    from ..data.loader import end_workers, make_loader
 
     cfg, data, sched = ctx.cfg, loop.data, loop.schedule
     state.epoch = epoch
@@ -203,31 +203,37 @@ def train_one_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int) 
                disable=not (cfg.progress and ctx.info.is_main), leave=False, file=sys.stdout, dynamic_ncols=True,
                mininterval=1.0)
     it = iter(loader)
-    cur_lr = sched.lr_at(state.global_step)
-    while state.step_in_epoch < sched.steps_per_epoch:
+    try:
         cur_lr = sched.lr_at(state.global_step)
-        for g in state.optimizer.param_groups:
-            g["lr"] = cur_lr
-        for micro in range(cfg.accum_steps):
-            try:
-                batch = next(it)
-            except RuntimeError:
-                if not loop.stop.signum or ctx.info.enabled:
-                    raise
-                # a terminal's Ctrl-C also reaches the loader workers, which exit: stop as asked (the
-                # checkpoint is at the last optimizer step; micro-batches of this one are read again)
-                bar.close()
-                stop_if_asked(ctx, state, loop)
-            train_micro_batch(ctx, state, loop, batch, micro == cfg.accum_steps - 1, epoch)
-        optimizer_step(ctx, state)
-        bar.update(1)
-        bar.set_postfix(loss=f"{state.running[0] / max(state.running[2], 1):.3f}", lr=f"{cur_lr:.2e}")
-        saved = bool(cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
-                     and state.step_in_epoch < sched.steps_per_epoch)
-        if saved:
-            save_run(ctx, state, loop.model_info, [ctx.out / R.LAST])
-        if state.step_in_epoch < sched.steps_per_epoch:  # the last step's stop waits for end_epoch's save
-            stop_if_asked(ctx, state, loop, saved=saved)  # a signal during that save: it is the checkpoint
+        while state.step_in_epoch < sched.steps_per_epoch:
+            cur_lr = sched.lr_at(state.global_step)
+            for g in state.optimizer.param_groups:
+                g["lr"] = cur_lr
+            for micro in range(cfg.accum_steps):
+                try:
+                    batch = next(it)
+                except RuntimeError:
+                    if not loop.stop.signum or ctx.info.enabled:
+                        raise
+                    # a terminal's Ctrl-C also reaches the loader workers, which exit: stop as asked (the
+                    # checkpoint is at the last optimizer step; micro-batches of this one are read again)
+                    bar.close()
+                    stop_if_asked(ctx, state, loop)
+                train_micro_batch(ctx, state, loop, batch, micro == cfg.accum_steps - 1, epoch)
+            optimizer_step(ctx, state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{state.running[0] / max(state.running[2], 1):.3f}", lr=f"{cur_lr:.2e}")
+            saved = bool(cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0
+                         and state.step_in_epoch < sched.steps_per_epoch)
+            if saved:
+                save_run(ctx, state, loop.model_info, [ctx.out / R.LAST])
+            if state.step_in_epoch < sched.steps_per_epoch:  # the last step's stop waits for end_epoch's save
+                stop_if_asked(ctx, state, loop, saved=saved)  # a signal during that save: it is the checkpoint
+    finally:
+        # left by a stop, `it` sits in the traceback's reference cycle: collected by gc, its queues close
+        # before its __del__ asks the workers to finish, and a worker (which ignores SIGTERM) outlived the
+        # run, multiprocessing's exit handler waiting for it forever. Ended here, as a finished epoch ends them.
+        end_workers(it)
     bar.close()
     return cur_lr
 
