@@ -5,8 +5,9 @@ Each variant is the same model (same weights, same input), timed in interleaved 
 - `as built`: `model.eval()`, every lever on;
 - `no linear epilogue`: the linears as `nn.Linear` then GELU / add (`layers.linear.onednn_dtype` -> None),
   against oneDNN's fused inner product with the bias, GELU or residual add in its epilogue;
-- `sdpa` (bf16 only): attention through SDPA instead of the explicit form the CPU takes in bf16
-  (`layers.attention._sdpa_applies` -> True);
+- `explicit attention` (bf16 only): attention as two batched products around a softmax instead of SDPA
+  (`layers.attention._sdpa_applies` -> False; `results/cpu_levers_round1.json` has the opposite variant,
+  `sdpa`, from when eager bf16 took the explicit form);
 - `fused`: the inference form, `model.fuse()` (BatchNorms and layer scales folded, tables once).
 
     python benchmarks/levers.py --models fastervit_0 crossformerpp_s cabvit_h_l2 --amp none bf16 \
@@ -39,7 +40,7 @@ linear = importlib.import_module("hybridvit.layers.linear")  # the module: `hybr
 
 PATCHES = {
     "no linear epilogue": [(linear, "onednn_dtype", lambda x: None)],
-    "sdpa": [(attention, "_sdpa_applies", lambda q: True)],
+    "explicit attention": [(attention, "_sdpa_applies", lambda q: False)],
 }
 
 
@@ -81,7 +82,7 @@ def main() -> int:
             variants = {"as built": model, "no linear epilogue": Patched(model, PATCHES["no linear epilogue"]),
                         "fused": fused}
             if amp == "bf16":
-                variants["sdpa"] = Patched(model, PATCHES["sdpa"])
+                variants["explicit attention"] = Patched(model, PATCHES["explicit attention"])
 
             def step(m, bf16=amp == "bf16"):
                 def run():

@@ -256,8 +256,8 @@ def test_eval_of_a_folder_without_a_readable_image_is_an_error(tmp_path, capsys)
     assert err[-1].startswith(f"error: no image of {root / 'val'} could be read (4 unreadable")
 
 
-def test_readme_troubleshooting_lines_are_what_the_commands_print(tmp_path, capsys, monkeypatch):
-    """Each message the README's troubleshooting section quotes (`…` standing for paths and names) is
+def test_troubleshooting_page_lines_are_what_the_commands_print(tmp_path, capsys, monkeypatch):
+    """Each message docs/troubleshooting.md quotes (`…` standing for paths and names) is
     printed by the command it describes, run here."""
     import os
     import re
@@ -328,15 +328,14 @@ def test_readme_troubleshooting_lines_are_what_the_commands_print(tmp_path, caps
     run("models", "fastervit_O")
     text = "\n".join(printed)
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    section = (Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").read_text()
     spans = [a or b for a, b in re.findall(r"``(.+?)``|`([^`]+)`", section, flags=re.S)]
     quoted = [" ".join(s.split()) for s in spans
               if s.startswith(("error:", "warning:", "interrupted", "stopped by", "SIGTERM:"))]
     assert len(quoted) >= 12
     for q in quoted:
         pattern = "[^\n]*?".join(re.escape(piece) for piece in q.split("…"))
-        assert re.search(pattern, text), f"the README quotes {q!r}, but no command printed it:\n{text}"
+        assert re.search(pattern, text), f"docs/troubleshooting.md quotes {q!r}, but no command printed it:\n{text}"
 
 
 # ------------------------------------------------------------- one-line errors

@@ -109,18 +109,6 @@ def test_speed_machinery_sits_below_the_blocks():
     assert not any("analysis" in t for t in _imports()["hybridvit.layers.attention"])
 
 
-def test_readme_layout_names_every_part_of_the_tree():
-    """The README's layout section names every module and folder of src/hybridvit (and the speed modules of
-    layers/)."""
-    readme = (SRC.parent.parent / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("```")[1]
-    parts = [p for p in SRC.iterdir() if not p.name.startswith("__") and p.name not in ("_version.py",)
-             and (p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__"))]
-    parts += [SRC / "layers" / f"{m}.py" for m in SPEED_MODULES]
-    missing = [p.name for p in parts if p.stem not in layout]
-    assert not missing, f"README layout does not name {missing}"
-
-
 def test_one_place_writes_the_input_size():
     """pretrained_cfg's input_size is written by models._variant.with_input_size only."""
     offenders = []
@@ -190,16 +178,18 @@ def test_api_loads_through_the_one_factory(run_ckpt, monkeypatch):
     assert seen == ["run", "run", "none"]
 
 
-def test_readme_layout_matches_the_tree():
-    """The README's layout section names every module and folder of the package, and nothing that is gone."""
-    readme = (SRC.parents[1] / "README.md").read_text()
-    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+def test_architecture_layout_matches_the_tree():
+    """The layout of docs/architecture.md names every module and folder of the package (and the speed modules
+    of layers/), and nothing that is gone."""
+    page = (SRC.parents[1] / "docs" / "architecture.md").read_text()
+    block = page.split("## Layout", 1)[1].split("```", 2)[1]
     tree = {p.name for p in SRC.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
     tree |= {p.name for p in (SRC / "layers").iterdir() if p.is_dir() and p.name != "__pycache__"}
     named = set(re.findall(r"([\w.]+\.py)\b", block)) | {m + ".py" for m in re.findall(r"^\s+(\w+)\s", block, re.M)}
     named |= set(re.findall(r"^\s+(\w+)/", block, re.M))
+    tree |= {f"{m}.py" for m in SPEED_MODULES}
     missing = {n for n in tree if n not in named and n.removesuffix(".py") + "/" not in block}
-    assert not missing, f"README's layout section does not name {sorted(missing)}"
+    assert not missing, f"docs/architecture.md's layout does not name {sorted(missing)}"
     files = {p.name for p in SRC.rglob("*.py")} | {p.name for p in SRC.rglob("*") if p.is_dir()}
     stale = {n for n in re.findall(r"\b(\w+\.py)\b", block) if n not in files}
-    assert not stale, f"README's layout section names {sorted(stale)}, which the tree does not have"
+    assert not stale, f"docs/architecture.md's layout names {sorted(stale)}, which the tree does not have"

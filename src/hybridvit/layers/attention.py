@@ -61,16 +61,22 @@ def prepare_bias(q: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | N
 
 
 def _sdpa_applies(q: torch.Tensor) -> bool:
-    """Whether `attend` calls SDPA for this query rather than the explicit form.
+    """Whether `attend` calls SDPA for this query rather than the explicit form (two batched products around
+    one softmax). The explicit form on the CPU, each measured on whole models:
 
-    SDPA: off the CPU (CUDA's fused kernels), on the CUDA path's aligned bias (`_aligns_bias`), under
-    `plain_paths()`, and for eager fp32 on the CPU. The explicit form (two batched products around one
-    softmax): bf16 and fp16 on the CPU, and everything torch.compile / export traces on the CPU, where
-    inductor fuses the scale, the bias add and the softmax. Whole-model measurements side by side:
-    `benchmarks/results/cpu_levers.json` (lever `attention`)."""
+    - in what torch.compile / export traces: inductor fuses the scale, the bias add and the softmax;
+    - for bf16 / fp16 with autograd on (training): SDPA's fused CPU kernel takes no bias gradient, so SDPA
+      falls back to its math path, which upcasts to fp32 (the explicit form: 1.32-1.36x on a crossformerpp_s
+      bf16 training step, `benchmarks/HISTORY.md`).
+
+    SDPA everywhere else: off the CPU, under `plain_paths()`, eager fp32, and eager bf16 inference, where it
+    measured 1.03-1.15x faster than the explicit form (Xeon with AMX, `benchmarks/results/cpu_levers.json`,
+    variant `sdpa`)."""
     if q.device.type != "cpu" or _aligns_bias(q) or plain():
         return True
-    return q.dtype == torch.float32 and not is_tracing()
+    if is_tracing():
+        return False
+    return q.dtype == torch.float32 or not torch.is_grad_enabled()
 
 
 def _attend_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
