@@ -291,6 +291,9 @@ def test_fuse_is_each_blocks_own_and_keeps_the_output(real):
         model.train()
     with pytest.raises(RuntimeError, match="fused for inference"):
         model.load_state_dict(state)
+    with pytest.raises(ValueError, match="fused for inference"):  # folded, not copied: no weights to save
+        hybridvit.save_pretrained(model, "never-written")
+    assert sum(p.numel() for p in model.parameters()) <= sum(v.numel() for v in state.values())
 
 
 def test_check_input(real):
@@ -562,39 +565,6 @@ def test_compile_fullgraph_equals_eager(case):
         model.load_state_dict(spec.reload().state_dict())
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), model(x), atol=spec.atol, rtol=spec.rtol)
-
-
-def test_plain_paths_is_per_thread_and_restored():
-    """`plain_paths()` is a contextvars switch, not a process flag: it holds in its own block and thread
-    only, nests, and is restored on exit (also after an exception)."""
-    import threading
-
-    from hybridvit.layers.context import plain
-
-    seen = {}
-    inside, release = threading.Event(), threading.Event()
-
-    def other_thread():
-        with plain_paths():
-            seen["other_inside"] = plain()
-            inside.set()
-            release.wait(10)
-
-    t = threading.Thread(target=other_thread)
-    t.start()
-    assert inside.wait(10)
-    seen["main_meanwhile"] = plain()
-    release.set()
-    t.join(10)
-    assert seen == {"other_inside": True, "main_meanwhile": False}
-    with plain_paths():
-        assert plain()
-        with plain_paths(False):
-            assert not plain()
-        assert plain()
-    with pytest.raises(KeyError), plain_paths():
-        raise KeyError
-    assert not plain()
 
 
 # ------------------------------------------------------------------ timm's model interface (without timm)

@@ -3,7 +3,6 @@ the next of an ordinary model; speed that needs precomputed weights is the expli
 (`model.fuse()`), and the frozen compiled form refuses edited weights."""
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import subprocess
@@ -162,16 +161,13 @@ def test_plain_paths_is_per_thread_and_restored_out_of_order():
     assert seen == {"before0": False, "inside0": True, "after0": False, "before1": False, "inside1": True,
                     "after1": False, "other_thread": False, "main_during": False}
     assert not plain()
-
-
-def test_plain_paths_gives_the_same_values():
-    model = _model("fastervit_nano")
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        fast = model(x)
-        with plain_paths():
-            slow = model(x)
-    _close(fast, slow)
+    with plain_paths():  # nests, and is restored after an exception
+        with plain_paths(False):
+            assert not plain()
+        assert plain()
+    with pytest.raises(KeyError), plain_paths():
+        raise KeyError
+    assert not plain()
 
 
 def _tensor_bytes_outside(model: torch.nn.Module, keep: list[torch.Tensor]) -> int:
@@ -266,45 +262,6 @@ def test_rss_after_eval_forwards_and_a_later_training_step():
     w = eval_first["weights"]
     assert eval_first["eval_growth"] <= 0.15 * w, eval_first
     assert eval_first["train_rss"] <= train_only["train_rss"] + 0.15 * w, (eval_first, train_only)
-
-
-@pytest.mark.parametrize("name,size", MODELS)
-def test_fuse_is_the_inference_form_in_place_of_the_originals(name, size):
-    """fuse(): same outputs (fp32 <= 1e-4, at the configured size and another), no more parameter bytes than
-    before (folded, not copied), the tables of the configured size stored, and frozen: no train(), no
-    load_state_dict, no save_pretrained."""
-    model = _model(name)
-    state = copy.deepcopy(model.state_dict())
-    x = torch.randn(2, 3, size, size)
-    other = torch.randn(1, 3, size + 32, size + 16)
-    with torch.no_grad():
-        ref, ref_other = model(x), model(other)
-    before = sum(p.numel() for p in model.parameters())
-    fused = model.fuse()
-    assert fused is model and model.is_fused
-    assert sum(p.numel() for p in model.parameters()) <= before
-    with torch.no_grad():
-        _close(model(x), ref)
-        _close(model(other), ref_other)
-    tables = [n for n, _ in model.named_buffers() if "fused_table" in n]
-    assert tables, "fuse() stored no table"
-    assert not any("fused_table" in k for k in model.state_dict()), "derived tables are not weights"
-    with pytest.raises(RuntimeError, match="fused"):
-        model.train()
-    with pytest.raises(RuntimeError, match="fused"):
-        model.load_state_dict(state)
-    with pytest.raises(ValueError, match="fused"):
-        hybridvit.save_pretrained(model, "unused-dir")
-
-
-def test_fuse_needs_eval_and_is_idempotent():
-    model = hybridvit.create_model("fastervit_nano", num_classes=10)
-    with pytest.raises(RuntimeError, match="eval"):
-        model.fuse()
-    model.eval().fuse()
-    n = len(list(model.buffers()))
-    model.fuse()
-    assert len(list(model.buffers())) == n
 
 
 @pytest.mark.slow

@@ -639,19 +639,6 @@ def test_unknown_model_name_in_a_file_is_escaped(tmp_path):
     assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
 
 
-# ------------------------------------------------------------------------------------------- fused models
-@pytest.mark.parametrize("name", ["fastervit_nano", "cabvit_h_l1"])
-def test_fused_model_refuses_to_save_and_to_train(tmp_path, name):
-    kw = {"img_size": 64} if name == "cabvit_h_l1" else {}
-    model = hybridvit.create_model(name, num_classes=3, **kw).eval().fuse()
-    with pytest.raises(ValueError, match="fused for inference"):
-        hybridvit.save_pretrained(model, tmp_path / "f")
-    assert not (tmp_path / "f").exists()
-    with pytest.raises(RuntimeError, match="fused for inference.*cannot train"):
-        model.train()
-    model.eval()  # still allowed
-
-
 @pytest.mark.slow
 def test_resume_never_loads_what_the_stored_configuration_names(tmp_path, monkeypatch, capsys):
     """A last.pt whose stored training configuration names `pretrained` (a file, a hub id) resumes from its
