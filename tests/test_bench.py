@@ -119,3 +119,60 @@ def test_frozen_compile_folds_the_position_bias(family):
     assert torch.allclose(out, ref, atol=1e-5)
     assert "_frozen_param" in code
     assert "index out of bounds" not in code and "addmm" not in code, "the bias is computed in the graph"
+
+
+# ------------------------------------------------------------ a bench you can trust (issue 31, item 3)
+def test_every_figure_comes_with_its_spread():
+    res = bench_models([("narrow", _convnet(4))], batch_size=2, img_size=32, warmup=1, repeats=3)
+    (r,) = res
+    sp = r["spread"]
+    for key in ("batch_time_ms", "latency_b1_ms", "img_per_s"):
+        assert sp[key]["min"] <= sp[key]["median"] <= sp[key]["max"], key
+    assert sp["batch_time_ms"]["median"] == pytest.approx(r["batch_time_ms"], abs=1e-3)
+    assert sp["batch_time_ms"]["min"] == pytest.approx(min(r["times_ms"]), abs=0.01)
+    assert sp["latency_b1_ms"]["median"] == pytest.approx(r["latency_b1_ms"], abs=1e-3)
+    assert len(r["times_b1_ms"]) == 9  # three batch-1 runs per round
+
+
+def _row(name, batch_ms, b1_ms):
+    from hybridvit.bench import spread
+
+    b = [t / 1e3 for t in batch_ms]
+    return {"model": name, "batch_size": 4, "img_size": 32, "device": "cpu", "amp": "fp32", "train": False,
+            "img_per_s": 4 / sorted(b)[len(b) // 2], "latency_b1_ms": sorted(b1_ms)[len(b1_ms) // 2],
+            "gmacs_per_img": 0.1, "achieved_gflops": 1.0, "peak_mem_per_img_mb": 1.0,
+            "spread": {"batch_time_ms": spread(b), "latency_b1_ms": spread([t / 1e3 for t in b1_ms]),
+                       "img_per_s": {"min": 4 / max(b), "median": 4 / sorted(b)[len(b) // 2], "max": 4 / min(b)}}}
+
+
+def test_the_table_shows_the_spread_and_warns_when_it_is_too_wide():
+    from hybridvit.bench import header_line, table_lines
+
+    lines = table_lines([_row("steady", [10, 10.5, 11], [2, 2.1, 2.2]), _row("noisy", [10, 11, 12], [232, 240, 780])])
+    assert "(min-max)" in lines[0]
+    assert "(2.0-2.2)" in lines[1] and "(232.0-780.0)" in lines[2]
+    warnings = [x for x in lines if x.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: noisy: batch-1 latency spread 232.0-780.0 ms")
+    assert "too wide to compare" in warnings[0]
+    env = {"cpu": "Some CPU", "threads": 2}
+    assert header_line([_row("steady", [10], [2])], env, 7) == \
+        "inference: batch 4, 32x32, 2 threads, cpu (Some CPU), amp fp32; median of 7 runs (min-max)"
+
+
+def test_bench_command_prints_its_conditions_and_keeps_its_json_fields(tmp_path, capsys):
+    import json
+
+    from hybridvit.bench import cpu_name
+    from hybridvit.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "-m", "fastervit_nano", "-b", "2", "--img-size", "32", "--threads", "1", "--warmup", "0",
+                 "--repeats", "2", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == (f"inference: batch 2, 32x32, 1 thread, cpu ({cpu_name()}), amp fp32; median of 2 runs "
+                          "(min-max)")
+    data = json.loads(out.read_text())
+    (r,) = data["results"]
+    for key in ("img_per_s", "batch_time_ms", "times_ms", "latency_b1_ms", "spread"):
+        assert key in r, key
+    assert data["header"] == printed[0] and data["environment"]["cpu"] == cpu_name()

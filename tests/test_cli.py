@@ -314,7 +314,7 @@ def test_troubleshooting_page_lines_are_what_the_commands_print(tmp_path, capsys
     def full(path):
         raise OSError(28, os.strerror(28))
     monkeypatch.setattr(_io, "_open", full)
-    run("models", "fastervit_0", "--no-macs", "--json", str(table))
+    run("models", "fastervit_0", "--no-macs", "--json", str(table), "--overwrite")
     monkeypatch.undo()
     from hybridvit.train.engine import TrainingInterrupted
     printed.append(str(TrainingInterrupted(15, tmp_path / "run", 0, 3, 8)))
@@ -356,3 +356,225 @@ def test_bad_image_size_is_refused_up_front(size, capsys, tmp_path):
     assert "--img-size" in user_error(["export", "-m", "fastervit_nano", "--img-size", size, "-o",
                                        str(tmp_path / "m.onnx")], capsys)
 
+
+# ------------------------------------------------- one grammar for every command (issue 31, item 2)
+# the options several commands share: the same flags (short and long) wherever they exist
+_SHARED = {"model": {"-m", "--model"}, "output": {"-o", "--output"}, "pretrained": {"--pretrained"},
+           "img_size": {"--img-size"}, "threads": {"--threads"}, "workers": {"--workers"}, "amp": {"--amp"},
+           "json": {"--json"}, "overwrite": {"--overwrite"}}
+
+
+def _every_parser():
+    """(name, parser) of the top-level parser and of every command and nested subcommand (analyze distance)."""
+    import argparse
+
+    from hybridvit.cli import build_parser
+
+    todo, out = [("hybridvit", build_parser())], []
+    while todo:
+        name, p = todo.pop()
+        out.append((name, p))
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [(f"{name} {sub}", sp) for sub, sp in a.choices.items()]
+    return out
+
+
+def _options(p):
+    import argparse
+    return [a for a in p._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
+def test_the_parser_walk_reaches_every_command_and_analysis():
+    names = {n for n, _ in _every_parser()}
+    assert {"hybridvit models", "hybridvit train", "hybridvit eval", "hybridvit predict", "hybridvit bench",
+            "hybridvit export", "hybridvit analyze", "hybridvit analyze attention", "hybridvit analyze distance",
+            "hybridvit analyze amplitude", "hybridvit analyze pareto"} <= names
+
+
+def test_every_option_has_help_and_states_its_default_once():
+    import re
+
+    for name, p in _every_parser():
+        for a in _options(p) + [a for a in p._actions if not a.option_strings and a.dest != "command"
+                                and a.dest != "analysis"]:
+            assert a.help and a.help.strip(), f"{name} {a.option_strings or a.dest}: no help text"
+            shown = a.help % {"default": a.default, "prog": p.prog} if "%(" in a.help else a.help
+            assert len(re.findall(r"\(default\b", shown)) <= 1, f"{name} {a.option_strings}: {shown!r}"
+        text = " ".join(p.format_help().split())
+        assert "(default) (default" not in text and "(default digits) (default" not in text, name
+
+
+def test_shared_options_have_the_same_flags_on_every_command():
+    seen: dict[str, set] = {}
+    for name, p in _every_parser():
+        for a in _options(p):
+            if a.dest in _SHARED:
+                assert set(a.option_strings) == _SHARED[a.dest], (name, a.option_strings)
+                seen.setdefault(a.dest, set()).add(name)
+    assert set(seen) == set(_SHARED)
+    for c in ("train", "eval", "predict", "bench", "export", "analyze", "analyze distance"):
+        assert f"hybridvit {c}" in seen["model"], c
+    assert "hybridvit predict" in seen["workers"] and "hybridvit eval" in seen["workers"]
+
+
+def test_every_command_that_writes_a_file_has_overwrite():
+    for name, p in _every_parser():
+        dests = {a.dest for a in _options(p)}
+        if dests & {"json", "output"}:
+            assert "overwrite" in dests, f"{name} writes a file but has no --overwrite"
+
+
+def test_eval_and_predict_take_m_and_say_they_run_exported_files():
+    from hybridvit.cli import _COMMANDS, build_parser
+
+    args = build_parser("eval").parse_args(["eval", "-m", "fastervit_nano", "--pretrained", "x.pth"])
+    assert args.model == "fastervit_nano"
+    args = build_parser("predict").parse_args(["predict", "-m", "fastervit_nano", "--pretrained", "x.pth",
+                                               "--workers", "2", "a.png"])
+    assert args.model == "fastervit_nano" and args.workers == 2
+    for c in ("eval", "predict"):
+        assert ".onnx" in _option(_subparser(c), "--pretrained").help
+        assert ".xml" in _option(_subparser(c), "--pretrained").help
+    assert "OpenVINO" in _COMMANDS["export"][1] and "ONNX" in _COMMANDS["export"][1]
+    assert "torch.export program" in _COMMANDS["export"][1]
+
+
+def test_an_existing_output_file_is_refused_without_overwrite(tmp_path, capsys):
+    from _helpers import error_line
+
+    table = tmp_path / "t.json"
+    table.write_text("keep")
+    line = error_line(["models", "fastervit_0", "--no-macs", "--json", str(table)], capsys)
+    assert line == f"error: --json {table} exists: pass --overwrite to replace it, or choose another name"
+    assert table.read_text() == "keep"
+    assert main(["models", "fastervit_0", "--no-macs", "--json", str(table), "--overwrite"]) == 0
+    assert json.loads(table.read_text())[0]["name"] == "fastervit_0"
+    onnx = tmp_path / "m.onnx"
+    onnx.write_text("keep")
+    for argv in (["export", "-m", "fastervit_nano", "-o", str(onnx)],
+                 ["bench", "-m", "fastervit_nano", "--json", str(onnx)],
+                 ["eval", "--pretrained", "x.pt", "--json", str(onnx)],
+                 ["predict", "--pretrained", "x.pt", "a.png", "--json", str(onnx)],
+                 ["analyze", "-m", "fastervit_nano", "--json", str(onnx)]):
+        assert "pass --overwrite" in error_line(argv, capsys), argv
+    assert onnx.read_text() == "keep"
+    out = tmp_path / "an"
+    out.mkdir()
+    (out / "distance.json").write_text("keep")
+    assert "pass --overwrite" in error_line(["analyze", "distance", "-m", "fastervit_nano", "-o", str(out)], capsys)
+
+
+def test_analyze_distance_pairs_each_m_with_the_pretrained_after_it(monkeypatch):
+    import types
+
+    from hybridvit.analysis import _models_and_inputs, _pairs
+    from hybridvit.analysis import load as load_mod
+    from hybridvit.cli import build_parser
+
+    assert _pairs([("pretrained", "A"), ("model", "B"), ("pretrained", "C")]) == [(None, "A"), ("B", "C")]
+    assert _pairs([("model", "B"), ("model", "D"), ("pretrained", "C")]) == [("B", None), ("D", "C")]
+    loaded = []
+    monkeypatch.setattr(load_mod, "load_model", lambda name, pre, size: loaded.append((name, pre)) or
+                        types.SimpleNamespace(model_name=name or "fastervit_nano"))
+    monkeypatch.setattr(load_mod, "load_images", lambda images, model, n: (None, None, None))
+    parser = build_parser("analyze")
+    for argv, want in ((["--pretrained", "A", "--pretrained", "C"], [(None, "A"), (None, "C")]),
+                       (["--pretrained", "A", "-m", "fastervit_nano", "--pretrained", "C"],
+                        [(None, "A"), ("fastervit_nano", "C")]),
+                       (["-m", "fastervit_nano", "-m", "cabvit_h_l1", "--pretrained", "A", "--pretrained", "C"],
+                        [("fastervit_nano", "A"), ("cabvit_h_l1", "C")])):
+        loaded.clear()
+        _models_and_inputs(parser.parse_args(["analyze", "distance", *argv]), several=True)
+        assert loaded == want, argv
+
+
+def test_a_deeply_nested_hub_config_is_one_error_line(tmp_path, capsys):
+    from _helpers import error_line
+
+    folder = tmp_path / "hub"
+    hybridvit.save_pretrained(hybridvit.create_model("fastervit_nano", num_classes=2), folder)
+    (folder / "config.json").write_text("[" * 100000 + "]" * 100000)
+    line = error_line(["eval", "--pretrained", str(folder), "--data", "digits"], capsys)
+    assert "config.json nests its values 100000 levels deep" in line
+    with pytest.raises(hybridvit.errors.CheckpointError, match="levels deep"):
+        hybridvit.load_model(folder)
+
+
+_ESC = "bad\x1b[31mname\nline"
+
+
+def test_paths_with_control_characters_are_printed_escaped(tmp_path, capsys):
+    from _helpers import run_checkpoint
+    from _imagedata import make_folder
+
+    ckpt = run_checkpoint(tmp_path / "run.pt", ["blue", "red"], "red")
+    root = make_folder(tmp_path / _ESC, n_train=1, n_val=2)
+    assert main(["predict", "--pretrained", str(ckpt), str(root / "val"), "--workers", "1", "--batch-size", "2",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and len(out.splitlines()) == 4 and "bad\\x1b[31mname\\nline" in out
+    other = tmp_path / "other" / _ESC
+    (other / "green").mkdir(parents=True)
+    (root / "val" / "blue" / "000.png").rename(other / "green" / "000.png")
+    assert main(["eval", "--pretrained", str(ckpt), "--data", str(other), "--no-progress", "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "none of its class folders" in err and "\x1b" not in err and err.count("\n") == 1, err
+
+
+def test_export_static_batch_says_its_real_input_shape_and_prints_no_exporter_noise(tmp_path, capfd):
+    pytest.importorskip("onnxscript", reason="needs the onnx extra")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "-m", "fastervit_nano", "--img-size", "32", "--static-batch", "-o", str(out)]) == 0
+    stdout, stderr = capfd.readouterr()
+    assert "input (1, 3, 32, 32)" in stdout and "(B," not in stdout
+    assert stdout.count("\n") == 1 and "[torch.onnx]" not in stdout, stdout
+    assert "torchvision" not in stderr and "Warning" not in stderr, stderr
+    import onnx
+    dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 32, 32]
+
+
+def test_training_names_the_epoch_of_its_best_val_top1(tmp_path, capsys):
+    pytest.importorskip("kornia", reason="needs the train extra")
+    from _helpers import TINY_TRAIN
+
+    from hybridvit.train.cli import best_line
+
+    assert best_line({"val_top1": 99.444, "best_epoch": 21, "epochs": 30}) == "best val top-1 99.44% at epoch 21 of 30"
+    out = tmp_path / "run"
+    assert main(["train", *TINY_TRAIN, "--epochs", "3", "--max-steps-per-epoch", "1", "--output", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    tops = [r["val_top1"] for r in rows]
+    assert summary["best_epoch"] == tops.index(max(tops)) + 1
+    assert f"best val top-1 {max(tops):.2f}% at epoch {summary['best_epoch']} of 3" in capsys.readouterr().out
+
+
+def test_a_sigterm_stop_of_training_prints_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("kornia", reason="needs the train extra")
+    import signal
+
+    from _helpers import TINY_TRAIN
+
+    from hybridvit.train import stop
+
+    monkeypatch.setattr(stop.StopRequest, "requested", lambda self, info: int(signal.SIGTERM))
+    out = tmp_path / "run"
+    assert main(["train", *TINY_TRAIN, "--epochs", "2", "--output", str(out)]) == 143
+    o, e = capsys.readouterr()
+    said = [line for line in (o + e).splitlines() if "SIGTERM" in line]
+    assert len(said) == 1 and said[0].startswith("SIGTERM: training stopped at epoch 1"), o + e
+    assert "stopped by SIGTERM" in (out / "train.log").read_text()  # the log keeps its record
+
+
+def test_fine_tuning_says_start_fresh_once(tmp_path, capsys, caplog):
+    pytest.importorskip("kornia", reason="needs the train extra")
+    from _helpers import TINY_TRAIN, run_checkpoint
+
+    ckpt = run_checkpoint(tmp_path / "run.pt", ["blue", "red"], "red")
+    argv = ["train", *TINY_TRAIN, "--pretrained", str(ckpt), "--epochs", "1", "--max-steps-per-epoch", "1",
+            "--output", str(tmp_path / "tuned")]
+    assert main(argv) == 0
+    o, e = capsys.readouterr()
+    assert (o + e + caplog.text).count("start fresh") == 1, o + e + caplog.text

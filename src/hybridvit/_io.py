@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from ._stop import remove_on_stop
 
-__all__ = ["OutputError", "atomic_save", "atomic_write", "check_output_dir", "check_output_file",
+__all__ = ["OutputError", "atomic_save", "atomic_write", "check_output_dir", "check_output_file", "check_new_files",
            "clean_stale_temp_files", "save_torch", "temp_path", "write_json", "write_text"]
 
 
@@ -59,17 +59,37 @@ def check_output_dir(folder: str | os.PathLike, what: str = "--output", create: 
     return folder
 
 
-def check_output_file(path: str | os.PathLike, what: str = "--output") -> Path:
+def check_output_file(path: str | os.PathLike, what: str = "--output", overwrite: bool | None = None) -> Path:
     """`path` ready to be written: its parent folders created, or OutputError with one line (a folder
-    where the file should be, a read-only file or folder, a parent that is a file)."""
+    where the file should be, a read-only file or folder, a parent that is a file). `overwrite` False
+    (a command run without --overwrite): an existing file is refused too."""
+    from .errors import printable
+
     path = Path(path)
-    label = f"{what} {path}"
+    label = f"{what} {printable(path, None)}"
     if path.is_dir():
         raise OutputError(f"{label} is a folder; pass a file name")
+    if overwrite is False and path.exists():
+        raise OutputError(refuse_existing(label))
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{label}: the file is read-only; choose another place")
     _prepare(path.parent, label, create=True)
     return path
+
+
+def refuse_existing(label: str) -> str:
+    """The one line that refuses to write over an existing file without --overwrite."""
+    return f"{label} exists: pass --overwrite to replace it, or choose another name"
+
+
+def check_new_files(paths: list[Path], what: str, overwrite: bool) -> None:
+    """OutputError naming the first of `paths` that exists, unless `overwrite`."""
+    from .errors import printable
+
+    if not overwrite:
+        for path in paths:
+            if path.exists():
+                raise OutputError(refuse_existing(f"{what}: {printable(path, None)}"))
 
 
 def temp_path(path: Path) -> Path:

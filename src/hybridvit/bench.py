@@ -1,8 +1,10 @@
 """`hybridvit bench`: throughput, batch-1 latency, peak memory, GMACs and achieved FLOP/s.
 
-Timing: warm-up iterations, then `repeats` timed runs (device synchronised), median reported.
-Throughput and latency of several models are measured in one process, in interleaved rounds, so
-that their ratios are comparable even on a noisy machine.
+Timing: warm-up iterations, then `repeats` timed runs (device synchronised); each figure is the median,
+with its spread (min, median, max over the runs) beside it. Throughput and latency of several models
+are measured in one process, in interleaved rounds, so that their ratios are comparable even on a noisy
+machine; a figure whose runs spread wider than `SPREAD_WARNING` (max/min) is flagged as too noisy to
+compare.
 """
 from __future__ import annotations
 
@@ -27,6 +29,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# max/min of a figure's timed runs beyond which two figures are not comparable (a noisy machine, a run
+# that paged or was preempted): the table says so in a warning line
+SPREAD_WARNING = 1.25
+
+
+def spread(times_s: list[float]) -> dict[str, float]:
+    """min, median and max of timed runs (seconds), in milliseconds."""
+    return {"min": round(min(times_s) * 1e3, 3), "median": round(statistics.median(times_s) * 1e3, 3),
+            "max": round(max(times_s) * 1e3, 3)}
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -258,17 +269,24 @@ def bench_models(models: list[tuple[str, torch.nn.Module]], *, batch_size: int =
         base = getattr(model, "macs_source", None) or getattr(model, "_orig_mod", model)
         macs = count_macs(base, (3, img_size, img_size))  # the counter of `models` and the README
         t = statistics.median(times[i])
+        batch_spread = spread(times[i])
         r = {"model": label, "batch_size": batch_size, "img_size": img_size, "device": device,
              "amp": Precision.from_amp(amp, dev).name,
              "train": train, **({"optimizer": optimizer} if train else {}),
              "img_per_s": batch_size / t, "batch_time_ms": t * 1e3,
              "gmacs_per_img": macs / 1e9, "achieved_gflops": 2 * macs * batch_size / t / 1e9 * (3 if train else 1),
-             "times_ms": [round(v * 1e3, 2) for v in times[i]]}
+             "times_ms": [round(v * 1e3, 2) for v in times[i]],
+             # min/median/max over the runs; img/s from the slowest and fastest batch
+             "spread": {"batch_time_ms": batch_spread,
+                        "img_per_s": {"min": batch_size / max(times[i]), "median": batch_size / t,
+                                      "max": batch_size / min(times[i])}}}
         if getattr(model, "runtime", None):  # an exported file (deploy.ExportedModel): its runtime, int8 or not
             r["runtime"], r["int8"] = model.runtime, bool(model.int8)
 
         if latency:
             r["latency_b1_ms"] = statistics.median(times1[i]) * 1e3
+            r["times_b1_ms"] = [round(v * 1e3, 2) for v in times1[i]]
+            r["spread"]["latency_b1_ms"] = spread(times1[i])
         if memory and not hasattr(model, "macs_source"):  # a runtime's own memory is not PyTorch's to count
             r["peak_mem_per_img_mb"] = peak_memory(steps[i], dev) / batch_size / 2 ** 20
         results.append(r)
@@ -301,20 +319,69 @@ def runtime_models(model: torch.nn.Module, args: argparse.Namespace, dev: torch.
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform reports, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")) and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: str) -> dict[str, Any]:
     env = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
-           "processor": platform.processor(), "threads": torch.get_num_threads(), "argv": sys.argv}
+           "processor": platform.processor(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+           "argv": sys.argv}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
 
 
+def header_line(res: list[dict[str, Any]], env: dict[str, Any], repeats: int) -> str:
+    """What the figures were measured with: batch, image size, threads, device and its name, precision."""
+    r = res[0]
+    where = f"{r['device']} ({env['gpu']})" if "gpu" in env else f"{r['device']} ({env['cpu']})"
+    mode = f"training step ({r['optimizer']})" if r["train"] else "inference"
+    threads = f"{env['threads']} thread{'' if env['threads'] == 1 else 's'}"
+    return (f"{mode}: batch {r['batch_size']}, {r['img_size']}x{r['img_size']}, {threads}, {where}, amp {r['amp']}; "
+            f"median of {repeats} runs (min-max)")
+
+
+def _range(s: dict[str, float], digits: int = 1) -> str:
+    return f"{s['min']:.{digits}f}-{s['max']:.{digits}f}"
+
+
+def table_lines(res: list[dict[str, Any]]) -> list[str]:
+    """The printed table: each figure with its spread, then a warning line per figure too noisy to compare."""
+    ref = res[0]["img_per_s"]
+    w = max(24, *(len(r["model"]) + 2 for r in res))
+    lines = [f"{'model':<{w}}{'img/s':>9} {'(min-max)':<15}{'ratio':>6}{'b1 ms':>8} {'(min-max)':<13}"
+             f"{'MB/img':>7}{'GMACs':>7}{'GFLOP/s':>9}"]
+    for r in res:
+        sp = r["spread"]
+        b1 = f"{r['latency_b1_ms']:>8.1f} {'(' + _range(sp['latency_b1_ms']) + ')':<13}" if "latency_b1_ms" in r \
+            else f"{'-':>8} {'':<13}"
+        lines.append(f"{r['model']:<{w}}{r['img_per_s']:>9.1f} {'(' + _range(sp['img_per_s']) + ')':<15}"
+                     f"{r['img_per_s'] / ref:>6.2f}{b1}{r.get('peak_mem_per_img_mb', 0):>7.1f}"
+                     f"{r['gmacs_per_img']:>7.2f}{r['achieved_gflops']:>9.1f}")
+    for r in res:
+        for key, what in (("batch_time_ms", f"batch-{r['batch_size']} time"), ("latency_b1_ms", "batch-1 latency")):
+            s = r["spread"].get(key)
+            if s and s["min"] > 0 and s["max"] / s["min"] > SPREAD_WARNING:
+                lines.append(f"warning: {r['model']}: {what} spread {_range(s)} ms (max/min {s['max'] / s['min']:.2f} "
+                             f"> {SPREAD_WARNING}): too wide to compare; rerun on an idle machine or with more "
+                             "--repeats")
+    return lines
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from . import options
 
-    p.add_argument("--model", "-m", help="registered model name (not needed with a run checkpoint)")
-    p.add_argument("--pretrained", default=None, help="a hybridvit run checkpoint (its model, classes and size), "
-                   "an official checkpoint with --model, or 'true' for the published weights of --model")
+    options.add_model(p, "registered model name (not needed with a run checkpoint)")
+    options.add_pretrained(p, options.PRETRAINED_SOURCES + "; default random weights")
     p.add_argument("--compare", nargs="*", default=[], metavar="M",
                    help="other models measured in the same run (hybridvit names, or timm:<name> if timm is installed)")
     options.add_batch_size(p, 16, short=True)
@@ -330,15 +397,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "openvino extras), openvino-int8 (export --int8, calibrated on noise: for its speed only; "
                         "the int8 extra); with --peak, each row's share of the matmul peak")
     p.add_argument("--train", action="store_true", help="time a training step (forward, backward, SGD step)")
-    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="time the models in the NCHW memory format instead of channels_last")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="time hybridvit models as built instead of their inference form (model.fuse(): BatchNorms "
                         "and layer scales folded, position-bias tables computed once)")
     options.add_threads(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed runs before measuring (default: 3)")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported (default: 7)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported, with the min and "
+                   "max (default: 7)")
     p.add_argument("--peak", action="store_true", help="also measure the dense matmul peak (GFLOP/s) for reference")
     options.add_json(p, "the results, the environment and the command")
+    options.add_overwrite(p, "the --json file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -366,7 +436,7 @@ def _run(args: argparse.Namespace, folder: str) -> int:
     if args.warmup < 0:
         raise ValueError(f"--warmup must be 0 or more, got {args.warmup}")
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     dev = resolve_device(args.device)
     Precision.from_amp(args.amp, dev)  # an unknown --amp fails before anything is built
     args.device = str(dev)
@@ -389,12 +459,10 @@ def _run(args: argparse.Namespace, folder: str) -> int:
         precision = Precision.from_amp(args.amp, dev)
         dtype = precision.dtype or torch.float32
         out["matmul_peak_gflops"] = matmul_peak_gflops(dev, dtype)
-    ref = res[0]["img_per_s"]
-    w = max(24, *(len(r["model"]) + 2 for r in res))
-    print(f"{'model':<{w}}{'img/s':>9}{'ratio':>7}{'b1 ms':>8}{'MB/img':>8}{'GMACs':>7}{'GFLOP/s':>9}")
-    for r in res:
-        print(f"{r['model']:<{w}}{r['img_per_s']:>9.1f}{r['img_per_s'] / ref:>7.2f}{r.get('latency_b1_ms', 0):>8.1f}"
-              f"{r.get('peak_mem_per_img_mb', 0):>8.1f}{r['gmacs_per_img']:>7.2f}{r['achieved_gflops']:>9.1f}")
+    out["header"] = header_line(res, out["environment"], args.repeats)
+    print(out["header"])
+    for line in table_lines(res):
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout)
     if args.peak:
         pk = out["matmul_peak_gflops"]
         for r in res:

@@ -12,10 +12,13 @@ from ._stop import hard_stop, stop_line
 _COMMANDS = {
     "models": ("hybridvit.cli", "List registered models with parameters, GMACs and published top-1."),
     "train": ("hybridvit.train.cli", "Train or fine-tune a model (no arguments: the embedded default)."),
-    "eval": ("hybridvit.inference.evaluate", "Top-1/top-5 of a checkpoint on an image folder."),
-    "predict": ("hybridvit.inference.predict", "Top-k classes for image files."),
+    "eval": ("hybridvit.inference.evaluate", "Top-1/top-5 of a checkpoint or an exported .onnx/.xml file on an "
+             "image folder."),
+    "predict": ("hybridvit.inference.predict", "Top-k classes for image files, from a checkpoint or an exported "
+                ".onnx/.xml file."),
     "bench": ("hybridvit.bench", "Throughput, latency, memory and FLOP/s of models."),
-    "export": ("hybridvit.export", "Export a model for deployment: ONNX, or a torch.export program (.pt2)."),
+    "export": ("hybridvit.export", "Export a model for deployment: ONNX, OpenVINO IR (.xml + .bin), or a "
+               "torch.export program (.pt2)."),
     "analyze": ("hybridvit.analysis", "Analyse a model (activations, attention, complexity)."),
 }
 
@@ -23,8 +26,9 @@ _COMMANDS = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'fastervit_*'")
     p.add_argument("--no-macs", action="store_true", help="skip the GMACs count (faster)")
-    from .options import add_json
+    from .options import add_json, add_overwrite
     add_json(p, "the table")
+    add_overwrite(p, "the --json file")
 
 
 def model_row(name: str, with_macs: bool = True) -> dict:
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from .registry import list_models
 
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     names = list_models(args.pattern)
     if not names and not any(ch in args.pattern for ch in "*?["):
         from .registry import get_entry

@@ -16,9 +16,11 @@ configuration hybridvit reads (`loading.checked_pretrained_cfg`, escaped class n
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,33 @@ def _require(module: str, load: bool = True) -> Any:
         raise ModuleNotFoundError(f"{module} is needed here: {_INSTALL[module]}", name=module) from e
 
 
+@contextlib.contextmanager
+def quiet_exporter():
+    """Silences what PyTorch's exporters print while they work: their progress lines on stdout, the warnings
+    of their loggers (optional torchvision operators skipped, ...) and deprecation warnings from inside
+    PyTorch. An exception still propagates, and what the exporter printed before it is shown on stderr."""
+    import io
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    printed = io.StringIO()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    except BaseException:
+        sys.stderr.write(printed.getvalue())
+        raise
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, int], dynamic_batch: bool = True,
                 opset: int = 18, dtype: torch.dtype = torch.float32) -> Path:
     """Writes `model` (eval) as ONNX with input `images` (B, 3, H, W) and output `logits` (B, num_classes)."""
@@ -67,8 +96,9 @@ def export_onnx(model: torch.nn.Module, path: str | Path, img_size: tuple[int, i
     x = torch.randn(2 if dynamic_batch else 1, model.in_chans, *img_size, dtype=dtype)
     dyn = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
     path = Path(path)
-    prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
-                             dynamic_shapes=dyn, opset_version=opset, external_data=False)
+    with quiet_exporter():
+        prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                 dynamic_shapes=dyn, opset_version=opset, external_data=False, verbose=False)
     prog.model.metadata_props.update(file_metadata(model, img_size))
     atomic_save(path, lambda tmp: prog.save(str(tmp)))
     return path

@@ -14,7 +14,8 @@ class ConfigError(CheckpointError):
     or value hybridvit does not accept from a file."""
 
 
-def printable(text: Any, limit: int = 200) -> str:
-    """`text` from a file, safe to print: control characters (ANSI escapes, newlines) escaped."""
+def printable(text: Any, limit: int | None = 200) -> str:
+    """`text` from a file or the file system (a name, a path), safe to print: control characters (ANSI
+    escapes, newlines) escaped; at most `limit` characters of it (None: all, as for paths)."""
     s = str(text)[:limit]
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in s)

@@ -1,4 +1,4 @@
-"""`hybridvit export`: ONNX (checked with onnxruntime) or a `torch.export` program for deployment."""
+"""`hybridvit export`: ONNX (checked with onnxruntime), OpenVINO IR or a `torch.export` program for deployment."""
 from __future__ import annotations
 
 import argparse
@@ -8,15 +8,15 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_save
-from .deploy import check_onnx, export_onnx, export_openvino  # noqa: F401 (the export functions live in deploy)
+from .deploy import check_onnx, export_onnx, export_openvino, quiet_exporter  # noqa: F401 (the export functions live in deploy)
+from .errors import printable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from . import options
 
-    p.add_argument("--model", "-m", help="model name (not needed for a hybridvit run checkpoint)")
-    p.add_argument("--pretrained", default=None, help="a hybridvit run checkpoint, an official checkpoint with "
-                   "--model, or 'true' for the published weights of --model")
+    options.add_model(p)
+    options.add_pretrained(p, options.PRETRAINED_SOURCES + "; default random weights")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of a hybridvit checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="classes, for --model without a run checkpoint "
                    "(default: 1000)")
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "residual adds in floating point (default: performance, faster and as accurate for every "
                         "family in benchmarks/README.md)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to 1")
-    p.add_argument("--output", "-o", required=True, help="the file to write (its folder is created)")
+    options.add_output(p, "the file to write (its folder is created)", required=True)
+    options.add_overwrite(p, "--output (and, for OpenVINO, its .bin)")
     options.add_threads(p)
 
 
@@ -57,11 +58,13 @@ def run(args: argparse.Namespace) -> int:
     if args.img_size is not None and (len(args.img_size) > 2 or min(args.img_size) < 1):
         raise ValueError(f"--img-size takes H [W], each at least 1, got {' '.join(map(str, args.img_size))}")
     dtype = Precision.from_amp("none" if args.amp == "auto" else args.amp, "cpu").dtype or torch.float32
-    check_output_file(args.output, "--output")  # before the model is built and traced
+    check_output_file(args.output, "--output", overwrite=args.overwrite)  # before the model is built and traced
     if args.format == "openvino":
         if Path(args.output).suffix != ".xml":
             raise ValueError(f"--format openvino writes NAME.xml (+ NAME.bin): pass -o {Path(args.output).stem}.xml")
+        from ._io import check_new_files
         from .deploy import _require
+        check_new_files([Path(args.output).with_suffix(".bin")], "--output", args.overwrite)
         _require("openvino")
     _check_int8(args)
     plan_threads("export", threads=args.threads).apply()
@@ -71,15 +74,18 @@ def run(args: argparse.Namespace) -> int:
     size = (size[0], size[-1])
     model = model.to(dtype).fuse()  # the inference form: folded BatchNorms and layer scales, tables as constants
     classes = model.class_names
-    what = f"{model.model_name}, input (B, {model.in_chans}, {size[0]}, {size[1]}), {model.num_classes} classes"
+    batch = 1 if args.static_batch else "B"  # the file's input shape: a fixed batch of 1, or any batch
+    what = f"{model.model_name}, input ({batch}, {model.in_chans}, {size[0]}, {size[1]}), {model.num_classes} classes"
     if classes:
-        what += " (" + ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "") + ")"
+        what += " (" + ", ".join(map(printable, classes[:5])) + (", ..." if len(classes) > 5 else "") + ")"
+    shown = printable(args.output, None)
     if args.format == "pt2":
-        x = torch.randn(2, model.in_chans, *size, dtype=dtype)
+        x = torch.randn(1 if args.static_batch else 2, model.in_chans, *size, dtype=dtype)
         dyn = None if args.static_batch else ({0: torch.export.Dim("batch", min=1, max=4096)},)
-        program = torch.export.export(model, (x,), dynamic_shapes=dyn)
+        with quiet_exporter():
+            program = torch.export.export(model, (x,), dynamic_shapes=dyn)
         atomic_save(args.output, lambda tmp: torch.export.save(program, str(tmp)))
-        print(f"wrote {args.output} ({what}; torch.export program, load with torch.export.load)")
+        print(f"wrote {shown} ({what}; torch.export program, load with torch.export.load)")
         return 0
     if args.format == "openvino":
         if dtype != torch.float32:
@@ -103,19 +109,20 @@ def run(args: argparse.Namespace) -> int:
             got = ExportedModel(path)(x)
         diff = float((got - ref).abs().max())
         agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-        print(f"wrote {path} and {path.with_suffix('.bin')} ({what}); OpenVINO vs PyTorch max abs difference "
+        print(f"wrote {shown} and {printable(path.with_suffix('.bin'), None)} ({what}); OpenVINO vs PyTorch max "
+              "abs difference "
               f"{diff:.2e}" + (f" on a calibration image (top-1 {'agrees' if agree == 1 else 'differs'})"
                                if calibration else ""))
         return 0
     path = export_onnx(model, args.output, size, dynamic_batch=not args.static_batch, dtype=dtype)
     if dtype == torch.bfloat16:
-        print(f"wrote {path} ({what}; bfloat16: not checked, onnxruntime's CPU provider has no bfloat16 input)")
+        print(f"wrote {shown} ({what}; bfloat16: not checked, onnxruntime's CPU provider has no bfloat16 input)")
         return 0
     try:
         diff = check_onnx(model, path, size, batch=1 if args.static_batch else 2, dtype=dtype)
-        print(f"wrote {path} ({what}); onnxruntime vs PyTorch max abs difference {diff:.2e}")
+        print(f"wrote {shown} ({what}); onnxruntime vs PyTorch max abs difference {diff:.2e}")
     except ImportError:
-        print(f"wrote {path} ({what}; install onnxruntime to check it)")
+        print(f"wrote {shown} ({what}; install onnxruntime to check it)")
     return 0
 
 

@@ -193,16 +193,42 @@ def is_hub_source(path: Any) -> bool:
     return (isinstance(path, str) and path.startswith(HF_HUB_PREFIX)) or is_folder(path)
 
 
+# config.json nests a few levels (model_args, pretrained_cfg, their lists); deeper is not a config, and Python's
+# json parser would fail on it with a RecursionError
+MAX_JSON_DEPTH = 32
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of the JSON `text` nest (0: a scalar), counted without recursion."""
+    import re
+
+    depth = deepest = 0
+    for ch in re.sub(r'"(?:[^"\\]|\\.)*"', '""', text):  # brackets inside strings do not count
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
     """Reads and checks a config.json; errors name the file and the keys that are missing or wrong."""
+    from .errors import printable
+
     path = Path(path)
     try:
-        cfg = json.loads(path.read_text())
+        text = path.read_text()
+        if json_depth(text) > MAX_JSON_DEPTH:
+            raise CheckpointError(f"{printable(path, None)} nests its values {json_depth(text)} levels deep (a "
+                                  f"config.json has a few, at most {MAX_JSON_DEPTH}): it is not a hybridvit config; "
+                                  "write the folder again with hybridvit.save_pretrained")
+        cfg = json.loads(text)
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); write the folder again with "
-                              "hybridvit.save_pretrained") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{printable(path, None)} is not valid JSON ({printable(e)}); write the folder "
+                              "again with hybridvit.save_pretrained") from e
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} holds a JSON {type(cfg).__name__}, expected an object")
     problems = []

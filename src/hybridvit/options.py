@@ -1,5 +1,7 @@
 """Command-line options that several commands share, defined once so they mean the same everywhere:
-precision, threads, loader workers, device, batch size, image size, progress and JSON output.
+model, weights, output, overwrite, precision, threads, loader workers, device, batch size, image size,
+progress and JSON output. The short forms are the same on every command: `-m/--model`, `-o/--output`,
+`-b/--batch-size`.
 
 Each `add_*` adds one option to an argparse parser; `default=argparse.SUPPRESS` keeps a value given to
 a parent parser (`analyze --img-size 64 attention`)."""
@@ -12,6 +14,30 @@ from .precision import AMP_CHOICES
 
 AMP_MEANING = ("auto: bf16 on a GPU that supports it, else fp32; none: fp32; bf16 or fp16: mixed "
                 "precision in that type")
+
+
+PRETRAINED_SOURCES = ("'true' for the published weights of --model, an official checkpoint file with --model, a "
+                      "hybridvit run checkpoint or run folder (knows its model and classes), or a Hub folder")
+EXPORTED_SOURCES = ("; also an exported .onnx file or OpenVINO .xml (run by onnxruntime / OpenVINO, with the "
+                    "classes and preprocessing the file records)")
+
+
+def add_model(p: argparse.ArgumentParser, help: str = "model name (not needed for a hybridvit run checkpoint)",
+              **kw: Any) -> None:
+    p.add_argument("-m", "--model", help=help, **kw)
+
+
+def add_pretrained(p: argparse.ArgumentParser, help: str = PRETRAINED_SOURCES, **kw: Any) -> None:
+    p.add_argument("--pretrained", help=help, **kw)
+
+
+def add_output(p: argparse.ArgumentParser, help: str, **kw: Any) -> None:
+    p.add_argument("-o", "--output", help=help, **kw)
+
+
+def add_overwrite(p: argparse.ArgumentParser, what: str = "the files this command writes", **kw: Any) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} when they exist (without it, an existing file is refused)", **kw)
 
 
 def add_amp(p: argparse.ArgumentParser, default: Any = "none", meaning: str = AMP_MEANING) -> None:
@@ -31,9 +57,13 @@ def add_threads(p: argparse.ArgumentParser, default: Any = None, workers: bool =
              else "every CPU this process may use")
     p.add_argument("--threads", type=int, default=default, help=f"CPU threads for the model (default: {share})")
     if workers:
-        p.add_argument("--workers", type=int, default=None,
-                       help="processes that decode images in parallel (default: about one CPU in four; "
-                            "0 for the embedded digits)")
+        add_workers(p)
+
+
+def add_workers(p: argparse.ArgumentParser, default_meaning: str = "about one CPU in four; 0 for the embedded "
+                "digits") -> None:
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"processes that decode images in parallel (default: {default_meaning})")
 
 
 def add_batch_size(p: argparse.ArgumentParser, default: Any, short: bool = False) -> None:

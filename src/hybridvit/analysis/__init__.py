@@ -29,6 +29,36 @@ _SUBCOMMANDS = {
 
 
 _SIZE_DEFAULT = "the run's, else the model's; analyses run at SIZE x SIZE"
+# the file stems each analysis writes into --output (STEM.png, STEM.svg, STEM.json)
+_STEMS = {"attention": ("attention", "carriers", "digest"), "distance": ("distance",),
+          "amplitude": ("amplitude",), "pareto": ("pareto",)}
+
+
+class _InOrder(argparse._AppendAction):
+    """Appends like action='append' and also records the order of -m and --pretrained in `_given`, so that
+    `--pretrained A -m B --pretrained C` pairs B with C and lets A name its own model."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        given = list(getattr(namespace, "_given", None) or [])
+        namespace._given = given + [(self.dest, values)]
+
+
+def _pairs(given: list[tuple[str, str]]) -> list[tuple[str | None, str | None]]:
+    """(model, pretrained) per --pretrained, in command-line order: each -m belongs to the --pretrained after
+    it; a --pretrained without one names its model (a run checkpoint does); a -m left over gets random weights."""
+    pairs, name = [], None
+    for dest, value in given:
+        if dest == "pretrained":
+            pairs.append((name, value))
+            name = None
+        else:
+            if name is not None:
+                pairs.append((name, None))
+            name = value
+    if name is not None:
+        pairs.append((name, None))
+    return pairs
 
 
 def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
@@ -36,11 +66,12 @@ def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
 
     # SUPPRESS: values given before the subcommand (`analyze -m M attention`) are kept
     more = " (repeat for one line per model)" if several else ""
-    p.add_argument("--model", "-m", action="append", default=argparse.SUPPRESS,
-                   help="model name (default: the one a hybridvit run checkpoint names)" + more)
-    p.add_argument("--pretrained", action="append", default=argparse.SUPPRESS,
+    options.add_model(p, "model name (default: the one a hybridvit run checkpoint names)" + more, action=_InOrder,
+                      default=argparse.SUPPRESS)
+    p.add_argument("--pretrained", action=_InOrder, default=argparse.SUPPRESS,
                    help="'true' (published weights), an official checkpoint file, a hybridvit run checkpoint or "
-                        "run folder; default random weights" + (" (one per --model, in order; 'none' for random)"
+                        "run folder; default random weights" + (" (one per --model, in order; 'none' for random; "
+                                                                "a run checkpoint needs no -m before it)"
                                                                 if several else ""))
     p.add_argument("images", nargs="*", metavar="IMAGE",
                    help="image files or folders, 'digits' (default) or 'random'")
@@ -50,18 +81,20 @@ def _model_options(p: argparse.ArgumentParser, several: bool) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="model name (the complexity table without a subcommand)")
-    p.add_argument("--pretrained", default=None, help="checkpoint path, a hybridvit run, or 'true' for the "
-                   "published weights")
     from .. import options
 
+    options.add_model(p, "model name (the complexity table without a subcommand)", default=None)
+    options.add_pretrained(p, options.PRETRAINED_SOURCES + "; default random weights", default=None)
     options.add_img_size(p, whose=_SIZE_DEFAULT)
     options.add_json(p, "the complexity table")
+    options.add_overwrite(p, "the --json file, or the files an analysis writes into --output")
     options.add_threads(p)
     sub = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
     for name, help_text in _SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        sp.add_argument("--output", "-o", default=f"analysis/{name}", help=f"output folder (default analysis/{name})")
+        options.add_output(sp, f"output folder: {', '.join(s + '.{png,svg,json}' for s in _STEMS[name])} are written "
+                           f"there (default: analysis/{name})", default=f"analysis/{name}")
+        options.add_overwrite(sp, "the files of this analysis in --output", default=argparse.SUPPRESS)
         if name == "pareto":
             sp.add_argument("--results", nargs="+", required=True, metavar="FILE",
                             help="result files of `hybridvit bench --json`")
@@ -85,10 +118,14 @@ def _models_and_inputs(args: argparse.Namespace, several: bool):
     from .load import load_images, load_model
 
     names, pretrained = _as_list(args.model), _as_list(args.pretrained)
+    given = getattr(args, "_given", None) or []
+    if len(pretrained) > len(names) >= 1 and len([d for d, _ in given if d == "model"]) == len(names):
+        # some --pretrained name their model, others follow their -m: pair them in command-line order
+        names, pretrained = [list(t) for t in zip(*_pairs(given))]
     if not names:
         names = [None] * max(1, len(pretrained))
     if not several and len(names) > 1:
-        raise AnalysisError(f"`analyze {args.analysis}` takes one --model (got {', '.join(names)})")
+        raise AnalysisError(f"`analyze {args.analysis}` takes one --model (got {', '.join(map(str, names))})")
     if len(pretrained) not in (0, 1, len(names)) or (len(pretrained) == 1 and len(names) > 1):
         raise AnalysisError(f"give --pretrained once per --model, in order ({len(names)} models, "
                             f"{len(pretrained)} --pretrained); 'none' means random weights")
@@ -108,16 +145,18 @@ def _models_and_inputs(args: argparse.Namespace, several: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import check_output_dir, check_output_file
+    from .._io import check_new_files, check_output_dir, check_output_file
     from ..options import check_positive
     from ..runtime import check_img_size, plan_threads
     from . import complexity
 
     check_positive(args, "img_size", "threads", "num_images")
     if getattr(args, "json", None):
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     if args.analysis is not None:
         check_output_dir(args.output, "--output", create=False)
+        check_new_files([Path(args.output) / f"{stem}.{ext}" for stem in _STEMS[args.analysis]
+                         for ext in ("png", "svg", "json")], "--output", args.overwrite)
     plan_threads("analyze", threads=args.threads).apply()
     if args.analysis is None:
         if not args.model and not args.pretrained:
@@ -161,5 +200,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{m['model']}: block max |x| " + " ".join(f"{b['max_abs']:.3g}" for b in m["blocks"]))
             if "blocks_no_acl" in m:
                 print("  without ACL:      " + " ".join(f"{b['max_abs']:.3g}" for b in m["blocks_no_acl"]))
-    print("wrote " + ", ".join(data["files"]))
+    from ..errors import printable
+    print("wrote " + ", ".join(printable(f, None) for f in data["files"]))
     return 0

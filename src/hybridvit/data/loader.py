@@ -6,6 +6,7 @@ import signal
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -190,10 +191,10 @@ atexit.register(stop_workers)
 
 
 def make_loader(dataset, sampler: EpochSampler, batch_size: int, workers: int, drop_last: bool,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, collate: Callable[[list], Any] = collate_skip) -> DataLoader:
     # an own generator: creating the iterator must not consume torch's global random state,
     # which the training loop saves in checkpoints and restores on resume
     return _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate_skip, drop_last=drop_last, pin_memory=pin_memory,
+                      collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(0), persistent_workers=False,
                       worker_init_fn=ignore_stop_signals if workers > 0 else None)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import printable
 from ..precision import Precision
 
 
@@ -76,10 +77,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, precision: Precisio
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .. import options
 
-    p.add_argument("--pretrained", required=True,
-                   help="a hybridvit run checkpoint (or run folder), an official checkpoint with --model, "
-                        "or 'true' for the published weights of --model")
-    p.add_argument("--model", help="model name (not needed for a hybridvit run checkpoint)")
+    options.add_pretrained(p, options.PRETRAINED_SOURCES + options.EXPORTED_SOURCES, required=True)
+    options.add_model(p)
     p.add_argument("--data", default=None,
                    help="ImageNet-layout ROOT (evaluates ROOT/<split>), a class-folder tree, or 'digits' "
                         "(default: the validation folder a hybridvit run records). Class folders are matched to a "
@@ -96,6 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_amp(p, "none")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a hybridvit checkpoint")
     options.add_json(p)
+    options.add_overwrite(p, "the --json file")
     options.add_progress(p)
 
 
@@ -119,14 +119,14 @@ def _dataset(args: argparse.Namespace, model: nn.Module):
     ds = build_dataset(args.data, args.split, Preprocess.from_cfg(model.pretrained_cfg).geometry)
     names = getattr(model, "class_names", None)
     if names and not is_digits(args.data):
-        folder = _eval_folder(args.data, args.split)
+        folder = printable(_eval_folder(args.data, args.split), None)
         index = {c: i for i, c in enumerate(names)}
         extra = [c for c in ds.classes if c not in index]
-        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        shown = ", ".join(map(printable, names[:20])) + (", ..." if len(names) > 20 else "")
         if extra:
             what = "none of its class folders is" if len(extra) == len(ds.classes) else \
                 f"{len(extra)} of its {len(ds.classes)} class folders are not"
-            raise DataError(f"{folder}: {what} a class of the model ({', '.join(extra[:10])}"
+            raise DataError(f"{folder}: {what} a class of the model ({', '.join(map(printable, extra[:10]))}"
                             f"{' ...' if len(extra) > 10 else ''}). The model knows {len(names)} classes: {shown}. "
                             "Rename each folder to the class it holds, or move the others out; eval matches "
                             "classes by folder name")
@@ -135,7 +135,8 @@ def _dataset(args: argparse.Namespace, model: nn.Module):
         missing = [c for c in names if c not in set(ds.classes)]
         if missing:
             print(f"note: {folder} holds {len(ds.classes)} of the model's {len(names)} classes (no folder for "
-                  f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}); its images are scored "
+                  f"{', '.join(map(printable, missing[:10]))}{' ...' if len(missing) > 10 else ''}); its images "
+                  "are scored "
                   "against all the model's classes")
         ds.classes = list(names)
     n_out = getattr(model, "num_classes", None)
@@ -158,7 +159,8 @@ def run_data(args: argparse.Namespace, model: nn.Module) -> None:
         raise DataError(f"pass --data ROOT (the images to evaluate): {args.pretrained} is not a hybridvit run, so it "
                         "records no validation folder")
     args.data = trained["data"]
-    where = "the embedded digits" if args.data == "digits" else f"{args.data} (split {args.split})"
+    where = "the embedded digits" if args.data == "digits" else \
+        f"{printable(args.data, None)} (split {printable(args.split, None)})"
     print(f"data: {where}, the validation data recorded in the run (pass --data to evaluate other images)")
 
 
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_positive(args, "batch_size", "img_size", "threads")
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", overwrite=args.overwrite)
     device = resolve_device(args.device)
     precision = Precision.from_amp(args.amp, device)
     plan = plan_threads("eval", device=device, threads=args.threads, workers=args.workers,
@@ -188,12 +190,14 @@ def run(args: argparse.Namespace) -> int:
     loader = make_loader(ds, EpochSampler(len(ds), False, pad=False), args.batch_size, plan.workers,
                          drop_last=False)
     res = evaluate(model, loader, device, precision, progress=not args.no_progress)
-    where = "the embedded digits" if is_digits(args.data) else str(_eval_folder(args.data, args.split))
+    where = ("the embedded digits" if is_digits(args.data)
+             else printable(_eval_folder(args.data, args.split), None))
     for path in res["skipped"]:
-        print(f"warning: skipped unreadable image {path}", file=sys.stderr)
+        print(f"warning: skipped unreadable image {printable(path, None)}", file=sys.stderr)
     if res["images"] == 0:
         raise DataError(f"no image of {where} could be read ({len(res['skipped'])} unreadable, e.g. "
-                        f"{', '.join(res['skipped'][:3])}): check the files, e.g. open them with PIL")
+                        f"{', '.join(printable(p, None) for p in res['skipped'][:3])}): check the files, e.g. "
+                        "open them with PIL")
     cfg = model.pretrained_cfg
     result = {"model": model.model_name, "checkpoint": args.pretrained, "data": args.data, "split": args.split,
               "images": res["images"], "top1": res["top1"], "top5": res["top5"], "loss": res["loss"],
@@ -203,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
               "threads": plan.threads, "workers": plan.workers}
     top5 = f"  top-5 {res['top5']:.2f}%" if res["top5"] is not None else ""
     skipped = f", {len(res['skipped'])} unreadable skipped" if res["skipped"] else ""
-    print(f"{result['model']} on {args.data} ({res['images']} images{skipped}): top-1 {res['top1']:.2f}%{top5}  "
+    print(f"{result['model']} on {printable(args.data, None)} ({res['images']} images{skipped}): "
+          f"top-1 {res['top1']:.2f}%{top5}  "
           f"loss {res['loss']:.4f}  ({plan.describe()})")
     if args.json:
         write_json(args.json, result)

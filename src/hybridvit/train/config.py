@@ -251,6 +251,8 @@ def help_default(name: str) -> str:
     def fmt(v: Any) -> str:
         if v in (None, ""):
             return NONE_MEANS.get(name, "off")
+        if isinstance(v, bool):
+            return "on" if v else "off"
         return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
     if fmt(digits) == fmt(small) == fmt(base):

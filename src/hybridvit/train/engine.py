@@ -78,8 +78,10 @@ def stop_if_asked(ctx: RunContext, state: TrainState, loop: Loop, *, saved: bool
     if not saved:
         save_run(ctx, state, loop.model_info, [ctx.out / R.LAST])
     err = TrainingInterrupted(signum, ctx.out, state.epoch, state.step_in_epoch, loop.schedule.steps_per_epoch)
+    # train.log's record; the terminal gets the command's own line (TrainingInterrupted), not a second one
     ctx.log(f"stopped by {signal.Signals(signum).name} at epoch {state.epoch + 1}, step "
-            f"{state.step_in_epoch}/{loop.schedule.steps_per_epoch}; continue with: {err.resume_command}")
+            f"{state.step_in_epoch}/{loop.schedule.steps_per_epoch}; continue with: {err.resume_command}",
+            terminal=False)
     D.barrier(ctx.info)
     D.cleanup(ctx.info)
     raise err
@@ -278,6 +280,8 @@ def end_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int, cur_lr
     loop.logged_skipped = list(state.skipped)
     is_best = val["top1"] > state.best_top1
     state.best_top1 = max(state.best_top1, val["top1"])
+    if is_best:
+        state.best_epoch = epoch + 1
     state.epoch, state.step_in_epoch = epoch + 1, 0
     save_run(ctx, state, loop.model_info, [ctx.out / R.LAST] + ([ctx.out / R.BEST] if is_best else []))
     if info.is_main:
@@ -311,6 +315,7 @@ def _summary(ctx: RunContext, state: TrainState, loop: Loop, last: dict[str, Any
     cfg, out = ctx.cfg, ctx.out
     return {
         "model": cfg.model, "epochs": cfg.epochs, "val_top1": state.best_top1,
+        "best_epoch": state.best_epoch or None,
         "val_top1_last": last.get("val_top1"), "val_top5_last": last.get("val_top5"),
         "checkpoint": str((out / R.BEST).resolve()), "last_checkpoint": str((out / R.LAST).resolve()),
         "output": str(out.resolve()), "data": cfg.data, "num_classes": loop.model_info["num_classes"],

@@ -2,6 +2,7 @@
 data after its checks (`RunData`), the model, the learning-rate schedule and the training state."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,26 @@ def build_model(cfg: TrainConfig, num_classes: int, class_names: list[str] | Non
     kw = model_kwargs(cfg)
     if cfg.drop_path_rate is not None:
         kw["drop_path_rate"] = cfg.drop_path_rate
-    return load_for_command(cfg.pretrained, cfg.model, num_classes=num_classes, purpose=FINETUNE,
-                            class_names=class_names, **kw)
+    # the loader's "... start fresh" log line is also in the model's load_note, which training prints as
+    # its `weights:` line: said once
+    with _without_start_fresh_notes():
+        return load_for_command(cfg.pretrained, cfg.model, num_classes=num_classes, purpose=FINETUNE,
+                                class_names=class_names, **kw)
+
+
+@contextlib.contextmanager
+def _without_start_fresh_notes():
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "start fresh" not in record.getMessage()
+
+    logger = logging.getLogger("hybridvit")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def pretrained_run_config(cfg: TrainConfig, given: set[str] | None) -> TrainConfig:

@@ -20,11 +20,13 @@ class RunLog:
         self.path = out / LOG if out else None
         self.enabled = enabled
 
-    def __call__(self, msg: str) -> None:
+    def __call__(self, msg: str, terminal: bool = True) -> None:
+        """Writes `msg` to train.log, and to stdout unless `terminal` is False."""
         if not self.enabled:
             return
-        from tqdm import tqdm
-        tqdm.write(msg, file=sys.stdout)
+        if terminal:
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stdout)
         if self.path:
             with open(self.path, "a") as f:
                 f.write(msg + "\n")

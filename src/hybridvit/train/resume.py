@@ -142,6 +142,7 @@ class TrainState:
     step_in_epoch: int = 0
     global_step: int = 0
     best_top1: float = -1.0
+    best_epoch: int = 0  # the epoch (1-based) of best_top1; 0 before the first validation
     running: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # loss sum, hits, images (rank)
     skipped: list[str] = field(default_factory=list)
 
@@ -156,7 +157,8 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "scheduler": {"step": self.global_step, "total": self.total_steps},
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "best_top1": self.best_top1,
-            "rng": rngs, "running": runs, "skipped_images": list(self.skipped), "world_size": self.info.world_size,
+            "best_epoch": self.best_epoch, "rng": rngs, "running": runs, "skipped_images": list(self.skipped),
+            "world_size": self.info.world_size,
         }
 
     def load_state_dict(self, state: dict[str, Any], log: RunLog | None = None) -> None:
@@ -169,6 +171,7 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_top1 = state["scheduler"]["step"], state["best_top1"]
+        self.best_epoch = int(state.get("best_epoch", 0))  # 0: a last.pt from before it was recorded
         self.skipped = list(state.get("skipped_images", []))
         rank, world = self.info.rank, self.info.world_size
         if len(state["rng"]) == world:
