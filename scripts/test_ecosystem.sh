@@ -31,13 +31,20 @@ fi
 if ! "$PY" -c "import timm, transformers, pytest_timeout, sys; sys.exit(timm.__version__ != '$TIMM_VERSION')" 2>/dev/null; then
   "$PY" -m pip install -q "timm==$TIMM_VERSION" "transformers>=5" pytest-timeout
 fi
-if ! "$PY" -c "import hybridvit, sys; sys.exit(not hybridvit.__file__.startswith('$ROOT/src/'))" 2>/dev/null; then
-  "$PY" -m pip install -q -e ".[train,safetensors,hub,dev]"
+if ! "$PY" -c "import hybridvit, onnxscript, onnxruntime, sys; sys.exit(not hybridvit.__file__.startswith('$ROOT/src/'))" 2>/dev/null; then
+  # the onnx extra too: modules that need it skip at import otherwise, which -m integration would count
+  "$PY" -m pip install -q -e ".[train,safetensors,hub,dev,onnx]"
 fi
 "$PY" -c "import torch, torchvision, timm, transformers; print(f'lane 2: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, transformers {transformers.__version__}')"
 
 # ------------------------------------------------------------------------------- 1. integration tests
-HYBRIDVIT_REQUIRE_INTEGRATIONS=1 "$PY" -m pytest -q -m integration --durations=10 -p no:cacheprovider tests
+log=$(mktemp)
+HYBRIDVIT_REQUIRE_INTEGRATIONS=1 "$PY" -m pytest -q -m integration --durations=10 -p no:cacheprovider -rs tests \
+  2>&1 | tee "$log"
+if grep -Eq "[0-9]+ skipped" "$log"; then  # also a module that skips at import: nothing here may skip
+  echo "lane 2: tests were skipped (above); every test this lane runs must run" >&2
+  exit 1
+fi
 
 # ------------------------------------------------------------------------------ 2. timm's test_models.py
 SDIST_DIR=build/timm-sdist
