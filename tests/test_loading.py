@@ -193,3 +193,29 @@ def test_architecture_layout_matches_the_tree():
     files = {p.name for p in SRC.rglob("*.py")} | {p.name for p in SRC.rglob("*") if p.is_dir()}
     stale = {n for n in re.findall(r"\b(\w+\.py)\b", block) if n not in files}
     assert not stale, f"docs/architecture.md's layout names {sorted(stale)}, which the tree does not have"
+
+
+def test_file_schemas_agree_with_the_builders(tmp_path):
+    """The construction keys a file may set (models/_schema.py) are exactly each builder's keyword
+    parameters, and every value a builder accepts for a string key (e.g. CrossFormer's group_type, 'linear'
+    included) passes the file check: a model saved with it loads again."""
+    import inspect
+
+    from hybridvit import registry
+    from hybridvit.models import crossformer
+    from hybridvit.models._schema import schema_for
+
+    builders = {}
+    for name in hybridvit.list_models():
+        entry = registry.get_entry(name)
+        builders[entry.builder] = entry.family
+    assert len(builders) == 4  # FasterViT, CrossFormer, CabViT-H, CabViT-P
+    for builder, family in builders.items():
+        params = set(inspect.signature(builder).parameters) - {"self", "kwargs"}
+        schema = schema_for(family, builder)
+        assert set(schema) == params, (builder.__name__, sorted(set(schema) ^ params))
+    assert schema_for("crossformer", crossformer.CrossFormer)["group_type"].choices == crossformer.GROUP_TYPES
+    for group_type in crossformer.GROUP_TYPES:
+        model = hybridvit.create_model("crossformer_t", num_classes=2, group_type=group_type, img_size=64)
+        hybridvit.save_pretrained(model.eval(), tmp_path / group_type)
+        assert hybridvit.load_model(tmp_path / group_type).num_classes == 2

@@ -17,15 +17,17 @@ from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the default normalisation of every published variant
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+# the values a pretrained_cfg may hold (the one list: models/_schema.py checks files against it)
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+CROP_MODES = ("center", "squash", "border")
 
 
 def _pil_interpolation(name: str, rng: random.Random | None = None):
     from PIL import Image
     if name == "random":  # timm's train_interpolation='random'
         name = (rng or random).choice(["bilinear", "bicubic"])
-    if name not in _INTERPOLATIONS:
-        raise ValueError(f"unknown interpolation {name!r}; one of {', '.join(_INTERPOLATIONS)} or 'random'")
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {name!r}; one of {', '.join(INTERPOLATIONS)} or 'random'")
     return getattr(Image.Resampling, name.upper())
 
 
@@ -52,8 +54,8 @@ class EvalTransform:
         self.hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
         self.size = self.hw[1]
         self.crop_pct, self.interpolation, self.crop_mode, self.fill = crop_pct, interpolation, crop_mode, fill
-        if crop_mode not in ("center", "squash", "border"):
-            raise ValueError(f"unknown crop_mode {crop_mode!r}; one of center, squash, border")
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"unknown crop_mode {crop_mode!r}; one of {', '.join(CROP_MODES)}")
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any]) -> EvalTransform:

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.transforms import CROP_MODES, INTERPOLATIONS
 from ..errors import ConfigError
+from .crossformer import GROUP_TYPES
 
 MAX_CLASSES = 100_000   # ImageNet-21K has 21,841; a head of 100,000 x 4096 floats is 1.6 GB
 MAX_IMG_SIZE = 4096
@@ -87,7 +89,7 @@ SCHEMAS: dict[str, dict[str, Key]] = {
     "crossformer": {
         "embed_dim": _DIM, "depths": Key("ints", 0, 64, **_STAGES), "num_heads": Key("ints", 1, 128, **_STAGES),
         "group_size": Key("ints", 1, 256, **_STAGES), "interval": Key("ints", 1, 256, **_STAGES),
-        "group_type": Key("str", choices=("constant", "7_14", "linear_div", "alter")),
+        "group_type": Key("str", choices=GROUP_TYPES),
         "amplitude_cooling": Key("bool"), "stem_kernels": Key("ints", 1, 64, **_STAGES),
         "merge_kernels": Key("ints", 1, 64, **_STAGES), "mlp_ratio": Key("float", 0.0, 16.0),
         "qkv_bias": Key("bool"), "drop_rate": _RATE, "attn_drop_rate": _RATE, "drop_path_rate": _RATE,
@@ -144,10 +146,6 @@ def check_file_config(config: dict[str, Any], schema: dict[str, Key], source: st
     return out
 
 
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
-_CROP_MODES = ("center", "squash", "border")
-
-
 def checked_pretrained_cfg(cfg: Any, where: str) -> dict[str, Any]:
     """A `pretrained_cfg` from a file, when its preprocessing fields have sane types and values."""
     if not isinstance(cfg, dict):
@@ -164,7 +162,7 @@ def checked_pretrained_cfg(cfg: Any, where: str) -> dict[str, Any]:
     checks = {"input_size": lambda v: sides(v, 3), "min_input_size": lambda v: sides(v, 3),
               "mean": floats, "std": lambda v: floats(v) and all(x > 0 for x in v),
               "crop_pct": lambda v: isinstance(v, (int, float)) and 0 < v <= 4,
-              "interpolation": lambda v: v in _INTERPOLATIONS, "crop_mode": lambda v: v in _CROP_MODES}
+              "interpolation": lambda v: v in INTERPOLATIONS, "crop_mode": lambda v: v in CROP_MODES}
     bad = [k for k, ok in checks.items() if k in cfg and not ok(cfg[k])]
     if "input_size" not in cfg:
         bad.append("input_size")
