@@ -86,7 +86,11 @@ def test_minimum_input_sizes_per_family(monkeypatch):
     assert min_img_size("fastervit_nano") == min_img_size("cabvit_h_l1") == 1  # padded everywhere
     check_img_size("crossformer_t", 32)
     check_img_size("crossformer_t", None)
-    # timm's min_input_size field, where the registry has it, wins over the table
+    # one owner: each model class's `min_input_size`, which every registry entry's pretrained_cfg carries
+    for name in hybridvit.list_models():
+        entry = get_entry(name)
+        assert entry.pretrained_cfg["min_input_size"][-2:] == (entry.builder.min_input_size,) * 2, name
+    # what the commands check reads that field
     monkeypatch.setitem(get_entry("fastervit_nano").pretrained_cfg, "min_input_size", (3, 48, 48))
     assert min_img_size("fastervit_nano") == 48
 

@@ -148,21 +148,12 @@ def plan_threads(command: str, *, device: torch.device | str = "cpu", threads: i
     return ThreadPlan(threads, workers, cpus, keep_memory=command != "train")
 
 
-# smallest image side per family, for registry entries without timm's `min_input_size` field (measured:
-# CrossFormer's unpadded stride-2 CEL downsamplers need 32 px, CabViT-P's 16x16 patch embedding 16 px;
-# FasterViT and CabViT-H pad every convolution and window and run from 1 px)
-_MIN_SIDE_BY_PREFIX = {"crossformer": 32, "cabvit_p": 16}
-
-
 def min_img_size(model_name: str) -> int:
-    """The smallest input side `model_name` accepts: its pretrained_cfg's `min_input_size` ((C, H, W) or
-    an int, timm's field) when the registry has it, else the per-family table above."""
+    """The smallest input side `model_name` accepts: its pretrained_cfg's `min_input_size` (timm's field,
+    (C, H, W)), which every registry entry has from its model class's `min_input_size`."""
     from .registry import get_entry
 
-    value = get_entry(model_name).pretrained_cfg.get("min_input_size")
-    if value is not None:
-        return int(min(value[-2:]) if isinstance(value, (tuple, list)) else value)
-    return next((v for prefix, v in _MIN_SIDE_BY_PREFIX.items() if model_name.startswith(prefix)), 1)
+    return int(min(get_entry(model_name).pretrained_cfg["min_input_size"][-2:]))
 
 
 def check_img_size(model_name: str, size: int | list[int] | tuple[int, ...] | None,

@@ -45,11 +45,11 @@ class Variant:
 def pretrained_cfg(*, img_size: int = 224, crop_pct: float = 0.875, crop_mode: str = "center",
                    interpolation: str = "bicubic", mean: tuple[float, ...] = IMAGENET_MEAN,
                    std: tuple[float, ...] = IMAGENET_STD, first_conv: str | tuple[str, ...], classifier: str = "head",
-                   reduction: int | None = 32, min_input_size: int = 32, license: str, origin_url: str,
+                   reduction: int | None = 32, min_input_size: int, license: str, origin_url: str,
                    paper_ids: str, num_classes: int = 1000) -> dict[str, Any]:
     """timm's pretrained_cfg fields. `first_conv`: the layer(s) that read the image; `reduction`: stride of
     the last map (pool_size = img_size / it; None for a class-token model); `min_input_size`: the smallest
-    image side the model accepts."""
+    image side the model accepts (the model class's `min_input_size`, its one owner)."""
     return dict(input_size=(3, img_size, img_size), min_input_size=(3, min_input_size, min_input_size),
                 crop_pct=crop_pct, crop_mode=crop_mode, interpolation=interpolation, mean=tuple(mean),
                 std=tuple(std), first_conv=first_conv, classifier=classifier,

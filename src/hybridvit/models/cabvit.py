@@ -594,7 +594,7 @@ _HINT = "no CabViT checkpoints are published (train one with `hybridvit train`)"
 def _cfg(plain: bool) -> dict[str, Any]:
     """Preprocessing of the DeiT/ConvNeXt pipeline the official code builds on (bicubic, crop 0.875)."""
     return pretrained_cfg(first_conv="patch_embed" if plain else "stem.conv1.conv", reduction=None if plain else 32,
-                          min_input_size=16 if plain else 1, license=LICENSE_NONE,
+                          min_input_size=(CabViTP if plain else CabViTH).min_input_size, license=LICENSE_NONE,
                           origin_url="https://github.com/hkzhang91/CabViT", paper_ids="arXiv:2211.07198")
 
 

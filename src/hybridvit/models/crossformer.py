@@ -431,9 +431,9 @@ def _variant(name: str, cfg: dict[str, Any], top1: float, where: str) -> Variant
         name, "crossformer", CrossFormer, cfg, top1=top1,
         weights_hint=(f"the official checkpoint is published only on the links of the official repository "
                       f"({_REPO}): {where}; there is no direct download URL"),
-        # min_input_size 32: each unpadded stride-2 CEL downsampler needs a map of at least 2x2; the four
-        # stem convolutions all read the image
+        # the four stem convolutions all read the image
         pretrained_cfg=pretrained_cfg(crop_pct=0.875, first_conv=tuple(f"stem.projs.{i}" for i in range(4)),
+                                      min_input_size=CrossFormer.min_input_size,
                                       license=LICENSE_MIT, origin_url=_REPO, paper_ids=paper))
 
 

@@ -560,9 +560,8 @@ _BASE = dict(ct_size=2, mlp_ratio=4, window_size=[7, 7, 7, 7], hat=[False, False
 
 def _cfg(img_size: int = 224, crop_pct: float = 1.0, crop_mode: str = "center") -> dict[str, Any]:
     """Preprocessing as the official `default_cfgs` publish it (bicubic, ImageNet mean/std)."""
-    # min_input_size 1: padded convolutions and windows shrinking to the map take any size
     return pretrained_cfg(img_size=img_size, crop_pct=crop_pct, crop_mode=crop_mode, first_conv="stem.conv1",
-                          min_input_size=1,
+                          min_input_size=FasterViT.min_input_size,
                           license=LICENSE_NVIDIA_NC, origin_url="https://github.com/NVlabs/FasterViT",
                           paper_ids="arXiv:2306.06189")
 
