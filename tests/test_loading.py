@@ -3,6 +3,7 @@ no circle (imports inside functions counted) and nothing below imports what uses
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -219,3 +220,38 @@ def test_file_schemas_agree_with_the_builders(tmp_path):
         model = hybridvit.create_model("crossformer_t", num_classes=2, group_type=group_type, img_size=64)
         hybridvit.save_pretrained(model.eval(), tmp_path / group_type)
         assert hybridvit.load_model(tmp_path / group_type).num_classes == 2
+
+
+@pytest.mark.parametrize("official,ours", [("faster_vit_0_224", "fastervit_0"),
+                                           ("faster_vit_4_21k_384", "fastervit_4_21k_384"),
+                                           ("crossformer-s", "crossformer_s"), ("CrossFormer-T", "crossformer_t"),
+                                           ("cros_small_patch4_group7_224", "crossformer_s"),
+                                           ("crossformer++-b", "crossformerpp_b"),
+                                           ("cros_pp_small_patch4_group_const_224", "crossformerpp_s"),
+                                           ("cabvit_h_l2", "cabvit_h_l2"), ("cabvit_p_l0", "cabvit_p_tiny")])
+def test_official_names_are_aliases(official, ours):
+    """The official code's names (builder functions, config NAMEs, the READMEs' spellings) build hybridvit's
+    model, under hybridvit's name, and are never listed twice."""
+    from hybridvit.registry import get_entry
+
+    assert get_entry(official).name == ours
+    assert hybridvit.registry.meta_model(official).model_name == ours
+    assert official == ours or official not in hybridvit.list_models()
+
+
+def test_official_names_lead_the_suggestions_and_reach_the_commands(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"Did you mean: fastervit_0,"):  # before: fastervit_4 first
+        hybridvit.create_model("faster_vit_0")
+    model = hybridvit.create_model("faster_vit_0_224", num_classes=3, img_size=32)
+    assert model.model_name == "fastervit_0" and model.num_classes == 3
+    assert main(["bench", "-m", "crossformer++-s", "--img-size", "32", "--batch-size", "1", "--repeats", "1",
+                 "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["model"] == "crossformerpp_s"
+
+
+@pytest.mark.integration
+def test_official_names_through_timm():
+    timm = pytest.importorskip("timm", reason="timm.create_model needs timm (the ecosystem lane)")
+    model = timm.create_model("faster_vit_0_224", num_classes=4)
+    assert model.model_name == "fastervit_0" and model.num_classes == 4
+    assert timm.create_model("cros_pp_small_patch4_group_const_224", features_only=True).model_name == "crossformerpp_s"

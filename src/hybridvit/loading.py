@@ -37,7 +37,7 @@ from .errors import CheckpointError, printable
 from .models import adapt_input_channels
 from .models._schema import MAX_CLASSES, check_file_config, checked_pretrained_cfg, schema_for
 from .models._variant import with_input_size
-from .registry import build_model, get_entry
+from .registry import build_model, get_entry, resolve_name
 from .runtime import check_img_size
 
 log = logging.getLogger("hybridvit")
@@ -395,6 +395,7 @@ def create_model(name: str | None, *, pretrained: Any = False, num_classes: int 
         source, name = Source("hub", name), None
     else:
         source = resolve(pretrained)
+        name = resolve_name(name) if isinstance(name, str) else name  # an official name: hybridvit's model
     if name is None and source.kind not in ("hub", "run"):
         raise ValueError("create_model(None, ...) needs pretrained= a save_pretrained folder, a run checkpoint or "
                          "'hf-hub:ORG/REPO' (they name their architecture); otherwise pass a model name")
@@ -421,7 +422,7 @@ def load_for_command(pretrained: Any, model_name: str | None = None, *, num_clas
     order) starts a fresh head even at the same class count.
     """
     source = resolve(pretrained)
-    name = model_name or (source.run["model_name"] if source.kind == "run" else None)
+    name = resolve_name(model_name) if model_name else (source.run["model_name"] if source.kind == "run" else None)
     if not name and source.kind == "file":
         raise CheckpointError(f"{source.where} is not a hybridvit run checkpoint, so it does not name its model: "
                               "pass --model NAME (see `hybridvit models`)")

@@ -29,7 +29,7 @@ from torch import nn
 from ..hub import HF_HUB_PREFIX
 from ..loading import create_model
 from ..models._schema import check_file_config, schema_for
-from ..registry import get_entry, list_models
+from ..registry import OFFICIAL_NAMES, get_entry, list_models
 
 # timm's register_model reads the pretrained configs of the entrypoint's module from `default_cfgs`
 default_cfgs: dict[str, dict[str, Any]] = {}
@@ -152,4 +152,10 @@ def register_timm_models() -> dict[str, str]:
         default_cfgs[timm_name] = _timm_cfg(name, timm_name, fields)
         register_model(_entrypoint(name, timm_name))
         _TIMM_NAMES[name] = timm_name
+    # the official code's names too (timm.create_model("faster_vit_0_224") builds fastervit_0), where timm
+    # has no model of that name; they are not in timm_names() (each model is tested once, under its own name)
+    for alias, name in OFFICIAL_NAMES.items():
+        if name in _TIMM_NAMES and not is_model(alias):
+            default_cfgs[alias] = _timm_cfg(name, alias, fields)
+            register_model(_entrypoint(name, alias))
     return dict(_TIMM_NAMES)
