@@ -256,7 +256,8 @@ def test_pareto_from_bench_results(tmp_path):
     assert (out / "pareto.png").is_file() and (out / "pareto.svg").is_file()
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(AnalysisError, match="bench --json"):
-        main(["--debug", "analyze", "pareto", "--results", str(tmp_path / "bad.json"), "-o", str(out)])
+        main(["--debug", "analyze", "pareto", "--results", str(tmp_path / "bad.json"), "-o", str(out),
+              "--overwrite"])
 
 
 def test_missing_matplotlib_says_how_to_install(monkeypatch):

@@ -520,6 +520,9 @@ def test_paths_with_control_characters_are_printed_escaped(tmp_path, capsys):
     assert main(["eval", "--pretrained", str(ckpt), "--data", str(other), "--no-progress", "--workers", "0"]) == 2
     err = capsys.readouterr().err
     assert "none of its class folders" in err and "\x1b" not in err and err.count("\n") == 1, err
+    from hybridvit.train.stop import TrainingInterrupted
+    said = str(TrainingInterrupted(15, tmp_path / _ESC, 0, 3, 8))
+    assert "\x1b" not in said and "\n" not in said and "bad\\x1b[31mname\\nline" in said
 
 
 def test_export_static_batch_says_its_real_input_shape_and_prints_no_exporter_noise(tmp_path, capfd):

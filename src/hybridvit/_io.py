@@ -54,8 +54,10 @@ def _prepare(folder: Path, label: str, create: bool) -> None:
 def check_output_dir(folder: str | os.PathLike, what: str = "--output", create: bool = True) -> Path:
     """`folder` ready for writing: created with its parents (`create`), or OutputError with one line
     saying why not (a read-only folder, a path through a file)."""
+    from .errors import printable
+
     folder = Path(folder)
-    _prepare(folder, f"{what} {folder}", create)
+    _prepare(folder, f"{what} {printable(folder, None)}", create)
     return folder
 
 

@@ -8,6 +8,7 @@ import sys
 import types
 import typing
 
+from ..errors import printable
 from ..options import AMP_MEANING
 from ..precision import AMP_CHOICES
 from .config import FIELDS, TrainConfig, help_default
@@ -163,6 +164,6 @@ def run(args: argparse.Namespace) -> int:
         return 130
     if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"{best_line(summary)} ({summary['wall_time_s']:.0f} s)")
-        print(f"checkpoint: {summary['checkpoint']}")
-        print(f"summary:    {summary['output']}/summary.json")
+        print(f"checkpoint: {printable(summary['checkpoint'], None)}")
+        print(f"summary:    {printable(summary['output'], None)}/summary.json")
     return 0

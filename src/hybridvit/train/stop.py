@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..errors import printable
 from . import distributed as D
 from .run_dir import LAST
 
@@ -19,9 +20,9 @@ class TrainingInterrupted(Exception):
 
     def __init__(self, signum: int, out: Path, epoch: int, step: int, steps: int) -> None:
         self.signum, self.out, self.exit_code = signum, out, 128 + signum
-        self.resume_command = f"hybridvit train --resume {out}"
+        self.resume_command = f"hybridvit train --resume {printable(out, None)}"
         super().__init__(f"{signal.Signals(signum).name}: training stopped at epoch {epoch + 1}, step {step}/{steps}; "
-                         f"saved {out / LAST}. Continue with: {self.resume_command}")
+                         f"saved {printable(out / LAST, None)}. Continue with: {self.resume_command}")
 
 
 _SAVES_IN_PROGRESS = [0]  # a second signal waits for these: a save killed halfway leaves a temporary file
