@@ -361,7 +361,8 @@ def test_bad_image_size_is_refused_up_front(size, capsys, tmp_path):
 # the options several commands share: the same flags (short and long) wherever they exist
 _SHARED = {"model": {"-m", "--model"}, "output": {"-o", "--output"}, "pretrained": {"--pretrained"},
            "img_size": {"--img-size"}, "threads": {"--threads"}, "workers": {"--workers"}, "amp": {"--amp"},
-           "json": {"--json"}, "overwrite": {"--overwrite"}}
+           "json": {"--json"}, "overwrite": {"--overwrite"}, "batch_size": {"-b", "--batch-size"},
+           "device": {"--device"}, "num_classes": {"--num-classes"}}
 
 
 def _every_parser():

@@ -384,7 +384,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     options.add_pretrained(p, options.PRETRAINED_SOURCES + "; default random weights")
     p.add_argument("--compare", nargs="*", default=[], metavar="M",
                    help="other models measured in the same run (hybridvit names, or timm:<name> if timm is installed)")
-    options.add_batch_size(p, 16, short=True)
+    options.add_batch_size(p, 16)
     options.add_img_size(p, whose="the checkpoint's, else the model's")
     options.add_device(p)
     options.add_amp(p, "none")

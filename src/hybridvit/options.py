@@ -52,12 +52,14 @@ def add_device(p: argparse.ArgumentParser, default: Any = "auto") -> None:
                    help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N (default: auto)")
 
 
-def add_threads(p: argparse.ArgumentParser, default: Any = None, workers: bool = False) -> None:
+def add_threads(p: argparse.ArgumentParser, default: Any = None, workers: bool = False,
+                workers_default: str | None = None) -> None:
+    """--threads, and with `workers` --workers (`workers_default`: what its default is, in words)."""
     share = ("the CPUs this process may use, less those the image-loading workers get" if workers
              else "every CPU this process may use")
     p.add_argument("--threads", type=int, default=default, help=f"CPU threads for the model (default: {share})")
     if workers:
-        add_workers(p)
+        add_workers(p, *([workers_default] if workers_default else []))
 
 
 def add_workers(p: argparse.ArgumentParser, default_meaning: str = "about one CPU in four; 0 for the embedded "
@@ -66,8 +68,8 @@ def add_workers(p: argparse.ArgumentParser, default_meaning: str = "about one CP
                    help=f"processes that decode images in parallel (default: {default_meaning})")
 
 
-def add_batch_size(p: argparse.ArgumentParser, default: Any, short: bool = False) -> None:
-    flags = ("--batch-size", "-b") if short else ("--batch-size",)
+def add_batch_size(p: argparse.ArgumentParser, default: Any) -> None:
+    flags = ("-b", "--batch-size")
     shown = f" (default: {default})" if isinstance(default, int) else ""
     p.add_argument(*flags, type=int, default=default, help=f"images per batch{shown}")
 

@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "of classes (default: 5)")
     options.add_img_size(p)
     options.add_batch_size(p, 32)
-    options.add_threads(p)
-    options.add_workers(p, "about one CPU in four when there is more than one batch, else 0")
+    options.add_threads(p, workers=True, workers_default="about one CPU in four when there is more than one batch, "
+                        "else 0")
     options.add_device(p)
     options.add_amp(p, "none")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a hybridvit checkpoint")

@@ -74,8 +74,8 @@ _HELP = {
     "plot": "write the loss and accuracy curves (metrics.png; needs matplotlib)",
     "max_steps_per_epoch": "cut each epoch to at most N steps (smoke tests)",
 }
-# the short forms every command shares (`-m/--model`, `-o/--output`)
-_SHORT = {"model": "-m", "output": "-o"}
+# the short forms every command shares (`-m/--model`, `-o/--output`, `-b/--batch-size`)
+_SHORT = {"model": "-m", "output": "-o", "batch_size": "-b"}
 # plain switches: --overwrite is asked for, never switched off
 _SWITCHES = {"overwrite"}
 
