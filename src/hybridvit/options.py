@@ -37,7 +37,8 @@ def add_output(p: argparse.ArgumentParser, help: str, **kw: Any) -> None:
 
 def add_overwrite(p: argparse.ArgumentParser, what: str = "the files this command writes", **kw: Any) -> None:
     p.add_argument("--overwrite", action="store_true",
-                   help=f"replace {what} when they exist (without it, an existing file is refused)", **kw)
+                   help=f"write over {what} if present (without --overwrite, an existing file is refused)",
+                   **kw)
 
 
 def add_amp(p: argparse.ArgumentParser, default: Any = "none", meaning: str = AMP_MEANING) -> None:
