@@ -361,3 +361,47 @@ def test_cabvit_residual_stream_stays_bf16_under_autocast(tiny_h, fixture):
     with torch.no_grad():
         ref = model(x)
     assert (out.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["cabvit_h_l1", "cabvit_p_tiny"])
+def test_weights_load_at_another_input_size(name, tmp_path):
+    """CabViT's tables sized by the training resolution (per-offset attention biases, digest biases and scale
+    factors, CabViT-P's position embedding) are resampled when a checkpoint of one size loads into a model
+    of another, through create_model, load_for_command (every command's --pretrained) and load_model;
+    before, 18 shapes differed. At the same size nothing changes; a constant table stays that constant."""
+    from hybridvit.inference import load_for_command
+
+    torch.manual_seed(0)
+    model = hybridvit.create_model(name, num_classes=6, img_size=64).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("attention_biases", "digest_bias")):
+                p.copy_(torch.arange(p.shape[0] if "attention" in n else p.shape[1], dtype=p.dtype).view(
+                    (-1, 1) if "attention" in n else (1, -1, 1, 1)).expand_as(p) * 0.1 + 0.5)
+            elif n.endswith("digest.scale"):
+                p.fill_(1.5)
+    hybridvit.save_pretrained(model, tmp_path / "run")
+    same = hybridvit.create_model(name, pretrained=str(tmp_path / "run"), img_size=64)
+    for (n, a), b in zip(model.state_dict().items(), same.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=n)
+    for size in (96, 224):
+        big = hybridvit.create_model(name, pretrained=str(tmp_path / "run"), img_size=size).eval()
+        assert big.pretrained_cfg["input_size"][-1] == size and big.num_classes == 6
+        for n, p in big.named_parameters():
+            if n.endswith("attention_biases"):
+                expected = (torch.arange(p.shape[0], dtype=p.dtype) * 0.1 + 0.5).view(-1, 1).expand_as(p)
+                torch.testing.assert_close(p, expected, msg=n)
+            elif n.endswith("digest.scale"):
+                torch.testing.assert_close(p, torch.full_like(p, 1.5), msg=n)
+        with torch.no_grad():
+            assert torch.isfinite(big(torch.randn(1, 3, size, size))).all()
+    cmd = load_for_command(str(tmp_path / "run"), img_size=96)
+    assert cmd.pretrained_cfg["input_size"][-1] == 96
+
+
+def test_a_real_mismatch_still_names_the_variant(tmp_path):
+    """A bare state dict of another variant (no model name in the file) at another size: the resampling leaves
+    what no grid explains alone, and the error names the shapes and asks for the matching variant."""
+    torch.save(hybridvit.create_model("cabvit_h_l2", num_classes=3, img_size=64).state_dict(), tmp_path / "l2.pt")
+    with pytest.raises(CheckpointError, match="shapes differ.*Is it a checkpoint of another variant"):
+        hybridvit.create_model("cabvit_h_l1", pretrained=str(tmp_path / "l2.pt"), img_size=96, num_classes=3)

@@ -138,6 +138,8 @@ def fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], where: str, *,
     if not sd or not set(sd) <= set(own):
         sd = model.convert_official(sd)
     sd = adapt_input_channels(sd, model)  # published RGB first layers -> the model's in_chans
+    if hasattr(model, "resample_tables"):  # tables sized by the training resolution -> the model's (CabViT)
+        sd = model.resample_tables(sd)
     is_head = lambda k: k.startswith(_head_keys(model))
     head_own = [k for k in own if is_head(k)]
     head_file = [k for k in sd if is_head(k)]

@@ -380,6 +380,12 @@ class HybridModel(nn.Module):
         `convert_official`, without importing the models)."""
         return adapt_input_channels(state_dict, self)
 
+    def resample_tables(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state_dict` (the model's key layout) with tables sized by the training resolution resampled to
+        this model's (CabViT's; the other families' position biases are MLPs and fit any size). Called by
+        `loading.fit_state_dict` before shapes are compared."""
+        return state_dict
+
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
 

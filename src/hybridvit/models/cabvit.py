@@ -455,6 +455,9 @@ class CabViTH(HybridModel):
     def convert_official(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return convert_official_cabvit_h(state_dict)
 
+    def resample_tables(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return resample_cabvit_tables(self, state_dict)
+
     def no_weight_decay_keywords(self) -> set[str]:
         return {"attention_biases", "digest_bias"}
 
@@ -583,8 +586,63 @@ class CabViTP(HybridModel):
         raise CheckpointError("there is no official CabViT-P (the official repository only has a DeiT "
                               "placeholder): load a checkpoint saved from hybridvit's CabViT-P")
 
+    def resample_tables(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return resample_cabvit_tables(self, state_dict)
+
     def no_weight_decay_keywords(self) -> set[str]:
         return {"pos_embed", "cls_token", "digest_bias"}
+
+
+def _grid_of(n: int, like: tuple[int, int]) -> tuple[int, int] | None:
+    """The (h, w) grid of n cells with the aspect ratio of `like` (the model's own grid), None if none."""
+    h = max(1, round(math.sqrt(n * like[0] / like[1])))
+    return (h, n // h) if h * (n // h) == n else None
+
+
+@torch.no_grad()
+def resample_cabvit_tables(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` with the tables a CabViT checkpoint sizes by its training resolution resampled to `model`'s:
+    per-offset attention biases (bicubic over the offset grid, as timm resizes LeViT-style bias tables),
+    per-digest-token biases and scale factors (bilinear per earlier block, as the forward resizes them at
+    run time) and CabViT-P's position embedding (bicubic, class token kept, timm's `resample_abs_pos_embed`).
+    Tables already of the model's size, and sizes no grid explains, are left for the shape check."""
+    sd = dict(sd)
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(m, CaBAttention):
+            key = prefix + "attention_biases"
+            if m.rel_grid is not None and key in sd and sd[key].shape != m.attention_biases.shape:
+                t = sd[key]
+                grid = _grid_of(t.shape[-1], m.rel_grid) if t.dim() == 2 and t.shape[0] == m.num_heads else None
+                if grid is not None:
+                    t = F.interpolate(t.reshape(1, m.num_heads, *grid).float(), size=m.rel_grid, mode="bicubic",
+                                      align_corners=False)
+                    sd[key] = t.reshape(m.num_heads, -1).to(sd[key].dtype)
+            key = prefix + "digest_bias"
+            if m.num_digest_blocks and key in sd and sd[key].shape != m.digest_bias.shape:
+                t = sd[key]
+                if t.dim() == 4 and t.shape[:3] == m.digest_bias.shape[:3] and t.shape[-1] % m.num_digest_blocks == 0:
+                    grid = _grid_of(t.shape[-1] // m.num_digest_blocks, m.digest_grid0)
+                    if grid is not None:
+                        r = resize_digest_param(t.reshape(m.num_heads, -1).float(), m.num_digest_blocks, grid,
+                                                m.digest_grid0)
+                        sd[key] = r.reshape(m.digest_bias.shape).to(t.dtype)
+        elif isinstance(m, DigestTokens):
+            key = prefix + "scale"
+            if key in sd and sd[key].shape != m.scale.shape:
+                t = sd[key]
+                if t.dim() == 3 and t.shape[1] % m.num_blocks == 0:
+                    grid = _grid_of(t.shape[1] // m.num_blocks, m.grid)
+                    if grid is not None:
+                        r = resize_digest_param(t.reshape(1, -1).float(), m.num_blocks, grid, m.grid)
+                        sd[key] = r.reshape(m.scale.shape).to(t.dtype)
+    if isinstance(model, CabViTP) and "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
+        t = sd["pos_embed"]
+        grid = _grid_of(t.shape[1] - 1, model.grid0) if t.dim() == 3 and t.shape[-1] == model.pos_embed.shape[-1] \
+            else None
+        if grid is not None:
+            sd["pos_embed"] = position_embedding(t.float(), grid, model.grid0).to(t.dtype)
+    return sd
 
 
 # ------------------------------------------------------------------------------------------ variants
