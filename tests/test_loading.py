@@ -255,3 +255,21 @@ def test_official_names_through_timm():
     model = timm.create_model("faster_vit_0_224", num_classes=4)
     assert model.model_name == "fastervit_0" and model.num_classes == 4
     assert timm.create_model("cros_pp_small_patch4_group_const_224", features_only=True).model_name == "crossformerpp_s"
+
+
+def test_an_image_size_far_from_the_trained_one_is_one_warning_line(tmp_path, caplog):
+    """eval/predict/export/bench --img-size far (2x or more) from the weights' training size: one warning line
+    naming both sizes; near it, or with random weights, or when fine-tuning, nothing."""
+    import logging
+
+    from hybridvit.inference import load_for_command
+    from hybridvit.loading import FINETUNE
+
+    hybridvit.save_pretrained(hybridvit.create_model("fastervit_nano", num_classes=3).eval(), tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="hybridvit"):
+        for size in (7, 96, 160):
+            load_for_command(str(tmp_path / "run"), img_size=size)
+        load_for_command(None, "fastervit_0", img_size=32)
+        load_for_command(str(tmp_path / "run"), img_size=160, num_classes=3, purpose=FINETUNE)
+    lines = [r.getMessage() for r in caplog.records if "far from" in r.getMessage()]
+    assert len(lines) == 2 and "--img-size 7 is far from the 64 px" in lines[0] and "160" in lines[1]

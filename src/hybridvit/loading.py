@@ -438,7 +438,25 @@ def load_for_command(pretrained: Any, model_name: str | None = None, *, num_clas
                          cache_dir=None, overrides=overrides, class_names_wanted=class_names)
     if source.kind == "hub":
         check_img_size(model.model_name, img_size)
+    if purpose == INFERENCE:  # fine-tuning at another size is what the warning would advise
+        _warn_far_size(source, model, img_size)
     return model.eval() if purpose == INFERENCE else model
+
+
+def _warn_far_size(source: Source, model: nn.Module, img_size: Any) -> None:
+    """One warning line when `img_size` is far (a factor of 2 or more) from the size the weights were trained
+    at: they still load (every family runs at any size), but the accuracy measured there may drop a lot."""
+    if not img_size or source.kind in ("none", "exported"):
+        return
+    if source.kind == "run":
+        trained = source.run["pretrained_cfg"].get("input_size")
+    else:
+        trained = get_entry(model.model_name).pretrained_cfg.get("input_size")
+    side = min(img_size) if isinstance(img_size, (list, tuple)) else img_size
+    if trained and (side * 2 <= trained[-1] or side >= trained[-1] * 2):
+        log.warning("%s", f"warning: --img-size {side} is far from the {trained[-1]} px the weights were trained "
+                          f"at: the model runs, but expect lower accuracy (fine-tune at that size: hybridvit train "
+                          f"--pretrained ... --img-size {side})")
 
 
 def load_model(path: str | os.PathLike, *, ema: bool = False, device: str | torch.device | None = None
