@@ -21,10 +21,12 @@ from hybridvit.cli import main  # noqa: E402
 from hybridvit.train.config import make_config  # noqa: E402
 from hybridvit.train.engine import train  # noqa: E402
 
-# RandAugment, mixup/cutmix, erasing and drop path all draw random numbers: resuming must restore them
+# RandAugment, mixup/cutmix, erasing and drop path all draw random numbers: resuming must restore them;
+# MESA (from the second epoch on: 1 / 2 > 0.25) reads the EMA teacher, which resuming must restore too
 OPTS = dict(model="fastervit_nano", img_size=32, batch_size=6, epochs=2, threads=1, workers=1, seed=7,
             randaugment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, drop_path_rate=0.1,
-            model_ema=True, model_ema_decay=0.9, lr=2e-3, warmup_epochs=1, scale=(0.5, 1.0), progress=False,
+            model_ema=True, model_ema_decay=0.9, mesa=1.0, mesa_start_ratio=0.25,
+            lr=2e-3, warmup_epochs=1, scale=(0.5, 1.0), progress=False,
             plot=False, checkpoint_every=1)
 
 

@@ -251,3 +251,39 @@ def test_skipped_images_of_training_and_validation_are_listed(tmp_path):
     assert config["train_folder"] == str((root / "train").resolve())
     assert config["val_folder"] == str((root / "val").resolve())
     assert summary["config"]["val_folder"] == config["val_folder"]
+
+
+def test_mesa_is_the_official_distillation_term_from_the_ema_teacher():
+    """MESA as FasterViT's train.py computes it: mesa x 50 x KLDivLoss(batchmean)(log_softmax(student / 3),
+    softmax(teacher / 3)), from the epoch where epoch / epochs exceeds the start ratio; it needs the EMA."""
+    from hybridvit.train.config import TrainConfig, check_config
+    from hybridvit.train.engine import mesa_active, mesa_loss
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(8, 10, generator=g, requires_grad=True)
+    teacher = torch.randn(8, 10, generator=g)
+    official = 50.0 * torch.nn.KLDivLoss(reduction="batchmean")(
+        torch.nn.functional.log_softmax(student / 3, dim=1), torch.nn.functional.softmax(teacher / 3, dim=1))
+    torch.testing.assert_close(mesa_loss(student, teacher), official)
+    mesa_loss(student, teacher).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    cfg = TrainConfig(mesa=5.0, mesa_start_ratio=0.25, epochs=8, model_ema=True)
+    assert [mesa_active(cfg, e) for e in range(8)] == [False, False, False, True, True, True, True, True]
+    assert not mesa_active(TrainConfig(mesa=0.0, epochs=8), 7)
+    check_config(cfg)
+    with pytest.raises(ValueError, match="--mesa 5.0 distils from the EMA model.*--model-ema"):
+        check_config(TrainConfig(mesa=5.0))
+    with pytest.raises(ValueError, match="--mesa-start-ratio must be between 0 and 1"):
+        check_config(TrainConfig(mesa=1.0, model_ema=True, mesa_start_ratio=1.5))
+
+
+def test_fastervit_recipes_carry_the_official_mesa():
+    """Every FasterViT ImageNet-1K recipe has MESA with the official command's value (TRAINING.md) and the
+    config's start ratio, and the EMA it needs."""
+    from hybridvit.train.config import load_recipe
+
+    official = {0: (0.1, 0.25), 1: (0.2, 0.25), 2: (0.5, 0.25), 3: (0.5, 0.3), 4: (5.0, 0.25), 5: (5.0, 0.25),
+                6: (5.0, 0.25)}
+    for i, (mesa, ratio) in official.items():
+        r = load_recipe(f"fastervit_{i}")
+        assert (r["mesa"], r["mesa_start_ratio"], r["model_ema"]) == (mesa, ratio, True), i

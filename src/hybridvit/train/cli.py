@@ -61,6 +61,9 @@ _HELP = {
                            "timm)",
     "model_ema": "keep an exponential moving average of the weights (validated and saved beside them)",
     "model_ema_decay": "decay of the weight average",
+    "mesa": "weight of MESA, FasterViT's self-distillation from the EMA teacher: the loss adds mesa x 50 x "
+            "KL(log_softmax(student / 3), softmax(teacher / 3)); 0 is off; needs --model-ema",
+    "mesa_start_ratio": "MESA starts once epoch / epochs exceeds this share of training",
     "device": "auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N",
     "amp": "precision. " + AMP_MEANING,
     "channels_last": "channels_last memory format",

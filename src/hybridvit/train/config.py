@@ -66,6 +66,9 @@ class TrainConfig:
     # model EMA
     model_ema: bool = False
     model_ema_decay: float = 0.9998
+    # MESA (FasterViT's official training): self-distillation from the EMA teacher after a share of training
+    mesa: float = 0.0                    # weight of the MESA loss (0: off); needs --model-ema
+    mesa_start_ratio: float = 0.25       # MESA starts once epoch / epochs exceeds this
     # hardware
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     amp: str = "auto"                    # auto (bf16 on GPUs that have it, else off) | bf16 | fp16 | none
@@ -169,9 +172,14 @@ def check_config(cfg: TrainConfig) -> None:
         if v < low or (v == low and not inclusive):
             bound = f"at least {low}" if inclusive else f"above {low}"
             raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {v}")
-    for name in ("smoothing", "reprob", "drop_path_rate", "mixup_prob", "hflip"):
+    for name in ("smoothing", "reprob", "drop_path_rate", "mixup_prob", "hflip", "mesa_start_ratio"):
         if getattr(cfg, name) is not None and not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(cfg, name)}")
+    if cfg.mesa < 0:
+        raise ValueError(f"--mesa must be at least 0, got {cfg.mesa}")
+    if cfg.mesa > 0 and not cfg.model_ema:
+        raise ValueError(f"--mesa {cfg.mesa} distils from the EMA model, which this run does not keep: add "
+                         "--model-ema (the FasterViT recipes have it)")
 
 
 # folders with fewer training images than this train with the `small-data` recipe by default

@@ -135,6 +135,20 @@ def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedul
     return Loop(train_model, augment, mixup, data, sched, model_info)
 
 
+def mesa_active(cfg: Any, epoch: int) -> bool:
+    """Whether MESA applies in `epoch` (0-based): once epoch / epochs exceeds `mesa_start_ratio`, as the
+    official FasterViT loop decides it per epoch."""
+    return cfg.mesa > 0 and epoch / cfg.epochs > cfg.mesa_start_ratio
+
+
+def mesa_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
+    """MESA's distillation term (FasterViT's `kdloss`): 50 x KL(softmax(teacher / T) || softmax(student / T)),
+    batch mean, T = 3; the teacher is the EMA model's output (no gradient)."""
+    p = F.log_softmax(student.float() / temperature, dim=1)
+    q = F.softmax(teacher.detach().float() / temperature, dim=1)
+    return 50.0 * F.kl_div(p, q, reduction="batchmean")
+
+
 def train_micro_batch(ctx: RunContext, state: TrainState, loop: Loop, batch: dict[str, Any], sync: bool,
                       epoch: int) -> None:
     """Forward and backward of one micro-batch (gradients accumulate; DDP all-reduces when `sync`)."""
@@ -162,6 +176,10 @@ def train_micro_batch(ctx: RunContext, state: TrainState, loop: Loop, batch: dic
             loss = soft_cross_entropy(logits, y_soft)
         else:
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.smoothing)
+        if mesa_active(cfg, epoch) and state.ema is not None:
+            with torch.no_grad(), ctx.precision.autocast():
+                teacher = state.ema.module(x)
+            loss = loss + cfg.mesa * mesa_loss(logits, teacher)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value} at epoch {epoch + 1} step {state.step_in_epoch}; "
