@@ -114,6 +114,7 @@ class Loop:
     rows: list[dict[str, Any]] = field(default_factory=list)
     stop: StopRequest = field(default_factory=StopRequest)
     logged_skipped: list[str] = field(default_factory=list)  # the unreadable images train.log names
+    notes: list[str] = field(default_factory=list)  # the last epoch's warnings, for summary.json
 
 
 def build_loop(ctx: RunContext, state: TrainState, data: RunData, sched: Schedule,
@@ -311,7 +312,29 @@ def end_epoch(ctx: RunContext, state: TrainState, loop: Loop, epoch: int, cur_lr
     top5 = f", top-5 {val['top5']:.2f}%" if val["top5"] is not None else ""
     ctx.log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, val loss {val['loss']:.4f}, "
             f"val top-1 {val['top1']:.2f}%{ema_txt}{top5} ({row['epoch_time_s']:.1f}s)")
+    why = eval_mode_gap(row, loop.model_info["num_classes"], state.model)
+    if why:
+        ctx.log(f"warning: epoch {epoch + 1}: {why}")
+        loop.notes = [why]
+    else:
+        loop.notes = []
     return row
+
+
+def eval_mode_gap(row: dict[str, Any], num_classes: int, model: nn.Module) -> str | None:
+    """Why validation (eval mode) sits at chance while training accuracy is far above it, when that is so:
+    the model's BatchNorm running statistics have not settled (few optimizer steps at momentum 0.1 leave
+    them near their initial values, so eval mode normalises with the wrong statistics); None otherwise."""
+    chance = 100.0 / max(num_classes, 1)
+    train, val = row.get("train_top1"), row["val_top1"]
+    if train is None or val > 1.5 * chance or train < val + 30 or train < 2 * chance:
+        return None
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    cause = ("its BatchNorm running statistics have not settled yet (after few steps they stay near their "
+             "initial values, and eval mode normalises with them)") if has_bn else "the model overfits"
+    return (f"val top-1 {val:.2f}% is at chance ({chance:.1f}% for {num_classes} classes) while train top-1 is "
+            f"{train:.2f}%: {cause}. Train for more steps (more epochs, a smaller --batch-size), or compare "
+            "with a model without BatchNorm; this epoch's val top-1 does not measure the weights")
 
 
 def _log_start(ctx: RunContext, state: TrainState, loop: Loop) -> None:
@@ -340,6 +363,7 @@ def _summary(ctx: RunContext, state: TrainState, loop: Loop, last: dict[str, Any
         "train_images": len(loop.data.train_ds), "val_images": len(loop.data.val_ds),
         "skipped_images": state.skipped, "world_size": ctx.info.world_size, "device": str(ctx.device),
         "precision": ctx.precision.name, "recipe": cfg.recipe, "wall_time_s": round(time.time() - t_start, 1),
+        "warnings": list(loop.notes),
         "config": run_config(cfg),
     }
 
