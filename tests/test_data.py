@@ -17,7 +17,6 @@ from hybridvit.data.transforms import (  # noqa: E402
     DeviceAugment,
     EvalTransform,
     TrainTransform,
-    parse_randaugment,
 )
 
 
@@ -101,8 +100,6 @@ def test_epoch_sampler_partitions_and_skips():
 
 
 def test_device_augment_and_mixup():
-    assert parse_randaugment("rand-m9-mstd0.5-inc1") == (2, 9)
-    assert parse_randaugment("rand-m7-n3") == (3, 7)
     torch.manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
     aug = DeviceAugment((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "rand-m9-mstd0.5-inc1", hflip=0.5, reprob=1.0)
@@ -188,3 +185,37 @@ def test_one_preprocessing_follows_crop_mode_and_size():
     assert wide.geometry(img).shape == (3, 32, 96)
     x = wide(img)
     assert x.dtype == torch.float32 and x.shape == (3, 32, 96)
+
+
+def test_randaugment_draws_operations_and_magnitudes_per_image():
+    """timm's rand-m9-mstd0.5-inc1, batched: each image draws its own operations, whether each applies, and its
+    own magnitude from N(9, 0.5) (kornia's RandAugment drew one magnitude per batch); every operation keeps
+    images in [0, 1] and is the identity where timm's is at magnitude 0 (enhance factor 1, no shift)."""
+    from hybridvit.data import randaugment as ra
+
+    assert ra.parse("rand-m9-mstd0.5-inc1") == (2, 9.0, 0.5, True)
+    assert ra.parse("rand-m7-n3") == (3, 7.0, 0.0, False)
+    with pytest.raises(ValueError, match="mmax"):
+        ra.parse("rand-m9-mmax12")
+    aug = ra.RandAugment("rand-m9-mstd0.5-inc1")
+    torch.manual_seed(0)
+    m = aug.magnitudes(4096, torch.device("cpu"))
+    assert abs(m.mean().item() - 9.0) < 0.05 and abs(m.std().item() - 0.5) < 0.05 and m.max() <= 10
+    assert ra.RandAugment("rand-m9").magnitudes(8, torch.device("cpu")).unique().tolist() == [9.0]
+    x = torch.rand(6, 3, 20, 20)
+    ones, zero = torch.ones(6), torch.zeros(6)
+    for op in ra.OPS:
+        y = ra.apply_op(op, x, torch.linspace(0, 10, 6), torch.where(torch.arange(6) % 2 == 0, 1.0, -1.0))
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, op
+        if op in ("color", "contrast", "brightness", "sharpness", "rotate", "shear_x", "shear_y",
+                  "translate_x", "translate_y", "solarize_add"):
+            torch.testing.assert_close(ra.apply_op(op, x, zero, ones), x, atol=1e-4, rtol=0, msg=op)
+    # the same image four times in a batch: per-image draws give different results
+    same = torch.rand(1, 3, 20, 20).expand(4, -1, -1, -1).contiguous()
+    torch.manual_seed(1)
+    out = ra.RandAugment("rand-m9-n4-mstd0.5-inc1", prob=1.0)(same)
+    assert len({tuple(o.flatten()[:50].tolist()) for o in out}) > 1
+    # one operation at per-image magnitudes: brightness scales each image by its own factor
+    b = ra.apply_op("brightness", same, torch.tensor([0.0, 5.0, 10.0, 2.5]), torch.ones(4))
+    factors = (b.flatten(1).sum(1) / same.flatten(1).sum(1)).tolist()
+    assert factors[0] == pytest.approx(1.0, abs=1e-4) and factors[1] > factors[3] > factors[0]

@@ -46,9 +46,11 @@ def test_command_line_overrides_recipe():
     from hybridvit.train.cli import config_from_args
 
     args = build_parser().parse_args(["train", "--recipe", "fastervit_0", "--lr", "0.01", "--no-model-ema",
-                                      "--scale", "0.3", "1.0", "--data", "/x"])
+                                      "--mesa", "0", "--scale", "0.3", "1.0", "--data", "/x"])
     cfg = config_from_args(args)
-    assert cfg.lr == 0.01 and cfg.model_ema is False and cfg.scale == (0.3, 1.0)
+    assert cfg.lr == 0.01 and cfg.model_ema is False and cfg.scale == (0.3, 1.0) and cfg.mesa == 0
+    with pytest.raises(ValueError, match="--mesa 0.1 distils from the EMA model.*or pass --mesa 0"):
+        config_from_args(build_parser().parse_args(["train", "--recipe", "fastervit_0", "--no-model-ema"]))
     assert cfg.weight_decay == 0.005 and cfg.model == "fastervit_0"
     cfg = config_from_args(build_parser().parse_args(["train"]))
     assert cfg.recipe == "digits" and cfg.model == "fastervit_nano" and cfg.data == "digits"

@@ -152,27 +152,6 @@ class TrainTransform:
         return pil_to_uint8(img)
 
 
-def parse_randaugment(spec: str) -> tuple[int, int]:
-    """timm-style 'rand-m9-mstd0.5-inc1' -> (num_ops, magnitude on timm's 0..10 scale).
-
-    kornia's RandAugment has a fixed magnitude per call: the `mstd`/`inc` parts are not applied.
-    """
-    parts = spec.split("-")
-    if parts[0] != "rand":
-        raise ValueError(f"randaugment must look like 'rand-m9-n2', got {spec!r}")
-    n, m = 2, 9
-    for p in parts[1:]:
-        if p.startswith("mstd") or p.startswith("inc") or p.startswith("mmax") or p.startswith("w"):
-            continue
-        if p.startswith("m"):
-            m = int(p[1:])
-        elif p.startswith("n"):
-            n = int(p[1:])
-        else:
-            raise ValueError(f"unknown part {p!r} in randaugment {spec!r}")
-    return n, m
-
-
 class Normalize(nn.Module):
     """uint8 (B, 3, H, W) -> float, (x / 255 - mean) / std."""
 
@@ -186,8 +165,9 @@ class Normalize(nn.Module):
 
 
 class DeviceAugment(nn.Module):
-    """Batched training augmentation on the device: RandAugment, horizontal flip, normalisation and
-    random erasing (kornia). Input uint8 (B, 3, H, W), output normalised float (B, 3, H, W)."""
+    """Batched training augmentation on the device: RandAugment (timm's, per image: `data.randaugment`),
+    horizontal flip, normalisation and random erasing (kornia). Input uint8 (B, 3, H, W), output normalised
+    float (B, 3, H, W)."""
 
     def __init__(self, mean, std, randaugment: str | None = None, hflip: float = 0.5,
                  reprob: float = 0.0) -> None:
@@ -196,10 +176,8 @@ class DeviceAugment(nn.Module):
 
         self.randaugment = None
         if randaugment:
-            from kornia.augmentation.auto import RandAugment
-            n, m = parse_randaugment(randaugment)
-            # timm's magnitude scale is 0..10, kornia's 0..30 (exclusive)
-            self.randaugment = RandAugment(n=n, m=min(29, max(1, round(m * 3))))
+            from .randaugment import RandAugment
+            self.randaugment = RandAugment(randaugment)  # timm's per-image operations and magnitudes
         self.flip = K.RandomHorizontalFlip(p=hflip) if hflip > 0 else None
         self.norm = Normalize(mean, std)
         self.erase = K.RandomErasing(p=reprob, scale=(0.02, 1 / 3), ratio=(0.3, 3.3)) if reprob > 0 else None

@@ -179,7 +179,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--mesa must be at least 0, got {cfg.mesa}")
     if cfg.mesa > 0 and not cfg.model_ema:
         raise ValueError(f"--mesa {cfg.mesa} distils from the EMA model, which this run does not keep: add "
-                         "--model-ema (the FasterViT recipes have it)")
+                         "--model-ema (the FasterViT recipes have it), or pass --mesa 0 to train without MESA")
 
 
 # folders with fewer training images than this train with the `small-data` recipe by default
