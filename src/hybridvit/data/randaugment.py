@@ -51,14 +51,22 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """a + f * (b - a) per image (PIL's ImageEnhance), clipped to [0, 1]."""
-    return (a + f.view(-1, 1, 1, 1) * (b - a)).clamp(0, 1)
+    return torch.lerp(a, b, f.view(-1, 1, 1, 1).to(b.dtype)).clamp_(0, 1)
 
 
 def _affine(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    from kornia.geometry.transform import warp_affine
-
-    fill = torch.full((3,), FILL, dtype=x.dtype, device=x.device)
-    return warp_affine(x, m, (x.shape[-2], x.shape[-1]), padding_mode="fill", fill_value=fill)
+    """x warped by the pixel-space affine maps m (B, 2, 3) (output pixel -> input pixel), bilinear, grey
+    outside the image."""
+    B, C, H, W = x.shape
+    # pixel coordinates (align_corners=True) -> normalised [-1, 1]
+    to_norm = torch.tensor([[2 / max(W - 1, 1), 0, -1], [0, 2 / max(H - 1, 1), -1], [0, 0, 1]], dtype=x.dtype,
+                           device=x.device)
+    full = torch.cat([m, torch.tensor([[[0, 0, 1]]], dtype=x.dtype, device=x.device).expand(B, 1, 3)], 1)
+    theta = (to_norm @ full @ torch.linalg.inv(to_norm))[:, :2]
+    grid = torch.nn.functional.affine_grid(theta, [B, C + 1, H, W], align_corners=True)
+    inside = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    out = torch.nn.functional.grid_sample(inside, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return out[:, :C] + (1 - out[:, C:]) * FILL
 
 
 def _geometric(op: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,18 @@ def _geometric(op: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor
         m[:, 0, 2] = level * 0.45 * sign * W
     else:
         m[:, 1, 2] = level * 0.45 * sign * H
-    return _affine(x, m)
+    return _affine(x, torch.linalg.inv(torch.cat(
+        [m, torch.tensor([[[0, 0, 1]]], dtype=x.dtype, device=x.device).expand(B, 1, 3)], 1))[:, :2])
+
+
+def _sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL's ImageEnhance.Sharpness: blend with the image smoothed by [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13,
+    border pixels unchanged."""
+    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=x.dtype, device=x.device) / 13
+    smooth = torch.nn.functional.conv2d(x, k.expand(x.shape[1], 1, 3, 3), groups=x.shape[1]).clamp_(0, 1)
+    degenerate = x.clone()
+    degenerate[..., 1:-1, 1:-1] = smooth
+    return _blend(degenerate, x, factor)
 
 
 def apply_op(op: str, x: torch.Tensor, magnitude: torch.Tensor, sign: torch.Tensor,
@@ -102,9 +121,10 @@ def apply_op(op: str, x: torch.Tensor, magnitude: torch.Tensor, sign: torch.Tens
         return 1 - x
     if op in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y"):
         return _geometric(op, x, level, sign)
-    if op == "posterize":
-        bits = (4 - (level * 4).long()) if increasing else (level * 4).long()
-        return KE.posterize(x, bits.clamp(0, 8))
+    if op == "posterize":  # keep the top `bits` bits of each 8-bit value
+        bits = ((4 - (level * 4).long()) if increasing else (level * 4).long()).clamp(0, 8)
+        step = (2 ** (8 - bits)).to(x.dtype).view(-1, 1, 1, 1)
+        return torch.floor(torch.floor(x * 255 + 0.5) / step) * step / 255
     if op == "solarize":
         return KE.solarize(x, ((1 - level) if increasing else level).clamp(0, 1))
     if op == "solarize_add":
@@ -115,9 +135,9 @@ def apply_op(op: str, x: torch.Tensor, magnitude: torch.Tensor, sign: torch.Tens
     if op == "contrast":
         return _blend(_gray(x).mean(dim=(1, 2, 3), keepdim=True).expand_as(x), x, factor)
     if op == "brightness":
-        return _blend(torch.zeros_like(x), x, factor)
+        return (x * factor.view(-1, 1, 1, 1).to(x.dtype)).clamp_(0, 1)
     if op == "sharpness":
-        return KE.sharpness(x, factor)
+        return _sharpness(x, factor)
     raise ValueError(f"unknown RandAugment operation {op!r}")
 
 
