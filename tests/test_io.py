@@ -129,7 +129,7 @@ def test_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch, 
     assert "unexpected pos" not in msg and "enforce fail" not in msg
     assert ck.read_bytes() == before
     capsys.readouterr()
-    assert main(["models", "--no-macs", "fastervit_*", "--json", str(table)]) == 2
+    assert main(["models", "--no-macs", "fastervit_*", "--json", str(table), "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: could not write") and "no space left on device" in err.lower()
     assert "the previous models.json is kept" in err and err.count("\n") == 1
