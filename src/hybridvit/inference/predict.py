@@ -87,13 +87,13 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json, "--json", overwrite=args.overwrite)
     device = resolve_device(args.device)
     precision = Precision.from_amp(args.amp, device)
+    model = load_for_command(args.pretrained, args.model, img_size=args.img_size, ema=args.ema)
     files = find_images(args.images)
     n_batches = -(-len(files) // args.batch_size)
     # workers decode the next batches while the model runs: nothing to overlap with a single batch
     workers = args.workers if args.workers is not None or n_batches > 1 else 0
     plan = plan_threads("predict", device=device, threads=args.threads, workers=workers)
     plan.apply()
-    model = load_for_command(args.pretrained, args.model, img_size=args.img_size, ema=args.ema)
     classes = model.class_names
     model.to(device)
     if hasattr(model, "fuse"):  # the inference form (an exported file is already one)
