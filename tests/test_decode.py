@@ -112,7 +112,7 @@ def test_every_mode_gets_the_same_prediction(tmp_path, capsys):
     # the check can fail: a white image (what clipping makes of the 16-bit one) predicts differently
     white = tmp_path / "white.png"
     Image.new("RGB", (SIZE, SIZE), (255, 255, 255)).save(white)
-    assert main(["predict", "--pretrained", str(ckpt), str(white), "--topk", "4", "--json", str(out),
+    assert main(["predict", "--pretrained", str(ckpt), str(white), "--topk", "4", "--json", str(out), "--overwrite",
                  "--threads", "1"]) == 0
     w = {t["class"]: t["prob"] for t in json.loads(out.read_text())[0]["top"]}
     assert max(abs(w[c] - ref[c]) for c in ref) > 2e-3

@@ -51,7 +51,7 @@ def _has(module):
 
 def _eval(pretrained, tmp, capsys, name):
     out = tmp / f"{name}.json"
-    assert main(["eval", "--pretrained", str(pretrained), "--data", str(tmp / "val"), "--json", str(out),
+    assert main(["eval", "--pretrained", str(pretrained), "--data", str(tmp / "val"), "--json", str(out), "--overwrite",
                  "--no-progress"]) == 0
     capsys.readouterr()
     return json.loads(out.read_text())
@@ -59,8 +59,8 @@ def _eval(pretrained, tmp, capsys, name):
 
 def _predict(pretrained, tmp, capsys, name):
     out = tmp / f"{name}_pred.json"
-    assert main(["predict", "--pretrained", str(pretrained), str(tmp / "val"), "--json", str(out), "--topk", "1",
-                 "--no-progress"]) == 0
+    assert main(["predict", "--pretrained", str(pretrained), str(tmp / "val"), "--json", str(out), "--overwrite",
+                 "--topk", "1", "--no-progress"]) == 0
     capsys.readouterr()
     return json.loads(out.read_text())
 
