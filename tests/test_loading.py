@@ -244,6 +244,8 @@ def test_official_names_lead_the_suggestions_and_reach_the_commands(tmp_path, ca
         hybridvit.create_model("faster_vit_0")
     model = hybridvit.create_model("faster_vit_0_224", num_classes=3, img_size=32)
     assert model.model_name == "fastervit_0" and model.num_classes == 3
+    assert main(["models", "faster_vit_0_224", "--no-macs", "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())[0]["name"] == "fastervit_0"
     assert main(["bench", "-m", "crossformer++-s", "--img-size", "32", "--batch-size", "1", "--repeats", "1",
                  "--warmup", "0", "--json", str(tmp_path / "b.json")]) == 0
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["model"] == "crossformerpp_s"

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
     if not names and not any(ch in args.pattern for ch in "*?["):
         from .registry import get_entry
-        get_entry(args.pattern)  # a name, not a pattern: the error lists the close names
+        names = [get_entry(args.pattern).name]  # an official name's model; else the error lists close names
     if not names:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
