@@ -121,7 +121,7 @@ def test_commands_import_only_what_they_need(tmp_path):
     r = _run_without(_TRAIN_EXTRA, "predict", "--pretrained", str(ckpt), img)
     assert r.returncode == 0 and r.stdout.startswith(img) and "blue" in r.stdout, r.stderr
     r = _run_without(_TRAIN_EXTRA + ",PIL", "predict", "--pretrained", str(ckpt), img)
-    assert r.returncode == 2 and r.stderr == "error: PIL is not installed: pip install pillow\n"
+    assert r.returncode == 2 and r.stderr == "error: PIL is not installed: pip install 'hybridvit[predict]'\n"
     r = _run_without(_TRAIN_EXTRA, "train", "--epochs", "1")
     assert r.returncode == 2 and "pip install 'hybridvit[train]'" in r.stderr and "Traceback" not in r.stderr
 
@@ -583,3 +583,26 @@ def test_fine_tuning_says_start_fresh_once(tmp_path, capsys, caplog):
     assert main(argv) == 0
     o, e = capsys.readouterr()
     assert (o + e + caplog.text).count("start fresh") == 1, o + e + caplog.text
+
+
+def test_one_table_of_extras_agrees_with_pyproject_and_every_missing_package_is_one_line():
+    """hybridvit.extras is the one owner of "which extra installs this": each named extra exists in
+    pyproject.toml and lists the package; the CLI's one-line error, deploy's `require` and the Hub message read
+    it (a missing OpenVINO or NNCF was a traceback before)."""
+    import tomllib
+    from pathlib import Path
+
+    from hybridvit import cli, extras
+
+    extras_of = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())[
+        "project"]["optional-dependencies"]
+    dist = {"PIL": "pillow", "sklearn": "scikit-learn"}
+    for module, extra in extras.EXTRAS.items():
+        assert extra in extras_of, (module, extra)
+        assert any(req.lower().startswith(dist.get(module, module).lower()) for req in extras_of[extra]), module
+    for module in ("openvino", "nncf", "kornia", "huggingface_hub"):
+        msg = cli._user_error(ModuleNotFoundError(f"No module named {module!r}", name=module))
+        assert msg == f"{module} is not installed: pip install 'hybridvit[{extras.EXTRAS[module]}]'"
+    assert cli._user_error(ModuleNotFoundError("x", name="not_an_extra")) is None
+    with pytest.raises(ModuleNotFoundError, match=r"no_such_pkg is needed here"):
+        extras.require("no_such_pkg")

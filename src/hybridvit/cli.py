@@ -73,13 +73,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# optional packages -> what installs them
-_EXTRAS = {"kornia": "'hybridvit[train]'", "tqdm": "'hybridvit[train]'", "sklearn": "'hybridvit[train]'",
-           "matplotlib": "'hybridvit[train]'", "PIL": "pillow", "onnx": "'hybridvit[onnx]'",
-           "onnxruntime": "'hybridvit[onnx]'", "onnxscript": "'hybridvit[onnx]'",
-           "safetensors": "'hybridvit[safetensors]'", "timm": "'hybridvit[timm]'"}
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser with every subcommand listed; only `command`'s module is imported (all of them when
     `command` is None), so that a missing extra breaks only the commands that need it."""
@@ -108,10 +101,10 @@ def _user_error(e: BaseException) -> str | None:
     import errno
 
     if isinstance(e, ModuleNotFoundError) and e.name:
-        top = e.name.split(".")[0]
-        if top in _EXTRAS:
-            return f"{e.name} is not installed: pip install {_EXTRAS[top]}"
-        return None
+        from .extras import install_hint
+
+        hint = install_hint(e.name)
+        return f"{e.name} is not installed: {hint}" if hint else None
     if isinstance(e, (ValueError, FileNotFoundError, FloatingPointError)):
         return str(e)
     # a file system refusing a write that no check foresaw (a quota, a file system turned read-only)

@@ -31,11 +31,10 @@ from torch import nn
 from ._io import atomic_save
 from ._stop import remove_on_stop
 from .errors import CheckpointError, printable
+from .extras import require
 from .models._schema import checked_pretrained_cfg
 
 EXPORTED_SUFFIXES = (".onnx", ".xml")
-_INSTALL = {"onnxruntime": "pip install 'hybridvit[onnx]'", "openvino": "pip install 'hybridvit[openvino]'",
-            "nncf": "pip install 'hybridvit[int8]'"}
 # NNCF's scheme for export --int8 (benchmarks/results/cpu_int8_openvino.json): "performance" quantises every
 # product's inputs symmetrically; "transformer" also smooths the linears' activations (SmoothQuant) and keeps
 # softmax, norms and residual adds in floating point. "performance" was faster for all three families and
@@ -43,18 +42,7 @@ _INSTALL = {"onnxruntime": "pip install 'hybridvit[onnx]'", "openvino": "pip ins
 INT8_SCHEMES = ("performance", "transformer")
 
 
-def _require(module: str, load: bool = True) -> Any:
-    """`module` imported (or, with load=False, only found: NNCF is never imported in the user's process)."""
-    import importlib
-    import importlib.util
-    try:
-        if not load:
-            if importlib.util.find_spec(module) is None:
-                raise ImportError(module)
-            return None
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ModuleNotFoundError(f"{module} is needed here: {_INSTALL[module]}", name=module) from e
+_require = require  # the one `require` (hybridvit.extras)
 
 
 @contextlib.contextmanager

@@ -26,11 +26,12 @@ from torch import nn
 
 from ._version import __version__
 from .errors import CheckpointError
+from .extras import install_hint
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HF_HUB_PREFIX = "hf-hub:"
-_INSTALL_HUB = "pip install 'hybridvit[hub]' (the huggingface_hub package)"
+
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -265,7 +266,7 @@ def _hub_api(name: str) -> Any:
     try:
         import huggingface_hub
     except ImportError as e:
-        raise CheckpointError(f"'hf-hub:' models need huggingface_hub: {_INSTALL_HUB}") from e
+        raise CheckpointError(f"'hf-hub:' models need huggingface_hub: {install_hint('huggingface_hub')}") from e
     return getattr(huggingface_hub, name)
 
 
