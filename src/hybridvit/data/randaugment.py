@@ -55,14 +55,13 @@ def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _affine(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """x warped by the pixel-space affine maps m (B, 2, 3) (output pixel -> input pixel), bilinear, grey
+    """x moved by the pixel-space affine maps m (B, 3, 3) (input pixel -> output pixel), bilinear, grey
     outside the image."""
     B, C, H, W = x.shape
-    # pixel coordinates (align_corners=True) -> normalised [-1, 1]
+    # pixel coordinates (align_corners=True) -> normalised [-1, 1]; grid_sample reads output -> input
     to_norm = torch.tensor([[2 / max(W - 1, 1), 0, -1], [0, 2 / max(H - 1, 1), -1], [0, 0, 1]], dtype=x.dtype,
                            device=x.device)
-    full = torch.cat([m, torch.tensor([[[0, 0, 1]]], dtype=x.dtype, device=x.device).expand(B, 1, 3)], 1)
-    theta = (to_norm @ full @ torch.linalg.inv(to_norm))[:, :2]
+    theta = (to_norm @ torch.linalg.inv(m) @ torch.linalg.inv(to_norm))[:, :2]
     grid = torch.nn.functional.affine_grid(theta, [B, C + 1, H, W], align_corners=True)
     inside = torch.cat([x, torch.ones_like(x[:, :1])], 1)
     out = torch.nn.functional.grid_sample(inside, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -71,8 +70,7 @@ def _affine(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def _geometric(op: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
-    m = torch.zeros(B, 2, 3, dtype=x.dtype, device=x.device)
-    m[:, 0, 0] = m[:, 1, 1] = 1
+    m = torch.eye(3, dtype=x.dtype, device=x.device).repeat(B, 1, 1)
     if op == "rotate":  # about the centre
         a = torch.deg2rad(level * 30 * sign)
         cx, cy = (W - 1) / 2, (H - 1) / 2
@@ -88,8 +86,7 @@ def _geometric(op: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor
         m[:, 0, 2] = level * 0.45 * sign * W
     else:
         m[:, 1, 2] = level * 0.45 * sign * H
-    return _affine(x, torch.linalg.inv(torch.cat(
-        [m, torch.tensor([[[0, 0, 1]]], dtype=x.dtype, device=x.device).expand(B, 1, 3)], 1))[:, :2])
+    return _affine(x, m)
 
 
 def _sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
